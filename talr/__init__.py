@@ -1,0 +1,3 @@
+"""talr: domain SFT of LLMs that keeps their general capabilities (TALR and baselines)."""
+
+__version__ = "0.1.0"

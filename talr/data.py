@@ -1,0 +1,324 @@
+"""SFTDataModule: task rows -> chat-formatted token ids with a target-only label mask.
+
+Training batches are whole optimizer steps: `batch_size` sequences, sorted by length and cut into
+micro-batches of `micro_batch_size`, so the module can count the step's target tokens before the
+first backward pass (exact gradient accumulation) and pad each micro-batch only to its own length.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from talr.models import load_tokenizer
+from talr.tasks.base import DataError, Row, Task
+from talr.token_loss import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+Overlength = Literal["truncate", "drop"]
+
+
+@dataclass
+class Example:
+    row_index: int  # index into the split's rows, for scoring generations
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt positions
+    prompt_len: int
+    truncated: bool = False
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+def turn_end_text(tokenizer: Any) -> str:
+    """What the chat template writes after an assistant message (ChatML: '<|im_end|>').
+
+    Found by rendering a marker message, so any template works; trailing whitespace is left out
+    of the target because the next turn's opening owns it.
+    """
+    marker = "TALR_MARKER_7f3a"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    end = rendered[rendered.rindex(marker) + len(marker) :].rstrip()
+    return end or (tokenizer.eos_token or "")
+
+
+def prompt_text(tokenizer: Any, task: Task, row: Row) -> str:
+    """Chat-template prompt with the generation prompt and the task's assistant prefix."""
+    text = tokenizer.apply_chat_template(task.prompt_messages(row), tokenize=False, add_generation_prompt=True)
+    return text + task.assistant_prefix(row)
+
+
+def encode_example(
+    tokenizer: Any, task: Task, row: Row, row_index: int, max_length: int, overlength: Overlength, end_text: str
+) -> Example | None:
+    """Token ids and labels for one row; None when `overlength` drops it or nothing fits."""
+    prompt_ids = tokenizer(prompt_text(tokenizer, task, row), add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(task.target(row) + end_text, add_special_tokens=False)["input_ids"]
+    if not target_ids:
+        raise DataError(f"{task.name}: row {row_index} has an empty target")
+    truncated = False
+    if len(prompt_ids) + len(target_ids) > max_length:
+        room = max_length - len(prompt_ids)
+        if overlength == "drop" or room < 1:
+            return None
+        target_ids, truncated = target_ids[:room], True
+    return Example(
+        row_index=row_index,
+        input_ids=prompt_ids + target_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + target_ids,
+        prompt_len=len(prompt_ids),
+        truncated=truncated,
+    )
+
+
+class ExampleDataset(Dataset):
+    def __init__(self, examples: list[Example], rows: list[Row]) -> None:
+        self.examples = examples
+        self.rows = rows  # all rows of the split; examples point into it
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices in which each run of `group_size` has similar lengths (less padding).
+
+    Shuffle, cut into mega-batches of 16 groups, sort each by length, then shuffle the groups.
+    Deterministic in (seed, epoch), so a resumed run sees the same order.
+    """
+
+    def __init__(self, lengths: Sequence[int], group_size: int, seed: int, shuffle: bool = True) -> None:
+        self.lengths = list(lengths)
+        self.group_size = group_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        mega = self.group_size * 16
+        groups = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
+            groups += [chunk[j : j + self.group_size] for j in range(0, len(chunk), self.group_size)]
+        if self.shuffle:
+            rng.shuffle(groups)
+        return iter(i for group in groups for i in group)
+
+
+def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def left_pad_prompts(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for batched generation."""
+    width = max(e.prompt_len for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, width - e.prompt_len :] = torch.tensor(e.input_ids[: e.prompt_len])
+        mask[i, width - e.prompt_len :] = 1
+    return {"prompt_ids": ids, "prompt_mask": mask}
+
+
+class StepCollator:
+    """One optimizer step's sequences -> length-sorted micro-batches plus the step's token count."""
+
+    def __init__(self, pad_id: int, micro_batch_size: int) -> None:
+        self.pad_id = pad_id
+        self.micro_batch_size = micro_batch_size
+
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
+        ordered = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
+        micro = [
+            pad_examples(ordered[i : i + self.micro_batch_size], self.pad_id)
+            for i in range(0, len(ordered), self.micro_batch_size)
+        ]
+        return {"micro_batches": micro, "num_target_tokens": sum(e.num_targets for e in examples)}
+
+
+class EvalCollator:
+    """Loss inputs (right-padded) and generation prompts (left-padded) of the same rows."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
+        batch = pad_examples(examples, self.pad_id)
+        batch.update(left_pad_prompts(examples, self.pad_id))
+        batch["row_index"] = torch.tensor([e.row_index for e in examples])
+        return batch
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Rows from a Task, split by seed into train and validation, encoded with the chat template.
+
+    Args:
+        task: the domain (data source, prompt, target, scorer).
+        tokenizer: model name or path whose tokenizer and chat template to use (linked from the model).
+        test_task: optional separate task for `talr test` (for example a held-out file).
+        max_length: longest sequence in tokens; see `overlength`.
+        overlength: 'truncate' cuts the target's tail, 'drop' removes the row; both are counted and reported.
+        val_size: rows held out for validation (an int) or a fraction of the rows (a float < 1).
+        batch_size: sequences per optimizer step on each device.
+        micro_batch_size: sequences per forward pass; batch_size must be a multiple of it.
+        seed: the split and the batch order.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        tokenizer: str = "smollm2-135m-instruct",
+        test_task: Task | None = None,
+        max_length: int = 1024,
+        overlength: Overlength = "truncate",
+        val_size: int | float = 0.1,
+        batch_size: int = 8,
+        micro_batch_size: int = 4,
+        eval_batch_size: int = 8,
+        seed: int = 0,
+        num_workers: int = 0,
+        group_by_length: bool = True,
+    ) -> None:
+        super().__init__()
+        if overlength not in ("truncate", "drop"):
+            raise ValueError(f"data.overlength must be 'truncate' or 'drop', got {overlength!r}")
+        if max_length < 2:
+            raise ValueError(f"data.max_length must be at least 2, got {max_length}")
+        if batch_size < 1 or micro_batch_size < 1 or batch_size % micro_batch_size:
+            raise ValueError(
+                f"data.batch_size ({batch_size}) must be a positive multiple of data.micro_batch_size ({micro_batch_size})"
+            )
+        if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
+            raise ValueError(f"data.val_size as a fraction must be in (0, 1), got {val_size}")
+        self.task = task
+        self.test_task = test_task
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.overlength: Overlength = overlength
+        self.val_size = val_size
+        self.batch_size = batch_size
+        self.micro_batch_size = micro_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.group_by_length = group_by_length
+        self.tokenizer: Any = None
+        self.datasets: dict[str, ExampleDataset] = {}
+        self.stats: dict[str, int] = {}
+
+    def split_rows(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        n_val = int(round(len(rows) * self.val_size)) if isinstance(self.val_size, float) else int(self.val_size)
+        if not 0 < n_val < len(rows):
+            raise DataError(f"{self.task.name}: val_size={self.val_size} leaves no train or no validation rows of {len(rows)}")
+        order = list(range(len(rows)))
+        random.Random(self.seed).shuffle(order)
+        val = sorted(order[:n_val])
+        train = sorted(order[n_val:])
+        return [rows[i] for i in train], [rows[i] for i in val]
+
+    def encode(self, task: Task, rows: list[Row], split: str) -> ExampleDataset:
+        end_text = turn_end_text(self.tokenizer)
+        examples, dropped, truncated = [], 0, 0
+        for i, row in enumerate(tqdm(rows, desc=f"tokenizing {task.name}/{split}", leave=False)):
+            ex = encode_example(self.tokenizer, task, row, i, self.max_length, self.overlength, end_text)
+            if ex is None:
+                dropped += 1
+                continue
+            truncated += ex.truncated
+            examples.append(ex)
+        self.stats.update({f"{split}/rows": len(rows), f"{split}/dropped": dropped, f"{split}/truncated": truncated})
+        if dropped or truncated:
+            log.warning(
+                "%s/%s: %d of %d rows longer than max_length=%d: %d truncated (target tail cut), %d dropped",
+                task.name, split, dropped + truncated, len(rows), self.max_length, truncated, dropped,
+            )
+        if not examples:
+            raise DataError(
+                f"{task.name}/{split}: zero usable rows of {len(rows)} (all longer than max_length={self.max_length} "
+                f"with overlength={self.overlength!r})"
+            )
+        return ExampleDataset(examples, rows)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        if stage in (None, "fit", "validate") and "train" not in self.datasets:
+            train_rows, val_rows = self.split_rows(self.task.read())
+            self.datasets["train"] = self.encode(self.task, train_rows, "train")
+            self.datasets["val"] = self.encode(self.task, val_rows, "val")
+        if stage in (None, "test") and "test" not in self.datasets:
+            if self.test_task is None:
+                raise DataError("`talr test` needs data.test_task (a task reading the held-out rows)")
+            self.datasets["test"] = self.encode(self.test_task, self.test_task.read(), "test")
+
+    def rows(self, split: str) -> list[Row]:
+        return self.datasets[split].rows
+
+    def task_for(self, split: str) -> Task:
+        return self.test_task if split == "test" and self.test_task is not None else self.task
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.datasets["train"]
+        sampler = LengthGroupedSampler(
+            [len(e.input_ids) for e in data.examples], self.batch_size, self.seed, shuffle=True
+        ) if self.group_by_length else None
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=sampler is None,
+            collate_fn=StepCollator(self.tokenizer.pad_token_id, self.micro_batch_size),
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed) if sampler is None else None,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        data = self.datasets[split]
+        # Longest first: the slowest generation batch shows up at once, and padding stays low.
+        order = sorted(range(len(data)), key=lambda i: -len(data.examples[i].input_ids))
+        return DataLoader(
+            torch.utils.data.Subset(data, order),
+            batch_size=self.eval_batch_size,
+            collate_fn=EvalCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,47 @@
+"""Batched greedy generation from left-padded prompts (validation, test, callbacks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos plus ChatML's <|im_end|> when it is a single token."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy continuations of left-padded prompts, decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=stop_token_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+    finally:
+        model.train(was_training)
+    new_tokens = out[:, prompt_ids.shape[1] :]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

