@@ -200,7 +200,8 @@ def _read_number(value: str) -> float | None:
 class MedCalc(Task):
     """MedCalc-Bench rows from synthetic data, a CSV/JSON(L) file, or a hub dataset.
 
-    `split` only applies to hub datasets; a local file is one split already.
+    `split` only applies to hub datasets; a local file is one split already. `calculators`
+    restricts the synthetic source to some of its calculators (keys of medcalc_synth.CALCULATORS).
     """
 
     name = "medcalc"
@@ -212,6 +213,7 @@ class MedCalc(Task):
         num_synthetic: int = 256,
         seed: int = 0,
         limit: int | None = None,
+        calculators: list[str] | None = None,
     ) -> None:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be positive or None, got {limit}")
@@ -220,6 +222,7 @@ class MedCalc(Task):
         self.num_synthetic = num_synthetic
         self.seed = seed
         self.limit = limit
+        self.calculators = calculators  # synthetic only: keys of medcalc_synth.CALCULATORS
 
     # ----------------------------------------------------------------------------- reading
 
@@ -229,7 +232,7 @@ class MedCalc(Task):
         if source == "synthetic":
             from talr.tasks.medcalc_synth import generate_rows  # written alongside; lazy
 
-            label, rows = "synthetic", generate_rows(self.num_synthetic, self.seed)
+            label, rows = "synthetic", generate_rows(self.num_synthetic, self.seed, self.calculators)
         elif path.exists():
             label, rows = str(path), _read_file(path)
         elif path.suffix.lower() in {".csv", ".json", ".jsonl"} or not _HUB_ID.fullmatch(source):

@@ -179,7 +179,10 @@ def mean_arterial_pressure(inputs: Mapping[str, Any]) -> float:
 
 
 def creatinine_clearance(inputs: Mapping[str, Any]) -> float:
-    """Cockcroft-Gault in mL/min with actual body weight: (140 − age) × kg × (0.85 if female) / (72 × Cr)."""
+    """Cockcroft-Gault creatinine clearance in mL/min, with actual body weight.
+
+    (140 − age) × weight kg × (0.85 if female) / (72 × serum creatinine mg/dL).
+    """
     sex_factor = 0.85 if inputs[SEX] == "Female" else 1.0
     age = float(inputs[AGE][0])
     return (140 - age) * _weight_kg(inputs[WEIGHT]) * sex_factor / (
@@ -289,7 +292,8 @@ def _random_sex(rng: random.Random) -> str:
     return rng.choice(["Male", "Female"])
 
 
-def _person(inputs: Mapping[str, Any], rng: random.Random, ages: tuple[int, int] = (19, 88)) -> _Person:
+def _person(inputs: Mapping[str, Any], rng: random.Random,
+            ages: tuple[int, int] = (19, 88)) -> _Person:
     """The patient of a note: age and sex from the inputs when they are inputs, else random."""
     age = int(inputs[AGE][0]) if AGE in inputs else rng.randint(*ages)
     sex = inputs[SEX] if SEX in inputs else _random_sex(rng)
@@ -314,6 +318,12 @@ _SETTINGS = (
 )
 
 
+def _indefinite(phrase: str) -> str:
+    """'a' or 'an' before a phrase (abbreviations read letter by letter count as spoken)."""
+    vowel_sound = phrase[:1].lower() in "aeiou" or phrase.split()[0] in {"SpO2", "Na", "HCO3-"}
+    return "an" if vowel_sound else "a"
+
+
 def _article(number: int) -> str:
     """The indefinite article before a spoken number: 'an 18-year-old', 'a 67-year-old'."""
     return "an" if str(number).startswith("8") or number in (11, 18) else "a"
@@ -324,7 +334,8 @@ def _intro(rng: random.Random, person: _Person, complaints: Sequence[str],
     setting = rng.choice(settings)
     article = _article(person.age)
     return rng.choice(_INTRO_TEMPLATES).format(
-        a=article, A=_cap(article), age=person.age, noun=person.noun(rng), setting=setting, Setting=_cap(setting),
+        a=article, A=_cap(article), age=person.age, noun=person.noun(rng),
+        setting=setting, Setting=_cap(setting),
         complaint=rng.choice(complaints),
     )
 
@@ -354,7 +365,8 @@ _LIST_VERB = {
 }
 
 
-def _render_measures(rng: random.Random, person: _Person, measures: Sequence[_Measure]) -> list[str]:
+def _render_measures(rng: random.Random, person: _Person,
+                     measures: Sequence[_Measure]) -> list[str]:
     """Sentences for the measured findings: per group either one list or one sentence each."""
     groups: dict[str, list[_Measure]] = {}
     for measure in measures:
@@ -378,7 +390,7 @@ def _render_measures(rng: random.Random, person: _Person, measures: Sequence[_Me
                     f"{_cap(person.his)} {m.label} was {m.value}.",
                     f"{_cap(m.label)} was {m.value}.",
                     f"{_cap(m.label)} measured {m.value}.",
-                    f"A {m.label} of {m.value} was recorded.",
+                    f"{_cap(_indefinite(m.label))} {m.label} of {m.value} was recorded.",
                 ]))
     return sentences
 
@@ -409,7 +421,8 @@ def _d_temp(rng: random.Random) -> _Measure:
 
 
 def _d_hr(rng: random.Random) -> _Measure:
-    return _Measure("vitals", rng.choice(["heart rate", "pulse"]), _val(rng, rng.randint(58, 118), _BPM))
+    return _Measure("vitals", rng.choice(["heart rate", "pulse"]),
+                    _val(rng, rng.randint(58, 118), _BPM))
 
 
 def _d_rr(rng: random.Random) -> _Measure:
@@ -418,12 +431,14 @@ def _d_rr(rng: random.Random) -> _Measure:
 
 def _d_bp(rng: random.Random) -> _Measure:
     sbp = rng.randint(100, 165)
-    return _Measure("vitals", "blood pressure", _bp_text(rng, sbp, rng.randint(55, min(sbp - 25, 100))))
+    dbp = rng.randint(55, min(sbp - 25, 100))
+    return _Measure("vitals", "blood pressure", _bp_text(rng, sbp, dbp))
 
 
 def _d_spo2(rng: random.Random) -> _Measure:
     return _Measure("vitals", rng.choice(["oxygen saturation", "SpO2"]),
-                    f"{rng.randint(88, 100)}% on {rng.choice(['room air', 'ambient air', '2 L nasal cannula'])}")
+                    f"{rng.randint(88, 100)}% on "
+                    f"{rng.choice(['room air', 'ambient air', '2 L nasal cannula'])}")
 
 
 def _d_hgb(rng: random.Random) -> _Measure:
@@ -454,7 +469,8 @@ def _d_sodium(rng: random.Random) -> _Measure:
 
 
 def _d_bun(rng: random.Random) -> _Measure:
-    return _Measure("labs", rng.choice(["BUN", "blood urea nitrogen"]), f"{rng.randint(8, 30)} mg/dL")
+    return _Measure("labs", rng.choice(["BUN", "blood urea nitrogen"]),
+                    f"{rng.randint(8, 30)} mg/dL")
 
 
 def _d_creatinine(rng: random.Random) -> _Measure:
@@ -466,7 +482,8 @@ def _d_albumin(rng: random.Random) -> _Measure:
 
 
 def _d_ast(rng: random.Random) -> _Measure:
-    return _Measure("labs", rng.choice(["AST", "aspartate aminotransferase"]), f"{rng.randint(14, 90)} U/L")
+    return _Measure("labs", rng.choice(["AST", "aspartate aminotransferase"]),
+                    f"{rng.randint(14, 90)} U/L")
 
 
 def _d_lactate(rng: random.Random) -> _Measure:
@@ -516,7 +533,9 @@ def _fill(template: str, person: _Person) -> str:
                            He=_cap(person.he), His=_cap(person.his), Him=_cap(person.him))
 
 
-def _distractors(rng: random.Random, exclude: set[str], low: int = 1, high: int = 4) -> list[_Measure]:
+def _distractors(rng: random.Random, exclude: set[str], low: int = 1,
+                 high: int = 4) -> list[_Measure]:
+    """Between `low` and `high` unrelated findings, none of the excluded kinds."""
     tags = [tag for tag in _DISTRACTORS if tag not in exclude]
     chosen = rng.sample(tags, rng.randint(low, high))
     return [_DISTRACTORS[tag](rng) for tag in chosen]
@@ -699,7 +718,8 @@ def _note_map(inputs: Inputs, rng: random.Random) -> str:
             f"The blood pressure measured {sbp} {unit} systolic and {dbp} {unit} diastolic.",
         ]))
     else:
-        measures.append(_Measure("vitals", rng.choice(["blood pressure", "BP"]), _bp_text(rng, sbp, dbp)))
+        measures.append(_Measure("vitals", rng.choice(["blood pressure", "BP"]),
+                                 _bp_text(rng, sbp, dbp)))
     return _compose(rng, person, intro, measures, sentences)
 
 
@@ -746,7 +766,8 @@ def _note_crcl(inputs: Inputs, rng: random.Random) -> str:
     measures, sentences = _body_measures(rng, person, inputs, [WEIGHT])
     value, unit = inputs[CREATININE]
     unit_text = unit if unit == "mg/dL" else rng.choice(["µmol/L", "umol/L", "micromol/L"])
-    measures.append(_Measure("labs", rng.choice(["creatinine", "serum creatinine", "plasma creatinine"]),
+    label = rng.choice(["creatinine", "serum creatinine", "plasma creatinine"])
+    measures.append(_Measure("labs", label,
                              f"{_num(value)} {unit_text}"))
     measures += _distractors(rng, {"cr", "weight"})
     return _compose(rng, person, intro, measures, sentences)
@@ -856,7 +877,8 @@ def _note_calcium(inputs: Inputs, rng: random.Random) -> str:
     ])
     ca, alb = inputs[CALCIUM], inputs[ALBUMIN]
     measures = [
-        _Measure("labs", rng.choice(["calcium", "serum calcium", "total calcium"]), f"{_num(ca[0])} {ca[1]}"),
+        _Measure("labs", rng.choice(["calcium", "serum calcium", "total calcium"]),
+                 f"{_num(ca[0])} {ca[1]}"),
         _Measure("labs", rng.choice(["albumin", "serum albumin"]), f"{_num(alb[0])} {alb[1]}"),
     ]
     measures += _distractors(rng, {"alb"}, 1, 4)
@@ -871,7 +893,8 @@ def _explain_calcium(inputs: Inputs) -> str:
         ca_line = f"The concentration of calcium is {_num(ca_value)} mg/dL."
     else:
         ca_line = (f"The concentration of calcium is {_num(ca_value)} mmol/L. Calcium has a molar "
-                   f"mass of 40.08 g/mol, so this is {_num(ca_value)} * 4.008 = {_fmt(ca, 4)} mg/dL.")
+                   f"mass of 40.08 g/mol, so this is {_num(ca_value)} * 4.008 = "
+                   f"{_fmt(ca, 4)} mg/dL.")
     if alb_unit == "g/dL":
         alb_line = f"The concentration of albumin is {_num(alb_value)} g/dL."
     else:
@@ -908,18 +931,20 @@ def _note_qtc(inputs: Inputs, rng: random.Random) -> str:
     ])
     hr, qt = int(inputs[HEART_RATE][0]), int(inputs[QT][0])
     ms = rng.choice(["ms", "msec", "milliseconds"])
+    bpm = rng.choice(_BPM)
     rhythm = "sinus tachycardia" if hr > 100 else "sinus bradycardia" if hr < 60 else "sinus rhythm"
     sentences, measures = [], []
     if rng.random() < 0.5:
         sentences.append(rng.choice([
-            f"An electrocardiogram showed {rhythm} at {hr} {rng.choice(_BPM)} with a QT interval of {qt} {ms}.",
-            f"The ECG demonstrated {rhythm}, heart rate {hr} {rng.choice(_BPM)}, and a QT interval of {qt} {ms}.",
-            f"A 12-lead ECG revealed a rate of {hr} {rng.choice(_BPM)} and a measured QT of {qt} {ms}.",
+            f"An electrocardiogram showed {rhythm} at {hr} {bpm} with a QT interval of {qt} {ms}.",
+            f"The ECG demonstrated {rhythm}, heart rate {hr} {bpm}, and a QT interval of "
+            f"{qt} {ms}.",
+            f"A 12-lead ECG revealed a rate of {hr} {bpm} and a measured QT of {qt} {ms}.",
         ]))
     else:
         measures.append(_Measure("ecg", "QT interval", f"{qt} {ms}"))
-        measures.append(_Measure(rng.choice(["ecg", "vitals"]), rng.choice(["heart rate", "ventricular rate"]),
-                                 _val(rng, hr, _BPM)))
+        label = rng.choice(["heart rate", "ventricular rate"])
+        measures.append(_Measure(rng.choice(["ecg", "vitals"]), label, f"{hr} {bpm}"))
     measures += _distractors(rng, {"hr"})
     if rng.random() < 0.5:
         sentences.append(rng.choice([
@@ -952,15 +977,18 @@ def _explain_qtc(inputs: Inputs) -> str:
 
 
 _CHA_NAMES = {
-    CHF: (("congestive heart failure", "chronic heart failure", "heart failure with reduced ejection fraction"),
+    CHF: (("congestive heart failure", "chronic heart failure",
+           "heart failure with reduced ejection fraction"),
           ("congestive heart failure", "heart failure")),
     HTN: (("hypertension", "essential hypertension", "high blood pressure"), ("hypertension",)),
-    DM: (("type 2 diabetes mellitus", "diabetes mellitus", "type 1 diabetes"), ("diabetes", "diabetes mellitus")),
+    DM: (("type 2 diabetes mellitus", "diabetes mellitus", "type 1 diabetes"),
+         ("diabetes", "diabetes mellitus")),
     STROKE: (("a prior ischemic stroke", "a previous stroke"), ("stroke",)),
     TIA: (("a transient ischemic attack", "a prior TIA"), ("transient ischemic attack", "TIA")),
     THROMBO: (("a prior systemic thromboembolism", "a previous arterial thromboembolic event"),
               ("thromboembolism", "systemic embolism")),
-    VASCULAR: (("a prior myocardial infarction", "peripheral artery disease", "complex aortic plaque"),
+    VASCULAR: (("a prior myocardial infarction", "peripheral artery disease",
+                "complex aortic plaque"),
                ("vascular disease", "atherosclerotic vascular disease")),
 }
 _CHA_ORDER = (CHF, HTN, DM, STROKE, TIA, THROMBO, VASCULAR)
@@ -969,7 +997,8 @@ _CHA_ORDER = (CHF, HTN, DM, STROKE, TIA, THROMBO, VASCULAR)
 def _sample_cha(rng: random.Random) -> Inputs:
     age = rng.choice([rng.randint(35, 64), rng.randint(65, 74), rng.randint(75, 95)])
     inputs: Inputs = {SEX: _random_sex(rng), AGE: [age, "years"]}
-    probabilities = {CHF: 0.3, HTN: 0.55, DM: 0.35, STROKE: 0.15, TIA: 0.12, THROMBO: 0.08, VASCULAR: 0.3}
+    probabilities = {CHF: 0.3, HTN: 0.55, DM: 0.35, STROKE: 0.15, TIA: 0.12, THROMBO: 0.08,
+                     VASCULAR: 0.3}
     for key in _CHA_ORDER:
         inputs[key] = rng.random() < probabilities[key]
     return inputs
@@ -980,7 +1009,8 @@ def _note_cha(inputs: Inputs, rng: random.Random) -> str:
     intro = _intro(rng, person, [
         "palpitations and was found to be in atrial fibrillation",
         "newly diagnosed atrial fibrillation", "an irregular heartbeat noted at a routine visit",
-        "fatigue and an irregularly irregular pulse", "dyspnea and atrial fibrillation with rapid ventricular response",
+        "fatigue and an irregularly irregular pulse",
+        "dyspnea and atrial fibrillation with rapid ventricular response",
     ])
     present, absent = [], []
     for key in _CHA_ORDER:
@@ -1015,14 +1045,16 @@ def _explain_cha(inputs: Inputs) -> str:
                      f"points are added to the score, keeping the current total at {total}.")
     if inputs[SEX] == "Female":
         total, part = _running(total, 1)
-        lines.append(f"The patient's gender is female and so one point is added to the score, {part}.")
+        lines.append(f"The patient's gender is female and so one point is added, {part}.")
     else:
-        lines.append(f"The patient's gender is male and so no points are added, keeping the current "
+        lines.append(f"The patient's gender is male and so no points are added, keeping the "
+                     f"current "
                      f"total at {total}.")
     for key, name in ((CHF, "congestive heart failure"), (HTN, "hypertension")):
         if inputs[key]:
             total, part = _running(total, 1)
-            lines.append(f"The patient history for {name} is present, so one point is added, {part}.")
+            lines.append(f"The patient history for {name} is present, so one point is added, "
+                         f"{part}.")
         else:
             lines.append(f"The patient history for {name} is absent, so no points are added, "
                          f"keeping the current total at {total}.")
@@ -1032,12 +1064,14 @@ def _explain_cha(inputs: Inputs) -> str:
         total, part = _running(total, 2)
         verdict = f"Because at least one of these is present, two points are added, {part}."
     else:
-        verdict = f"Because none of these is present, no points are added, keeping the current total at {total}."
+        verdict = (f"Because none of these is present, no points are added, keeping the current "
+                   f"total at {total}.")
     lines.append(f"Based on the patient note, the history of {_join(flags)}. {verdict}")
     for key, name in ((VASCULAR, "vascular disease"), (DM, "diabetes")):
         if inputs[key]:
             total, part = _running(total, 1)
-            lines.append(f"The patient history for {name} is present, so one point is added, {part}.")
+            lines.append(f"The patient history for {name} is present, so one point is added, "
+                         f"{part}.")
         else:
             lines.append(f"The patient history for {name} is absent, so no points are added, "
                          f"keeping the current total at {total}.")
@@ -1120,28 +1154,35 @@ def _explain_curb(inputs: Inputs) -> str:
     total = 0
     if float(inputs[AGE][0]) >= 65:
         total, part = _running(total, 1)
-        lines.append(f"The patient is {age} years old. The age is 65 years or older, so one point is added, {part}.")
+        lines.append(f"The patient is {age} years old. The age is 65 years or older, so one point "
+                     f"is added, {part}.")
     else:
-        lines.append(f"The patient is {age} years old. The age is less than 65 years, so no points are "
+        lines.append(f"The patient is {age} years old. The age is less than 65 years, so no "
+                     f"points are "
                      f"added, keeping the current total at {total}.")
     if inputs[CONFUSION]:
         total, part = _running(total, 1)
-        lines.append(f"The note reports that the patient is confused, so one point is added, {part}.")
+        lines.append(f"The note reports that the patient is confused, so one point is added, "
+                     f"{part}.")
     else:
         lines.append(f"The note reports that the patient is not confused, so no points are added, "
                      f"keeping the current total at {total}.")
     if float(inputs[BUN][0]) > 19:
         total, part = _running(total, 1)
-        lines.append(f"The BUN is {bun} mg/dL, which is greater than 19 mg/dL, so one point is added, {part}.")
+        lines.append(f"The BUN is {bun} mg/dL, which is greater than 19 mg/dL, so one point is "
+                     f"added, {part}.")
     else:
-        lines.append(f"The BUN is {bun} mg/dL, which is not greater than 19 mg/dL, so no points are "
+        lines.append(f"The BUN is {bun} mg/dL, which is not greater than 19 mg/dL, so no "
+                     f"points are "
                      f"added, keeping the current total at {total}.")
     if float(inputs[RESP_RATE][0]) >= 30:
         total, part = _running(total, 1)
-        lines.append(f"The respiratory rate is {rr} breaths per minute, which is at least 30, so one "
+        lines.append(f"The respiratory rate is {rr} breaths per minute, which is at least 30, "
+                     f"so one "
                      f"point is added, {part}.")
     else:
-        lines.append(f"The respiratory rate is {rr} breaths per minute, which is less than 30, so no "
+        lines.append(f"The respiratory rate is {rr} breaths per minute, which is less than 30, "
+                     f"so no "
                      f"points are added, keeping the current total at {total}.")
     low_bp = float(inputs[SBP][0]) < 90 or float(inputs[DBP][0]) <= 60
     head = (f"The systolic blood pressure is {sbp} mm Hg and the diastolic blood pressure is {dbp} "
@@ -1151,14 +1192,16 @@ def _explain_curb(inputs: Inputs) -> str:
         total, part = _running(total, 1)
         lines.append(f"{head} This criterion is met, so one point is added, {part}.")
     else:
-        lines.append(f"{head} Neither is true, so no points are added, keeping the current total at {total}.")
+        lines.append(f"{head} Neither is true, so no points are added, keeping the current "
+                     f"total at {total}.")
     lines.append(f"The patient's CURB-65 score is {total}.")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------- 9. Wells' PE
 
-_WELLS_FLAGS = (DVT_SIGNS, PE_LIKELY, IMMOBILIZED, SURGERY, PRIOR_PE, PRIOR_DVT, HEMOPTYSIS, MALIGNANCY)
+_WELLS_FLAGS = (DVT_SIGNS, PE_LIKELY, IMMOBILIZED, SURGERY, PRIOR_PE, PRIOR_DVT, HEMOPTYSIS,
+                MALIGNANCY)
 
 
 def _sample_wells(rng: random.Random) -> Inputs:
@@ -1272,17 +1315,18 @@ def _note_wells(inputs: Inputs, rng: random.Random) -> str:
         "acute shortness of breath and lightheadedness", "chest pain worse with deep breathing",
     ])
     sentences = [_wells_sentence(rng, person, key, bool(inputs[key])) for key in _WELLS_FLAGS]
-    measures = [_Measure("vitals", rng.choice(["heart rate", "pulse"]), _val(rng, inputs[HEART_RATE][0], _BPM))]
+    measures = [_Measure("vitals", rng.choice(["heart rate", "pulse"]),
+                         _val(rng, inputs[HEART_RATE][0], _BPM))]
     measures += _distractors(rng, {"hr"}, 1, 4)
     return _compose(rng, person, intro, measures, sentences, closing=False)
 
 
 def _explain_wells(inputs: Inputs) -> str:
     total = 0.0
-    lines = ["Wells' criteria for pulmonary embolism add 3 points each for clinical signs of DVT and "
-             "PE being the most likely diagnosis, 1.5 points each for heart rate > 100, "
-             "immobilization for at least 3 days or surgery in the previous 4 weeks, and a previous "
-             "PE or DVT, and 1 point each for hemoptysis and malignancy.",
+    lines = ["Wells' criteria for pulmonary embolism add 3 points each for clinical signs of DVT "
+             "and PE being the most likely diagnosis, 1.5 points each for heart rate > 100, "
+             "immobilization for at least 3 days or surgery in the previous 4 weeks, and a "
+             "previous PE or DVT, and 1 point each for hemoptysis and malignancy.",
              "The Wells' score for pulmonary embolism is currently 0."]
 
     def step(met: bool, points: float, yes: str, no: str) -> None:
@@ -1302,17 +1346,22 @@ def _explain_wells(inputs: Inputs) -> str:
     step(float(inputs[HEART_RATE][0]) > 100, 1.5,
          f"The patient's heart rate is {hr} beats per minute, which is more than 100",
          f"The patient's heart rate is {hr} beats per minute, which is not more than 100")
-    recent = (f"Immobilization for at least 3 days is {'present' if inputs[IMMOBILIZED] else 'absent'} "
-              f"and surgery in the previous 4 weeks is {'present' if inputs[SURGERY] else 'absent'}")
+    def state(flag: bool, yes: str = "present", no: str = "absent") -> str:
+        return yes if flag else no
+
+    recent = (f"Immobilization for at least 3 days is {state(inputs[IMMOBILIZED])} and surgery "
+              f"in the previous 4 weeks is {state(inputs[SURGERY])}")
     step(inputs[IMMOBILIZED] or inputs[SURGERY], 1.5, f"{recent}; at least one is present",
          f"{recent}")
-    prior = (f"A previous pulmonary embolism is {'documented' if inputs[PRIOR_PE] else 'not documented'} "
-             f"and a previous deep vein thrombosis is {'documented' if inputs[PRIOR_DVT] else 'not documented'}")
+    prior = (f"A previous pulmonary embolism is "
+             f"{state(inputs[PRIOR_PE], 'documented', 'not documented')} and a previous deep vein "
+             f"thrombosis is {state(inputs[PRIOR_DVT], 'documented', 'not documented')}")
     step(inputs[PRIOR_PE] or inputs[PRIOR_DVT], 1.5, f"{prior}; at least one is present", prior)
     step(inputs[HEMOPTYSIS], 1, "Hemoptysis is present", "Hemoptysis is absent")
-    step(inputs[MALIGNANCY], 1, "Malignancy with treatment within 6 months or palliative care is present",
-         "Malignancy with treatment within 6 months or palliative care is absent")
-    lines.append(f"The patient's Wells' score for pulmonary embolism is {format_decimal(total, 1)}.")
+    malignancy = "Malignancy with treatment within 6 months or palliative care"
+    step(inputs[MALIGNANCY], 1, f"{malignancy} is present", f"{malignancy} is absent")
+    lines.append(f"The patient's Wells' score for pulmonary embolism is "
+                 f"{format_decimal(total, 1)}.")
     return "\n".join(lines)
 
 
@@ -1338,12 +1387,13 @@ def _note_due(inputs: Inputs, rng: random.Random) -> str:
     cycle = inputs[CYCLE]
     gravida = rng.randint(1, 5)
     para = rng.randint(0, gravida - 1)
-    a = _article(person.age)
+    a, age = _article(person.age), person.age
     intro = rng.choice([
-        f"{_cap(a)} {person.age}-year-old G{gravida}P{para} woman presents for her first prenatal visit.",
-        f"{_cap(a)} {person.age}-year-old woman comes to the clinic after a positive home pregnancy test.",
-        f"The patient is {a} {person.age}-year-old woman seen for nausea and a missed period.",
-        f"{_cap(a)} {person.age} year old woman, gravida {gravida} para {para}, is evaluated for confirmation of pregnancy.",
+        f"{_cap(a)} {age}-year-old G{gravida}P{para} woman presents for her first prenatal visit.",
+        f"{_cap(a)} {age}-year-old woman comes to the clinic after a positive pregnancy test.",
+        f"The patient is {a} {age}-year-old woman seen for nausea and a missed period.",
+        f"{_cap(a)} {age} year old woman, gravida {gravida} para {para}, is evaluated for "
+        "confirmation of pregnancy.",
     ])
     sentences = [
         rng.choice([
@@ -1367,7 +1417,8 @@ def _note_due(inputs: Inputs, rng: random.Random) -> str:
         "She reports mild morning nausea without vomiting.",
     ]
     sentences += rng.sample(extras, rng.randint(0, 2))
-    measures = _distractors(rng, {"hr", "rr", "wbc", "plt", "ast", "lactate", "bun", "cr", "alb", "na", "k"}, 0, 2)
+    unrelated = {"hr", "rr", "wbc", "plt", "ast", "lactate", "bun", "cr", "alb", "na", "k"}
+    measures = _distractors(rng, unrelated, 0, 2)
     return _compose(rng, person, intro, measures, sentences, social=False, closing=False)
 
 
@@ -1378,10 +1429,12 @@ def _explain_due(inputs: Inputs) -> str:
     final = due_date(inputs)
     shift = cycle - 28
     if shift > 0:
-        adjust = (f"Because the patient's cycle length is {cycle} days, which is {shift} days longer "
+        adjust = (f"Because the patient's cycle length is {cycle} days, which is {shift} days "
+                  f"longer "
                   f"than 28 days, we add {shift} days, giving {final.strftime(DATE_FORMAT)}.")
     elif shift < 0:
-        adjust = (f"Because the patient's cycle length is {cycle} days, which is {-shift} days shorter "
+        adjust = (f"Because the patient's cycle length is {cycle} days, which is {-shift} days "
+                  f"shorter "
                   f"than 28 days, we subtract {-shift} days, giving {final.strftime(DATE_FORMAT)}.")
     else:
         adjust = "Because the patient's cycle length is 28 days, no adjustment is needed."
@@ -1390,7 +1443,8 @@ def _explain_due(inputs: Inputs) -> str:
         "to the first day of the last menstrual period, then add or subtract the number of days by "
         "which the cycle length differs from the standard 28 days.",
         f"The patient's last menstrual period was {lmp.strftime(DATE_FORMAT)}.",
-        f"The date after adding 40 weeks to the last menstrual period is {forty_weeks.strftime(DATE_FORMAT)}.",
+        f"The date after adding 40 weeks to the last menstrual period is "
+        f"{forty_weeks.strftime(DATE_FORMAT)}.",
         adjust,
         _answer_sentence("estimated due date", final.strftime(DATE_FORMAT)),
     ])
@@ -1485,12 +1539,13 @@ CALCULATORS: dict[str, Calculator] = {
         ),
         Calculator(
             "qtc_bazett", "QTc Bazett Calculator", 11, "physical", "decimal",
-            "Using the Bazett Formula for corrected QT interval, what is the patient's corrected QT "
-            "interval in msec?",
+            "Using the Bazett Formula for corrected QT interval, what is the patient's corrected "
+            "QT interval in msec?",
             _sample_qtc, qtc_bazett, _note_qtc, _explain_qtc,
         ),
         Calculator(
-            "cha2ds2_vasc", "CHA2DS2-VASc Score for Atrial Fibrillation Stroke Risk", 4, "risk", "integer",
+            "cha2ds2_vasc", "CHA2DS2-VASc Score for Atrial Fibrillation Stroke Risk", 4, "risk",
+            "integer",
             "What is the patient's CHA2DS2-VASc Score?",
             _sample_cha, cha2ds2_vasc, _note_cha, _explain_cha,
         ),
@@ -1508,14 +1563,16 @@ CALCULATORS: dict[str, Calculator] = {
             "due_date", "Estimated Due Date", 13, "date", "date",
             "Using Naegele's Rule for estimated due date based on the last menstrual period and "
             "cycle length, what is the patient's estimated due date? Your response should be in "
-            "the format of M/D/Y (ie 08/31/2023, 07/03/2000) with just the date and not other text.",
+            "the format of M/D/Y (ie 08/31/2023, 07/03/2000) with just the date and not other "
+            "text.",
             _sample_due, due_date, _note_due, _explain_due,
         ),
     )
 }
 
 
-def generate_rows(n: int, seed: int = 0, calculators: Sequence[str] | None = None) -> list[dict[str, str]]:
+def generate_rows(n: int, seed: int = 0,
+                  calculators: Sequence[str] | None = None) -> list[dict[str, str]]:
     """`n` synthetic rows, deterministic for `seed`.
 
     Rows cycle over the calculators (all of `CALCULATORS` by default, else the given keys) in

@@ -1,0 +1,101 @@
+"""`talr fit|validate|test` end to end with a tiny random Llama (real SmolLM2 tokenizer)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from cli import build_cli
+from conftest import MEDCALC_CSV
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_args(tiny_model_dir, out, *extra):
+    return [
+        "--config", str(REPO / "configs" / "quickstart.yaml"),
+        "--model.model", str(tiny_model_dir),
+        "--model.max_new_tokens", "8",
+        "--data.task.init_args.num_synthetic", "24",
+        "--data.val_size", "4",
+        "--data.batch_size", "4",
+        "--data.micro_batch_size", "2",
+        "--trainer.max_steps", "3",
+        "--trainer.val_check_interval", "2",
+        "--trainer.default_root_dir", str(out),
+        "--trainer.logger.init_args.save_dir", str(out),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    cli = build_cli(["fit", *cli_args(tiny_model_dir, out)])
+    return cli, out
+
+
+def test_fit_writes_tensorboard_checkpoints_export_and_generations(fitted):
+    cli, out = fitted
+    log_dir = Path(cli.trainer.log_dir)
+    assert list(log_dir.glob("events.out.tfevents.*")), "no TensorBoard events"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/nll", "train/lr", "train/talr/tau", "train/talr/weight_mean",
+            "train/talr/cutoff_share", "val/accuracy", "val/loss"} <= tags
+    assert len(events.Scalars("train/loss")) == 3
+    # validation before fine-tuning (step 0), after step 2, and at the end of the run
+    assert [int(e["step"]) for e in cli.model.val_history] == [0, 2, 3]
+
+    checkpoint = cli.trainer.checkpoint_callback
+    assert Path(checkpoint.best_model_path).is_file() and (log_dir / "checkpoints" / "last.ckpt").is_file()
+    best = max(cli.model.val_history[1:], key=lambda e: e["accuracy"])  # first best after training wins ties
+    assert checkpoint.best_model_score.item() == pytest.approx(best["accuracy"])
+
+    export = log_dir / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[f"net.lm.{name}"]), name
+
+    generations = sorted((log_dir / "generations").glob("val_step*.jsonl"))
+    assert len(generations) == 3
+    records = [json.loads(line) for line in generations[-1].read_text().splitlines()]
+    assert len(records) == 4 and {"correct", "parsed", "generation", "row_index"} <= set(records[0])
+    saved = yaml.safe_load((log_dir / "config.yaml").read_text())
+    assert saved["model"]["loss"] == "talr" and saved["data"]["tokenizer"] == saved["model"]["model"]
+
+
+def test_validate_and_test_from_a_checkpoint(fitted, tiny_model_dir, tmp_path):
+    cli, _ = fitted
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    out = tmp_path / "eval"
+    validated = build_cli(["validate", *cli_args(tiny_model_dir, out), "--ckpt_path", ckpt])
+    assert validated.trainer.callback_metrics["val/count"].item() == 4
+    tested = build_cli([
+        "test", *cli_args(tiny_model_dir, out), "--ckpt_path", ckpt,
+        "--data.test_task", "talr.tasks.MedCalc",
+        "--data.test_task.source", str(MEDCALC_CSV), "--data.test_task.limit", "6",
+        "--data.max_length", "2048",
+    ])
+    metrics = tested.trainer.callback_metrics
+    assert metrics["test/count"].item() + tested.datamodule.stats["test/dropped"] == 6
+    assert "test/accuracy/category/lab" in metrics or "test/accuracy/category/risk" in metrics
+
+
+def test_console_script_rejects_bad_options_before_training(tiny_model_dir, tmp_path):
+    talr = Path(sys.executable).with_name("talr")
+    bad_loss = subprocess.run([str(talr), "fit", *cli_args(tiny_model_dir, tmp_path), "--model.loss", "tarl"],
+                              capture_output=True, text=True)
+    assert bad_loss.returncode != 0 and "unknown loss 'tarl'" in bad_loss.stderr
+    bad_lr = subprocess.run([str(talr), "fit", *cli_args(tiny_model_dir, tmp_path), "--model.learning_rate", "-1e-4"],
+                            capture_output=True, text=True)
+    assert bad_lr.returncode != 0 and "learning_rate must be positive" in bad_lr.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
