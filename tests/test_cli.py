@@ -21,11 +21,10 @@ def cli_args(tiny_model_dir, out, *extra):
         "--config", str(REPO / "configs" / "quickstart.yaml"),
         "--model.model", str(tiny_model_dir),
         "--model.max_new_tokens", "8",
-        "--data.task.init_args.num_synthetic", "24",
+        "--data.task.init_args.num_synthetic", "20",
         "--data.val_size", "4",
         "--data.batch_size", "4",
         "--data.micro_batch_size", "2",
-        "--trainer.max_steps", "3",
         "--trainer.val_check_interval", "2",
         "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out),
@@ -50,9 +49,9 @@ def test_fit_writes_tensorboard_checkpoints_export_and_generations(fitted):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/nll", "train/lr", "train/talr/tau", "train/talr/weight_mean",
             "train/talr/cutoff_share", "val/accuracy", "val/loss"} <= tags
-    assert len(events.Scalars("train/loss")) == 3
-    # validation before fine-tuning (step 0), after step 2, and at the end of the run
-    assert [int(e["step"]) for e in cli.model.val_history] == [0, 2, 3]
+    assert len(events.Scalars("train/loss")) == 4  # 16 training rows, 4 per optimizer step
+    # validation before fine-tuning (step 0), after step 2, and at the end of the epoch
+    assert [int(e["step"]) for e in cli.model.val_history] == [0, 2, 4]
 
     checkpoint = cli.trainer.checkpoint_callback
     assert Path(checkpoint.best_model_path).is_file() and (log_dir / "checkpoints" / "last.ckpt").is_file()
@@ -70,7 +69,7 @@ def test_fit_writes_tensorboard_checkpoints_export_and_generations(fitted):
     records = [json.loads(line) for line in generations[-1].read_text().splitlines()]
     assert len(records) == 4 and {"correct", "parsed", "generation", "row_index"} <= set(records[0])
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
-    assert saved["model"]["loss"] == "talr" and saved["data"]["tokenizer"] == saved["model"]["model"]
+    assert saved["model"]["loss"] == "talr" and saved["data"]["task"]["init_args"]["num_synthetic"] == 20
 
 
 def test_validate_and_test_from_a_checkpoint(fitted, tiny_model_dir, tmp_path):
@@ -95,7 +94,40 @@ def test_console_script_rejects_bad_options_before_training(tiny_model_dir, tmp_
     bad_loss = subprocess.run([str(talr), "fit", *cli_args(tiny_model_dir, tmp_path), "--model.loss", "tarl"],
                               capture_output=True, text=True)
     assert bad_loss.returncode != 0 and "unknown loss 'tarl'" in bad_loss.stderr
-    bad_lr = subprocess.run([str(talr), "fit", *cli_args(tiny_model_dir, tmp_path), "--model.learning_rate", "-1e-4"],
+    bad_lr = subprocess.run([str(talr), "fit", *cli_args(tiny_model_dir, tmp_path), "--model.learning_rate=-1e-4"],
                             capture_output=True, text=True)
     assert bad_lr.returncode != 0 and "learning_rate must be positive" in bad_lr.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "medcalc").glob("*.yaml")), ids=lambda p: p.stem)
+def test_medcalc_configs_run_on_a_local_csv(config, tiny_model_dir, tmp_path):
+    """The paper-setup configs (hub source by default) run end to end on a local MedCalc-Bench CSV."""
+    cli = build_cli([
+        "fit", "--config", str(config),
+        "--model.model", str(tiny_model_dir), "--model.max_new_tokens", "4",
+        "--data.task.init_args.source", str(MEDCALC_CSV), "--data.task.init_args.limit", "30",
+        "--data.test_task", "null", "--data.max_length", "1024", "--data.val_size", "4",
+        "--data.batch_size", "4", "--data.micro_batch_size", "2",
+        "--trainer.max_steps", "2", "--trainer.max_epochs", "1",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ])
+    assert cli.trainer.global_step == 2
+    assert cli.model.hparams.loss == yaml.safe_load(config.read_text())["model"]["loss"]
+    assert (Path(cli.trainer.log_dir) / "export" / "model.safetensors").is_file()
+
+
+def test_training_curves_notebook_executes_on_a_run(fitted, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    cli, _ = fitted
+    monkeypatch.setenv("TALR_RUN_DIR", str(cli.trainer.log_dir))
+    notebook = nbformat.read(REPO / "notebooks" / "training_curves.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the curves were not drawn"
+    summary = notebook.cells[3].outputs[0]["data"]["text/plain"]
+    assert "val_step000000" in summary
