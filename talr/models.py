@@ -59,6 +59,16 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / EMBEDDED_ALIAS
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # several processes (DDP ranks, test workers) convert once
+        if not (target / "model.safetensors").is_file():
+            _convert_embedded(target)
+    return target
+
+
+def _convert_embedded(target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = _embedded_gguf_path()
@@ -73,19 +83,7 @@ def embedded_model_dir() -> Path:
     model.generation_config = quantized.generation_config
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: a crash never leaves a half-written cache behind.
-    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_ALIAS}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    export_pretrained(model, tokenizer, target)  # atomic: a crash never leaves a half-written cache
 
 
 def resolve_model_path(name_or_path: str) -> str:
