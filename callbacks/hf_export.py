@@ -32,13 +32,15 @@ class HFExport(Callback):
         dirpath: output directory; default `<log_dir>/export`.
         which: `best` exports the checkpoint ModelCheckpoint kept as best on its monitored metric
             (the paper's selection: best on the domain), `last` the weights at the end of training.
+        merge_lora: merge LoRA adapters into a plain model (default), or save the adapters only.
     """
 
-    def __init__(self, dirpath: str | None = None, which: Literal["best", "last"] = "best") -> None:
+    def __init__(self, dirpath: str | None = None, which: Literal["best", "last"] = "best", merge_lora: bool = True) -> None:
         if which not in ("best", "last"):
             raise ValueError(f"HFExport.which must be 'best' or 'last', got {which!r}")
         self.dirpath = dirpath
         self.which = which
+        self.merge_lora = merge_lora
         self.exported_to: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -52,5 +54,5 @@ class HFExport(Callback):
             lm = copy.deepcopy(lm)  # leave the live module's weights as training ended
             lm.load_state_dict(lm_state_from_checkpoint(best))
             source = f"best checkpoint {best}"
-        self.exported_to = export_pretrained(lm, pl_module.tokenizer, out)
+        self.exported_to = export_pretrained(lm, pl_module.tokenizer, out, merge_lora=self.merge_lora)
         rank_zero_info(f"[talr] exported {source} to {out} (AutoModelForCausalLM.from_pretrained loads it)")

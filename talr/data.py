@@ -163,10 +163,10 @@ class StepCollator:
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         ordered = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
-        micro = [
-            pad_examples(ordered[i : i + self.micro_batch_size], self.pad_id)
-            for i in range(0, len(ordered), self.micro_batch_size)
-        ]
+        micro = []
+        for i in range(0, len(ordered), self.micro_batch_size):
+            part = ordered[i : i + self.micro_batch_size]
+            micro.append({**pad_examples(part, self.pad_id), "row_index": torch.tensor([e.row_index for e in part])})
         return {"micro_batches": micro, "num_target_tokens": sum(e.num_targets for e in examples)}
 
 

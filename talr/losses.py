@@ -3,6 +3,9 @@
 Every strategy returns a SUM over target tokens. The module divides it by the number of target
 tokens of the whole optimizer step (all micro-batches, all ranks), so gradient accumulation and
 data parallelism give the gradient of one large batch for every strategy.
+
+Token strategies (ce, talr, dft, flow) weight token losses. Regularisers (l2, kl) wrap a token
+strategy (`base`) and add a term, so "TALR + KL" is a config, not a class.
 """
 
 from __future__ import annotations
@@ -10,11 +13,27 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from talr.token_loss import sequence_mean_losses
+
+
+@dataclass
+class TokenBatch:
+    """What a strategy may use about one micro-batch's target tokens; the module fills the
+    optional fields only for strategies that ask for them."""
+
+    nll: torch.Tensor  # [N] target-token NLL (with grad)
+    seq_index: torch.Tensor  # [N] batch row of each token
+    num_seqs: int
+    step_seq_losses: torch.Tensor | None = None  # mean loss of every sequence of the optimizer step
+    seq_weights: torch.Tensor | None = None  # [num_seqs] static per-sequence weights (FLOW)
+    ref_nll: torch.Tensor | None = None  # [N] the initial model's NLL of the same tokens (KL)
+    logits: torch.Tensor | None = None  # [N, V] model logits at target positions (exact KL)
+    ref_logits: torch.Tensor | None = None  # [N, V] the initial model's logits there
 
 
 @dataclass
@@ -27,6 +46,10 @@ class LossStrategy(ABC):
     """Turns per-token NLL into a weighted sum. Subclasses register under `name`."""
 
     name: ClassVar[str]
+    needs_reference: bool = False  # TokenBatch.ref_nll from the initial model
+    needs_logits: bool = False  # TokenBatch.logits and ref_logits
+    needs_sequence_weights: bool = False  # TokenBatch.seq_weights from a pre-pass
+    anchored: bool = False  # adds an L2 pull toward the initial weights after backward
 
     @property
     def uses_step_losses(self) -> bool:
@@ -35,11 +58,8 @@ class LossStrategy(ABC):
         return False
 
     @abstractmethod
-    def __call__(
-        self, nll: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, step_seq_losses: torch.Tensor | None = None
-    ) -> LossOutput:
-        """nll: [N] target-token NLL; seq_index: [N] batch row of each token; num_seqs: rows;
-        step_seq_losses: mean token loss of every sequence of the step, when `uses_step_losses`."""
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        """The weighted sum of the batch's token losses, and metrics to log."""
 
 
 LOSSES: dict[str, type[LossStrategy]] = {}
@@ -71,10 +91,8 @@ class CrossEntropy(LossStrategy):
 
     name = "ce"
 
-    def __call__(
-        self, nll: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, step_seq_losses: torch.Tensor | None = None
-    ) -> LossOutput:
-        return LossOutput(nll.sum())
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        return LossOutput(batch.nll.sum())
 
 
 @register
@@ -129,18 +147,175 @@ class TALR(LossStrategy):
         # The floor keeps a zero tau (every sequence already perfect) from dividing by zero.
         return torch.exp(-nll.detach() / tau.clamp_min(self.tau_floor)).clamp_min(self.w_min)
 
-    def __call__(
-        self, nll: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, step_seq_losses: torch.Tensor | None = None
-    ) -> LossOutput:
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        nll = batch.nll
         if self.tau is not None:
             tau = nll.new_tensor(self.tau)
-        elif step_seq_losses is not None and self.uses_step_losses:
-            tau = self.median(step_seq_losses)
+        elif batch.step_seq_losses is not None and self.uses_step_losses:
+            tau = self.median(batch.step_seq_losses)
         else:
-            tau = self.median(sequence_mean_losses(nll, seq_index, num_seqs))
+            tau = self.median(sequence_mean_losses(nll, batch.seq_index, batch.num_seqs))
         w = self.weights(nll, tau)
         metrics = {"tau": tau.detach()}
         if nll.numel():
             metrics["weight_mean"] = w.mean()
             metrics["cutoff_share"] = (w <= self.w_min).float().mean()
         return LossOutput((w * nll).sum(), metrics)
+
+
+@register
+class DFT(LossStrategy):
+    """Dynamic Fine-Tuning: each token's loss scaled by its own detached probability p_i.
+
+    TALR with tau = 1 and no floor; offered so TALR can be compared against it.
+    """
+
+    name = "dft"
+
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        weights = torch.exp(-batch.nll.detach())
+        metrics = {"weight_mean": weights.mean()} if batch.nll.numel() else {}
+        return LossOutput((weights * batch.nll).sum(), metrics)
+
+
+def flow_weights(seq_losses: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLOW's static sequence weights exp(-loss / tau) from the initial model's sequence losses.
+
+    tau defaults to the median over the training set (FLOW's dataset temperature). Sequences
+    without a loss (NaN) get weight 0, as in FLOW's code. Returns (weights, tau).
+    """
+    finite = seq_losses[~torch.isnan(seq_losses)]
+    tau_t = seq_losses.new_tensor(tau) if tau is not None else (
+        torch.quantile(finite, 0.5) if finite.numel() else seq_losses.new_tensor(1.0)
+    )
+    weights = torch.exp(-seq_losses / tau_t.clamp_min(1e-6))
+    return torch.nan_to_num(weights, nan=0.0), tau_t
+
+
+@register
+class FLOW(LossStrategy):
+    """FLOW (Sanyal et al. 2025): static per-sequence weights from the initial model's losses.
+
+    The module computes the weights once before training (a pre-pass over the training set,
+    cached on disk) with `flow_weights`; here each token's loss takes its sequence's weight. The
+    weights are not renormalised; the sum is divided by the step's target-token count.
+    """
+
+    name = "flow"
+    needs_sequence_weights = True
+
+    def __init__(self, tau: float | None = None) -> None:
+        if tau is not None and tau <= 0:
+            raise ValueError(f"flow: a fixed tau must be positive, got {tau}")
+        self.tau = tau
+
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        if batch.seq_weights is None:
+            raise RuntimeError("flow: sequence weights are missing (the pre-pass did not run)")
+        weights = batch.seq_weights.to(batch.nll.dtype)[batch.seq_index]
+        metrics = {"weight_mean": weights.mean()} if batch.nll.numel() else {}
+        return LossOutput((weights * batch.nll).sum(), metrics)
+
+
+class Regularized(LossStrategy):
+    """A regulariser around a token strategy `base` (built from the registry with `base_options`)."""
+
+    def __init__(self, base: str = "ce", base_options: dict[str, Any] | None = None) -> None:
+        if base in ("l2", "kl"):
+            raise ValueError(f"{self.name}: base must be a token strategy (ce, talr, dft, flow), got {base!r}")
+        self.base = build_loss(base, base_options)
+        self.needs_sequence_weights = self.base.needs_sequence_weights
+        self.needs_reference = self.base.needs_reference or type(self).needs_reference
+        self.needs_logits = self.base.needs_logits or type(self).needs_logits
+
+    @property
+    def uses_step_losses(self) -> bool:
+        return self.base.uses_step_losses
+
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        return self.base(batch)
+
+
+@register
+class L2Anchor(Regularized):
+    """base loss + (lam / 2) * ||theta - theta_0||^2 over trainable parameters.
+
+    The penalty's gradient, lam * (theta - theta_0), is added to the gradients once per optimizer
+    step (`add_anchor_gradients`), so it needs no autograd graph and is not divided by the token
+    count. reduction `mean` divides by the number of parameters, as FLOW's code does.
+    """
+
+    name = "l2"
+    anchored = True
+
+    def __init__(
+        self, lam: float = 1e-3, reduction: str = "sum", base: str = "ce", base_options: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(base, base_options)
+        if lam < 0:
+            raise ValueError(f"l2: lam must be non-negative, got {lam}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"l2: reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.lam = lam
+        self.reduction = reduction
+
+    @torch.no_grad()
+    def add_anchor_gradients(self, params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """grad += c * (theta - theta_0) for every parameter; returns the distance and penalty."""
+        count = sum(p.numel() for p in params)
+        coef = self.lam / count if self.reduction == "mean" else self.lam
+        squared = torch.zeros((), dtype=torch.float64)
+        for p, anchor in zip(params, anchors):
+            diff = p.detach() - anchor.to(device=p.device, dtype=p.dtype)
+            squared += diff.double().pow(2).sum().cpu()
+            if p.grad is None:
+                p.grad = coef * diff
+            else:
+                p.grad.add_(diff, alpha=coef)
+        return {"distance": squared.sqrt().float(), "penalty": (0.5 * coef * squared).float()}
+
+
+@register
+class KLToInitial(Regularized):
+    """base loss + beta * KL(model || initial model) on the target tokens.
+
+    `k3` (DeepSeek-R1's estimator) uses only the target token's log-ratio r = log q - log p:
+    exp(r) - r - 1, unbiased for the KL when tokens are sampled from the model and always >= 0;
+    `exact` sums over the vocabulary (needs both models' logits at the target positions).
+    """
+
+    name = "kl"
+    needs_reference = True
+
+    def __init__(
+        self, beta: float = 0.1, estimator: str = "k3", base: str = "ce", base_options: dict[str, Any] | None = None
+    ) -> None:
+        if estimator not in ("k3", "exact"):
+            raise ValueError(f"kl: estimator must be 'k3' or 'exact', got {estimator!r}")
+        if beta < 0:
+            raise ValueError(f"kl: beta must be non-negative, got {beta}")
+        self.estimator = estimator
+        self.beta = beta
+        super().__init__(base, base_options)
+        self.needs_logits = self.base.needs_logits or estimator == "exact"
+
+    def token_kl(self, batch: TokenBatch) -> torch.Tensor:
+        if self.estimator == "k3":
+            if batch.ref_nll is None:
+                raise RuntimeError("kl: the reference model's NLL is missing")
+            log_ratio = batch.nll - batch.ref_nll.detach()  # log q(y) - log p(y)
+            return torch.exp(log_ratio) - log_ratio - 1.0
+        if batch.logits is None or batch.ref_logits is None:
+            raise RuntimeError("kl: exact KL needs the logits of both models")
+        dtype = torch.promote_types(batch.logits.dtype, torch.float32)  # never below float32
+        logp = F.log_softmax(batch.logits.to(dtype), dim=-1)
+        logq = F.log_softmax(batch.ref_logits.detach().to(dtype), dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1)
+
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        out = self.base(batch)
+        kl = self.token_kl(batch)
+        metrics = dict(out.metrics)
+        if kl.numel():
+            metrics["kl"] = kl.detach().mean()
+        return LossOutput(out.total + self.beta * kl.sum(), metrics)

@@ -111,8 +111,13 @@ def load_model(
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """A causal LM from a hub id, a local directory, or the embedded alias."""
+    """A causal LM from a hub id, a local directory, or the embedded alias.
+
+    `lora` ({r, alpha, dropout, target_modules}) wraps it with peft LoRA adapters; only the
+    adapters train, and the base weights stay the initial model (a free KL reference).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
@@ -122,7 +127,33 @@ def load_model(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if lora is not None:
+        model = add_lora(model, lora)
     return model
+
+
+LORA_DEFAULTS: dict[str, Any] = {"r": 64, "alpha": 128, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def add_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """peft LoRA adapters on `model` from {r, alpha, dropout, target_modules}."""
+    from peft import LoraConfig, get_peft_model
+
+    unknown = sorted(set(options) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"model.lora has no option(s) {', '.join(unknown)}; its options are {', '.join(LORA_DEFAULTS)}")
+    opts = {**LORA_DEFAULTS, **options}
+    if int(opts["r"]) < 1:
+        raise ValueError(f"model.lora.r must be at least 1, got {opts['r']}")
+    config = LoraConfig(
+        r=int(opts["r"]), lora_alpha=float(opts["alpha"]), lora_dropout=float(opts["dropout"]),
+        target_modules=opts["target_modules"], task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
 
 
 class TokenNLLModel(nn.Module):
@@ -137,18 +168,26 @@ class TokenNLLModel(nn.Module):
         self.lm = lm
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, return_logits: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         head = self.lm.get_output_embeddings()
         softcap = getattr(self.lm.config, "final_logit_softcapping", None)
         return target_token_nll(
-            hidden.last_hidden_state, head.weight, labels, bias=getattr(head, "bias", None), logit_softcap=softcap
+            hidden.last_hidden_state, head.weight, labels, bias=getattr(head, "bias", None),
+            logit_softcap=softcap, return_logits=return_logits,
         )
 
 
-def export_pretrained(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write a Hugging Face model directory (safetensors) atomically: staging dir, then rename."""
+def export_pretrained(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = True) -> Path:
+    """Write a Hugging Face model directory (safetensors) atomically: staging dir, then rename.
+
+    A LoRA model is merged into a plain model first (`merge_lora`), or saved as adapters only.
+    """
+    if is_peft(model) and merge_lora:
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

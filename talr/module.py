@@ -8,7 +8,10 @@ of micro-batches instead, which weighs tokens of short micro-batches more (trans
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import os
 import math
 from collections import defaultdict
 from functools import partial
@@ -21,8 +24,9 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
 from talr.generation import greedy_generate
-from talr.losses import build_loss
-from talr.models import TokenNLLModel, load_model, load_tokenizer
+from talr.data import pad_examples
+from talr.losses import FLOW, Regularized, TokenBatch, build_loss, flow_weights
+from talr.models import TokenNLLModel, cache_dir, is_peft, load_model, load_tokenizer
 from talr.tasks.base import Verdict
 from talr.token_loss import sequence_mean_losses
 
@@ -57,6 +61,8 @@ class SFTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        lora: dict[str, Any] | None = None,
+        anchor_device: str = "same",
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -65,11 +71,18 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
+        if anchor_device not in ("same", "cpu"):
+            raise ValueError(f"model.anchor_device must be 'same' or 'cpu', got {anchor_device!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.loss_fn = build_loss(loss, loss_options)  # fails before any model is loaded
         self.net: TokenNLLModel | None = None
         self.tokenizer: Any = None
+        # Kept out of the module tree (not in checkpoints or the optimizer): both are the initial
+        # model, reloadable from `model`, so a resumed run rebuilds them exactly.
+        self._reference: list[TokenNLLModel] = []  # KL's frozen initial model (none with LoRA)
+        self._anchors: list[torch.Tensor] = []  # L2's theta_0, one per trainable parameter
+        self.flow_weights: torch.Tensor | None = None  # FLOW's static weight of each training row
         self.val_history: list[dict[str, float]] = []
         self._eval_records: list[tuple[int, Verdict, str]] = []
         self._eval_nll = [0.0, 0]  # summed NLL, target tokens
@@ -79,9 +92,15 @@ class SFTModule(L.LightningModule):
         if self.net is not None:
             return
         hp = self.hparams
-        lm = load_model(hp.model, hp.dtype, hp.gradient_checkpointing, hp.trust_remote_code, hp.attn_implementation)
+        lm = load_model(hp.model, hp.dtype, hp.gradient_checkpointing, hp.trust_remote_code, hp.attn_implementation, hp.lora)
+        if self.loss_fn.needs_reference and not is_peft(lm):
+            reference = TokenNLLModel(copy.deepcopy(lm)).eval().requires_grad_(False)
+            self._reference = [reference]
         lm.train()  # from_pretrained returns eval mode; dropout-bearing models must train in train mode
         self.net = TokenNLLModel(lm)
+        if self.loss_fn.anchored:
+            device = "cpu" if hp.anchor_device == "cpu" else None
+            self._anchors = [p.detach().clone().to(device or p.device) for p in self.net.parameters() if p.requires_grad]
         self.tokenizer = load_tokenizer(hp.model, hp.trust_remote_code)
 
     @property
@@ -101,6 +120,67 @@ class SFTModule(L.LightningModule):
         warmup = math.ceil(self.hparams.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, warmup=warmup, total=total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- FLOW's pre-pass ---------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.loss_fn.needs_sequence_weights and self.flow_weights is None:  # a resumed run has them
+            self.flow_weights = self.sequence_weight_prepass()
+
+    @torch.no_grad()
+    def sequence_weight_prepass(self) -> torch.Tensor:
+        """FLOW's static weights: one pass of the initial model over the training set.
+
+        Each rank scores its shard and the results are gathered; the per-sequence losses are
+        cached on disk keyed by the model and the exact token ids, so a rerun skips the pass.
+        """
+        from tqdm.auto import tqdm
+
+        datamodule = self.trainer.datamodule
+        examples = datamodule.datasets["train"].examples
+        digest = hashlib.sha256(f"{self.hparams.model}|{self.hparams.dtype}|{self.hparams.lora}".encode())
+        for e in examples:
+            digest.update(repr((e.input_ids, e.prompt_len)).encode())
+        path = cache_dir() / "flow" / f"{digest.hexdigest()[:24]}.pt"
+        if path.is_file():
+            losses = torch.load(path, map_location="cpu", weights_only=True)
+            rank_zero_info(f"[flow] sequence losses of the initial model loaded from {path}")
+        else:
+            losses = self._score_sequences(examples, tqdm)
+            if self.trainer.is_global_zero:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(losses, tmp)
+                os.replace(tmp, path)
+        strategy = self.loss_fn.base if isinstance(self.loss_fn, Regularized) else self.loss_fn
+        assert isinstance(strategy, FLOW)
+        weights, tau = flow_weights(losses, strategy.tau)
+        rank_zero_info(f"[flow] tau = {float(tau):.4f}, mean weight {float(weights.mean()):.4f} over {len(weights)} sequences")
+        self.flow_tau = float(tau)
+        return weights
+
+    def _score_sequences(self, examples: list, tqdm: Any) -> torch.Tensor:
+        rank, world = self.global_rank, self.trainer.world_size
+        mine = list(range(rank, len(examples), world))
+        size = self.trainer.datamodule.eval_batch_size
+        pad_id = self.tokenizer.pad_token_id
+        was_training = self.training
+        self.eval()
+        scored: list[tuple[int, float]] = []
+        for start in tqdm(range(0, len(mine), size), desc="flow: initial-model losses", disable=rank != 0):
+            chunk = mine[start:start + size]
+            batch = {k: v.to(self.device) for k, v in pad_examples([examples[i] for i in chunk], pad_id).items()}
+            nll, seq_index = self.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            rows = [examples[i].row_index for i in chunk]  # weights are looked up by row, not position
+            scored += zip(rows, sequence_mean_losses(nll, seq_index, len(chunk)).tolist())
+        self.train(was_training)
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, scored)
+            scored = [pair for part in gathered for pair in part]
+        losses = torch.full((len(self.trainer.datamodule.rows("train")),), float("nan"))  # NaN: dropped row
+        for index, loss in scored:
+            losses[index] = loss
+        return losses
 
     # -- training --------------------------------------------------------------------------------
     def global_token_count(self, local: int) -> torch.Tensor:
@@ -124,6 +204,36 @@ class SFTModule(L.LightningModule):
             local = self.all_gather(local).reshape(-1)
         return local
 
+    @torch.no_grad()
+    def reference_outputs(self, micro: dict[str, torch.Tensor], want_logits: bool) -> tuple[torch.Tensor, ...]:
+        """The initial model's NLL (and logits) of a micro-batch's targets: LoRA with its adapters
+        switched off, otherwise the frozen copy."""
+        args = (micro["input_ids"], micro["attention_mask"], micro["labels"], want_logits)
+        if is_peft(self.lm):
+            with self.lm.disable_adapter():
+                return self.net(*args)
+        reference = self._reference[0]
+        if next(reference.parameters()).device != self.device:
+            reference.to(self.device)
+        return reference(*args)
+
+    def token_batch(self, micro: dict[str, torch.Tensor], step_losses: torch.Tensor | None) -> TokenBatch:
+        """Forward one micro-batch and gather what the loss strategy asked for."""
+        strategy = self.loss_fn
+        outputs = self.net(micro["input_ids"], micro["attention_mask"], micro["labels"], strategy.needs_logits)
+        batch = TokenBatch(outputs[0], outputs[1], micro["input_ids"].shape[0], step_seq_losses=step_losses)
+        if strategy.needs_logits:
+            batch.logits = outputs[2]
+        if strategy.needs_reference:
+            reference = self.reference_outputs(micro, strategy.needs_logits)
+            batch.ref_nll = reference[0]
+            batch.ref_logits = reference[2] if strategy.needs_logits else None
+        if strategy.needs_sequence_weights:
+            if self.flow_weights is None:
+                raise RuntimeError("sequence weights were not computed before training")
+            batch.seq_weights = self.flow_weights.to(self.device)[micro["row_index"]]
+        return batch
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
@@ -138,12 +248,16 @@ class SFTModule(L.LightningModule):
         nll_sum = torch.zeros((), device=self.device)
         strategy_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         for micro in micro_batches:
-            nll, seq_index = self.net(micro["input_ids"], micro["attention_mask"], micro["labels"])
-            out = self.loss_fn(nll, seq_index, micro["input_ids"].shape[0], step_losses)
+            tokens_in = self.token_batch(micro, step_losses)
+            out = self.loss_fn(tokens_in)
             self.manual_backward(out.total * scale)
             weighted_sum += out.total.detach()
-            nll_sum += nll.detach().sum()
+            nll_sum += tokens_in.nll.detach().sum()
             for key, value in out.metrics.items():
+                strategy_metrics[key].append(value)
+        if self.loss_fn.anchored:  # after the backend averaged the token-loss gradients
+            params = [p for p in self.net.parameters() if p.requires_grad]
+            for key, value in self.loss_fn.add_anchor_gradients(params, self._anchors).items():
                 strategy_metrics[key].append(value)
         if self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
@@ -185,7 +299,9 @@ class SFTModule(L.LightningModule):
             records = list({r[0]: r for r in records}.values())
         return records, nll_sum, count
 
-    def _eval_epoch_end(self) -> dict[str, float]:
+    def _eval_metrics(self, tag: str | None = None) -> dict[str, float]:
+        """Metrics of the records collected since the last reset; resets them. `tag` names the
+        generations file (default: the split and step)."""
         records, nll_sum, count = self._gather()
         metrics = {"loss": nll_sum / max(count, 1)}
         if records:
@@ -193,17 +309,37 @@ class SFTModule(L.LightningModule):
             rows = self.trainer.datamodule.rows(self._split)
             task = self.trainer.datamodule.task_for(self._split)
             metrics.update(task.summarize([r[1] for r in records], [rows[r[0]] for r in records]))
-            self._write_generations(records, rows)
-        prefix = "val" if self._split == "val" else "test"
-        self.log_dict({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, sync_dist=False)
+            self._write_generations(records, rows, tag or f"{self._split}_step{self.global_step:06d}")
         self._eval_records, self._eval_nll = [], [0.0, 0]
         return metrics
 
-    def _write_generations(self, records: list[tuple[int, Verdict, str]], rows: list[dict]) -> None:
+    def _eval_epoch_end(self) -> dict[str, float]:
+        metrics = self._eval_metrics()
+        prefix = "val" if self._split == "val" else "test"
+        self.log_dict({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, sync_dist=False)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val", tag: str | None = None) -> dict[str, float]:
+        """Score the current weights on a split outside Lightning's loops (for callbacks such as
+        model averaging): target NLL plus generation accuracy, as validation computes them."""
+        was_training = self.training
+        self.eval()
+        self._split, self._eval_records, self._eval_nll = split, [], [0.0, 0]
+        datamodule = self.trainer.datamodule
+        loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+        try:
+            for batch in loader:
+                self._eval_step(self.transfer_batch_to_device(batch, self.device, 0))
+            return self._eval_metrics(tag)
+        finally:
+            self.train(was_training)
+
+    def _write_generations(self, records: list[tuple[int, Verdict, str]], rows: list[dict], tag: str) -> None:
         """Every scored generation as JSONL beside the logs: what the model said, not just the score."""
         if self.trainer.sanity_checking or not self.trainer.is_global_zero or self.trainer.log_dir is None:
             return
-        out = Path(self.trainer.log_dir) / "generations" / f"{self._split}_step{self.global_step:06d}.jsonl"
+        out = Path(self.trainer.log_dir) / "generations" / f"{tag}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
             for index, verdict, text in records:
@@ -249,9 +385,12 @@ class SFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["talr_val_history"] = self.val_history
+        if self.flow_weights is not None:
+            checkpoint["talr_flow_weights"] = self.flow_weights
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_history = list(checkpoint.get("talr_val_history", []))
+        self.flow_weights = checkpoint.get("talr_flow_weights", self.flow_weights)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -29,11 +29,13 @@ def target_token_nll(
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     logit_softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NLL of every target token, in float32, and the batch row each token belongs to.
 
     hidden: [B, T, H] final hidden states; head_weight: [V, H]; labels: [B, T] with IGNORE_INDEX
-    outside targets (labels are the input ids, unshifted). Returns (nll [N], seq_index [N]).
+    outside targets (labels are the input ids, unshifted). Returns (nll [N], seq_index [N]), plus
+    the float32 logits at target positions [N, V] when `return_logits`.
     """
     mask, targets = shift_targets(labels)
     seq_index = mask.nonzero(as_tuple=True)[0]
@@ -41,7 +43,7 @@ def target_token_nll(
     if logit_softcap:  # Gemma-style final logit soft-capping, as the model's own forward does
         logits = torch.tanh(logits / logit_softcap) * logit_softcap
     nll = F.cross_entropy(logits, targets, reduction="none")
-    return nll, seq_index
+    return (nll, seq_index, logits) if return_logits else (nll, seq_index)
 
 
 def sequence_mean_losses(nll: torch.Tensor, seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:

@@ -100,7 +100,14 @@ def test_console_script_rejects_bad_options_before_training(tiny_model_dir, tmp_
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs" / "medcalc").glob("*.yaml")), ids=lambda p: p.stem)
+STRATEGY_CONFIGS = sorted(p for p in (REPO / "configs" / "medcalc").glob("*.yaml") if not p.stem.startswith("lr-"))
+
+
+def test_every_strategy_has_a_config():
+    assert {p.stem for p in STRATEGY_CONFIGS} >= {"ce", "talr", "l2", "kl", "flow", "dft", "lora", "wise-ft"}
+
+
+@pytest.mark.parametrize("config", STRATEGY_CONFIGS, ids=lambda p: p.stem)
 def test_medcalc_configs_run_on_a_local_csv(config, tiny_model_dir, tmp_path):
     """The paper-setup configs (hub source by default) run end to end on a local MedCalc-Bench CSV."""
     cli = build_cli([
@@ -114,6 +121,7 @@ def test_medcalc_configs_run_on_a_local_csv(config, tiny_model_dir, tmp_path):
     ])
     assert cli.trainer.global_step == 2
     assert cli.model.hparams.loss == yaml.safe_load(config.read_text())["model"]["loss"]
+    assert cli.model.hparams.learning_rate == 1e-6  # the paper's small learning rate
     assert (Path(cli.trainer.log_dir) / "export" / "model.safetensors").is_file()
 
 
@@ -131,3 +139,13 @@ def test_training_curves_notebook_executes_on_a_run(fitted, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs), "the curves were not drawn"
     summary = notebook.cells[3].outputs[0]["data"]["text/plain"]
     assert "val_step000000" in summary
+
+
+def test_large_learning_rate_config_stacks_on_any_strategy(tmp_path):
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("talr")), "fit", "--config", str(REPO / "configs/medcalc/kl.yaml"),
+         "--config", str(REPO / "configs/medcalc/lr-large.yaml"), "--print_config"],
+        capture_output=True, text=True, check=True,
+    )
+    printed = yaml.safe_load(out.stdout)
+    assert printed["model"]["learning_rate"] == 5e-6 and printed["model"]["loss"] == "kl"

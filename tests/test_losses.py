@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from talr.losses import LOSSES, TALR, CrossEntropy, build_loss
+from talr.losses import LOSSES, TALR, CrossEntropy, TokenBatch, build_loss
 from talr.token_loss import IGNORE_INDEX, target_token_nll
 
 
@@ -34,7 +34,7 @@ def random_tokens(seed: int, n_seqs: int = 5, vocab: int = 11):
 def test_ce_is_the_plain_sum():
     logits, targets, seq, n = random_tokens(0)
     nll = F.cross_entropy(logits, targets, reduction="none")
-    out = CrossEntropy()(nll, seq, n)
+    out = CrossEntropy()(TokenBatch(nll, seq, n))
     rows, tgt = logits.tolist(), targets.tolist()
     expected = sum(math.log(sum(math.exp(x) for x in row)) - row[t] for row, t in zip(rows, tgt))
     assert out.total.item() == pytest.approx(expected, rel=1e-12)
@@ -47,7 +47,7 @@ def test_talr_weights_tau_and_sum_match_brute_force(seed, w_min):
     nll = F.cross_entropy(logits, targets, reduction="none")
     weights, total, tau = reference_talr(nll.tolist(), seq.tolist(), w_min)
     strategy = TALR(w_min=w_min, tau_scope="local")
-    out = strategy(nll, seq, n)
+    out = strategy(TokenBatch(nll, seq, n))
     assert out.metrics["tau"].item() == pytest.approx(tau, rel=1e-9)
     assert out.total.item() == pytest.approx(total, rel=1e-9)
     assert out.metrics["weight_mean"].item() == pytest.approx(sum(weights) / len(weights), rel=1e-9)
@@ -59,20 +59,20 @@ def test_talr_weight_is_probability_to_the_power_one_over_tau():
     p = torch.tensor([0.9, 0.5, 0.2, 0.05], dtype=torch.float64)
     nll = -p.log()
     tau = 0.7
-    out = TALR(w_min=1e-9, tau=tau)(nll, torch.arange(4), 4)
+    out = TALR(w_min=1e-9, tau=tau)(TokenBatch(nll, torch.arange(4), 4))
     assert out.total.item() == pytest.approx(float((p ** (1 / tau) * nll).sum()), rel=1e-12)
 
 
 def test_cutoff_keeps_hard_tokens_learning():
     nll = torch.tensor([0.01, 0.02, 30.0], dtype=torch.float64)  # one very hard token
-    out = TALR(w_min=0.2)(nll, torch.tensor([0, 0, 1]), 2)  # tau = 15.0075, exp(-2) < 0.2
+    out = TALR(w_min=0.2)(TokenBatch(nll, torch.tensor([0, 0, 1]), 2))  # tau = 15.0075, exp(-2) < 0.2
     assert out.total.item() == pytest.approx(float(reference_talr(nll.tolist(), [0, 0, 1], 0.2)[1]))
     assert out.metrics["cutoff_share"].item() == pytest.approx(1 / 3)
 
 
 def test_median_of_an_even_count_averages_the_middle_pair():
     nll = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)
-    out = TALR(w_min=1e-9, tau_scope="local")(nll, torch.arange(4), 4)
+    out = TALR(w_min=1e-9, tau_scope="local")(TokenBatch(nll, torch.arange(4), 4))
     assert out.metrics["tau"].item() == pytest.approx(2.5)
 
 
@@ -80,7 +80,7 @@ def test_gradient_equals_weighted_ce_with_detached_weights():
     logits, targets, seq, n = random_tokens(3)
     leaf = logits.clone().requires_grad_(True)
     nll = F.cross_entropy(leaf, targets, reduction="none")
-    TALR(w_min=0.01, tau_scope="local")(nll, seq, n).total.backward()
+    TALR(w_min=0.01, tau_scope="local")(TokenBatch(nll, seq, n)).total.backward()
 
     weights, _, _ = reference_talr(F.cross_entropy(logits, targets, reduction="none").tolist(), seq.tolist(), 0.01)
     ref_leaf = logits.clone().requires_grad_(True)
@@ -92,19 +92,19 @@ def test_step_losses_set_tau_for_every_micro_batch():
     """Given the whole step's sequence losses, each micro-batch uses the step median."""
     nll = torch.tensor([0.5, 1.5, 4.0], dtype=torch.float64)
     step = torch.tensor([0.5, 1.5, 4.0, 9.0, float("nan")], dtype=torch.float64)  # NaN: a row without targets
-    out = TALR(w_min=1e-9)(nll, torch.arange(3), 3, step)
+    out = TALR(w_min=1e-9)(TokenBatch(nll, torch.arange(3), 3, step_seq_losses=step))
     assert out.metrics["tau"].item() == pytest.approx(statistics.median([0.5, 1.5, 4.0, 9.0]))
 
 
 def test_zero_tau_and_fully_masked_batches_stay_finite():
     zero = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    out = TALR()(zero, torch.tensor([0, 0, 1, 1]), 2)  # every sequence perfect: tau = 0
+    out = TALR()(TokenBatch(zero, torch.tensor([0, 0, 1, 1]), 2))  # every sequence perfect: tau = 0
     assert torch.isfinite(out.total) and out.metrics["tau"].item() == 0.0
     out.total.backward()
     assert torch.isfinite(zero.grad).all()
 
     empty = torch.zeros(0, dtype=torch.float64, requires_grad=True)
-    out = TALR()(empty, torch.zeros(0, dtype=torch.long), 3)  # every target masked
+    out = TALR()(TokenBatch(empty, torch.zeros(0, dtype=torch.long), 3))  # every target masked
     assert out.total.item() == 0.0 and torch.isfinite(out.metrics["tau"])
 
 
