@@ -44,9 +44,10 @@ class HFExport(Callback):
         self.exported_to: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.log_dir broadcasts from rank 0: every rank must ask for it
+        out = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "export"
         if not trainer.is_global_zero:
             return
-        out = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "export"
         lm = pl_module.lm
         source = "final weights"
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -108,18 +108,14 @@ class WiSEFT(Callback):
         return self._generate_state_key(alphas=self.alphas, source=self.source, select=self.select)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Fail before training, not after it.
-        if hasattr(pl_module.lm, "peft_config"):
-            raise ValueError("WiSEFT interpolates full fine-tuning weights; this run trains a peft (LoRA) adapter")
+        _require_full_weights(pl_module)  # fail before training, not after it
         if self.select == "accuracy" and not pl_module.hparams.generate:
             raise ValueError("WiSEFT(select='accuracy') needs model.generate: true; or use select: loss")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _require_full_weights(pl_module)
         lm = pl_module.lm
         live = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
-        # Lightning moved the module to the CPU on teardown; score on the training device instead.
-        home = pl_module.device
-        pl_module.to(trainer.strategy.root_device)
         theta, origin = live, "the weights at the end of training"
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if self.source == "best":
@@ -130,7 +126,10 @@ class WiSEFT(Callback):
         theta0 = self._initial_state(pl_module)
 
         out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        home = pl_module.device
         try:
+            # Lightning moved the module to the CPU on teardown; score on the training device instead.
+            pl_module.to(trainer.strategy.root_device)
             self.results = []
             for alpha in self.alphas:
                 lm.load_state_dict(interpolate_state(theta0, theta, alpha))
@@ -215,6 +214,11 @@ class WiSEFT(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = list(state_dict.get("results", []))
         self.chosen_alpha = state_dict.get("chosen_alpha")
+
+
+def _require_full_weights(pl_module: L.LightningModule) -> None:
+    if hasattr(pl_module.lm, "peft_config"):
+        raise ValueError("WiSE-FT needs full fine-tuning weights to interpolate; this run trains a peft (LoRA) adapter")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -337,9 +337,10 @@ class SFTModule(L.LightningModule):
 
     def _write_generations(self, records: list[tuple[int, Verdict, str]], rows: list[dict], tag: str) -> None:
         """Every scored generation as JSONL beside the logs: what the model said, not just the score."""
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero or self.trainer.log_dir is None:
+        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero or log_dir is None:
             return
-        out = Path(self.trainer.log_dir) / "generations" / f"{tag}.jsonl"
+        out = Path(log_dir) / "generations" / f"{tag}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
             for index, verdict, text in records:

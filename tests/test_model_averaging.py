@@ -114,6 +114,7 @@ def fitted(tiny_model_dir, tmp_path_factory):
         "--model.model", str(tiny_model_dir),
         "--model.max_new_tokens", "4",
         "--model.learning_rate", "1e-3",
+        "--model.dtype", "float32",  # the mixes below are checked in float32, also where a GPU is
         "--data.task.init_args.num_synthetic", "12",
         "--data.val_size", "4",
         "--data.batch_size", "4",
