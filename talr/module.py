@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from talr.generation import greedy_generate
 from talr.data import pad_examples
 from talr.losses import FLOW, Regularized, TokenBatch, build_loss, flow_weights
-from talr.models import TokenNLLModel, cache_dir, is_peft, load_model, load_tokenizer
+from talr.models import TokenNLLModel, cache_dir, is_peft, load_model, load_tokenizer, resolve_dtype
 from talr.tasks.base import Verdict
 from talr.token_loss import sequence_mean_losses
 
@@ -43,6 +43,9 @@ class SFTModule(L.LightningModule):
         max_new_tokens: generation budget when scoring validation/test answers.
         generate: score domain accuracy by greedy generation during validation and test.
         dtype: `auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16`, `float16`.
+        lora: peft LoRA adapters {r, alpha, dropout, target_modules}; only they train.
+        anchor_device, anchor_dtype: where and how `l2` keeps theta_0 (`cpu` and/or `bfloat16`
+            spare accelerator memory; the gradient term is computed in the parameters' dtype).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class SFTModule(L.LightningModule):
         attn_implementation: str | None = None,
         lora: dict[str, Any] | None = None,
         anchor_device: str = "same",
+        anchor_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -100,7 +104,11 @@ class SFTModule(L.LightningModule):
         self.net = TokenNLLModel(lm)
         if self.loss_fn.anchored:
             device = "cpu" if hp.anchor_device == "cpu" else None
-            self._anchors = [p.detach().clone().to(device or p.device) for p in self.net.parameters() if p.requires_grad]
+            dtype = resolve_dtype(hp.anchor_dtype) if hp.anchor_dtype else None
+            self._anchors = [
+                p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True)
+                for p in self.net.parameters() if p.requires_grad
+            ]
         self.tokenizer = load_tokenizer(hp.model, hp.trust_remote_code)
 
     @property
@@ -376,13 +384,22 @@ class SFTModule(L.LightningModule):
         rank_zero_info("[test] " + _describe(metrics))
 
     def on_fit_end(self) -> None:
-        if len(self.val_history) >= 2 and "accuracy" in self.val_history[0]:
-            first, best = self.val_history[0], max(self.val_history, key=lambda e: e.get("accuracy", -1.0))
-            rank_zero_info(
-                f"[talr] domain accuracy before fine-tuning: {first['accuracy']:.3f}; "
-                f"best after: {best['accuracy']:.3f} (step {int(best['step'])}); "
-                f"last: {self.val_history[-1]['accuracy']:.3f}"
-            )
+        if len(self.val_history) >= 2:
+            first, after = self.val_history[0], self.val_history[1:]
+            lines = [f"[talr] validation target NLL before fine-tuning {first['loss']:.4f}, "
+                     f"after {after[-1]['loss']:.4f} (best {min(e['loss'] for e in after):.4f})"]
+            if "accuracy" in first:
+                best = max(after, key=lambda e: e["accuracy"])  # the earliest best, as ModelCheckpoint keeps it
+                lines.append(
+                    f"[talr] domain accuracy before fine-tuning {first['accuracy']:.3f} "
+                    f"(unparsed {int(first['unparsed'])}/{int(first['count'])}); best after {best['accuracy']:.3f} "
+                    f"at step {int(best['step'])}; last {after[-1]['accuracy']:.3f} "
+                    f"(unparsed {int(after[-1]['unparsed'])}/{int(after[-1]['count'])})"
+                )
+            rank_zero_info("\n".join(lines))
+        if self.trainer.logger is not None and self.trainer.log_dir:
+            rank_zero_info(f"[talr] logs, checkpoints and generations: {self.trainer.log_dir} "
+                           f"(tensorboard --logdir {self.trainer.log_dir})")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["talr_val_history"] = self.val_history

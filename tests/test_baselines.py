@@ -187,7 +187,9 @@ def test_flow_prepass_weights_equal_an_independent_pass_and_are_cached(tiny_mode
 
 
 def test_l2_and_kl_runs_log_their_terms(tiny_model_dir, tmp_path):
-    l2 = fit(tiny_model_dir, tmp_path / "l2", "--model.loss", "l2", "--model.loss_options", "{lam: 0.01}")
+    l2 = fit(tiny_model_dir, tmp_path / "l2", "--model.loss", "l2", "--model.loss_options", "{lam: 0.01}",
+             "--model.anchor_device", "cpu", "--model.anchor_dtype", "bfloat16")
+    assert all(a.device.type == "cpu" and a.dtype == torch.bfloat16 for a in l2.model._anchors)
     distance = l2.trainer.callback_metrics["train/l2/distance"].item()
     initial = load_model(str(tiny_model_dir), dtype="float32").state_dict()
     trained = l2.model.lm.state_dict()
