@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from talr.generation import greedy_generate
 from talr.data import pad_examples
@@ -67,6 +67,7 @@ class SFTModule(L.LightningModule):
         lora: dict[str, Any] | None = None,
         anchor_device: str = "same",
         anchor_dtype: str | None = None,
+        max_bad_steps: int = 3,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -75,6 +76,8 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
+        if max_bad_steps < 1:
+            raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
         if anchor_device not in ("same", "cpu"):
             raise ValueError(f"model.anchor_device must be 'same' or 'cpu', got {anchor_device!r}")
         self.save_hyperparameters()
@@ -87,6 +90,8 @@ class SFTModule(L.LightningModule):
         self._reference: list[TokenNLLModel] = []  # KL's frozen initial model (none with LoRA)
         self._anchors: list[torch.Tensor] = []  # L2's theta_0, one per trainable parameter
         self.flow_weights: torch.Tensor | None = None  # FLOW's static weight of each training row
+        self.bad_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self._bad_in_row = 0
         self.val_history: list[dict[str, float]] = []
         self._eval_records: list[tuple[int, Verdict, str]] = []
         self._eval_nll = [0.0, 0]  # summed NLL, target tokens
@@ -267,6 +272,11 @@ class SFTModule(L.LightningModule):
             params = [p for p in self.net.parameters() if p.requires_grad]
             for key, value in self.loss_fn.add_anchor_gradients(params, self._anchors).items():
                 strategy_metrics[key].append(value)
+        if not self.gradients_are_finite():
+            optimizer.zero_grad(set_to_none=True)
+            self.skip_bad_step(batch_idx, weighted_sum)
+            return weighted_sum
+        self._bad_in_row = 0
         if self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -282,6 +292,25 @@ class SFTModule(L.LightningModule):
         for key, values in strategy_metrics.items():
             self.log(f"train/{self.hparams.loss}/{key}", torch.stack(values).float().mean())
         return loss
+
+    def gradients_are_finite(self) -> bool:
+        """One flag for all ranks: gradients are already averaged, so a NaN anywhere shows everywhere."""
+        flags = [torch.isfinite(p.grad).all() for p in self.net.parameters() if p.grad is not None]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def skip_bad_step(self, batch_idx: int, weighted_sum: torch.Tensor) -> None:
+        """Skip an optimizer step whose loss or gradients are not finite; stop after too many in a row."""
+        self.bad_steps += 1
+        self._bad_in_row += 1
+        self.log("train/skipped_steps", float(self.bad_steps))
+        where = f"epoch {self.current_epoch}, batch {batch_idx} (optimizer step {self.global_step})"
+        message = f"non-finite loss or gradient at {where}: loss sum {float(weighted_sum)}; step skipped"
+        if self._bad_in_row >= self.hparams.max_bad_steps:
+            raise FloatingPointError(
+                f"{self._bad_in_row} optimizer steps in a row had a non-finite loss or gradient, the last at {where}; "
+                f"stopping (model.max_bad_steps={self.hparams.max_bad_steps}). Lower the learning rate or check that batch."
+            )
+        rank_zero_warn(message)
 
     # -- validation and test ---------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any]) -> None:
@@ -403,11 +432,13 @@ class SFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["talr_val_history"] = self.val_history
+        checkpoint["talr_bad_steps"] = self.bad_steps
         if self.flow_weights is not None:
             checkpoint["talr_flow_weights"] = self.flow_weights
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_history = list(checkpoint.get("talr_val_history", []))
+        self.bad_steps = int(checkpoint.get("talr_bad_steps", 0))
         self.flow_weights = checkpoint.get("talr_flow_weights", self.flow_weights)
 
 
