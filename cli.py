@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+from talr.checkpoint_io import AtomicCheckpointIO
 from talr.data import SFTDataModule
 from talr.module import SFTModule
 
@@ -16,6 +17,12 @@ class TalrCLI(LightningCLI):
             "--validate_before_fit", type=bool, default=True,
             help="Score the initial model on the validation set before training (the 'before' number).",
         )
+
+    def instantiate_trainer(self, **kwargs):
+        # Checkpoints are written atomically unless the config brings its own plugins.
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         config = self.config.get(self.subcommand, {})

@@ -430,6 +430,23 @@ class SFTModule(L.LightningModule):
             rank_zero_info(f"[talr] logs, checkpoints and generations: {self.trainer.log_dir} "
                            f"(tensorboard --logdir {self.trainer.log_dir})")
 
+    def check_checkpoint_matches(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model before any weight is touched, naming both."""
+        if self.net is None:
+            return
+        mine = self.state_dict()
+        theirs = checkpoint.get("state_dict", {})
+        source = checkpoint.get("hyper_parameters", {}).get("model", "an unknown model")
+        missing = sorted(set(mine) - set(theirs))
+        shapes = [k for k in mine if k in theirs and tuple(theirs[k].shape) != tuple(mine[k].shape)]
+        if missing or shapes:
+            detail = (f"tensor {shapes[0]} has shape {tuple(theirs[shapes[0]].shape)} there, "
+                      f"{tuple(mine[shapes[0]].shape)} here" if shapes else f"it lacks {missing[0]}")
+            raise ValueError(
+                f"the checkpoint was trained from {source!r} and does not fit model.model={self.hparams.model!r}: "
+                f"{detail} ({len(missing)} missing, {len(shapes)} of another shape)"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["talr_val_history"] = self.val_history
         checkpoint["talr_bad_steps"] = self.bad_steps
@@ -437,6 +454,7 @@ class SFTModule(L.LightningModule):
             checkpoint["talr_flow_weights"] = self.flow_weights
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint_matches(checkpoint)
         self.val_history = list(checkpoint.get("talr_val_history", []))
         self.bad_steps = int(checkpoint.get("talr_bad_steps", 0))
         self.flow_weights = checkpoint.get("talr_flow_weights", self.flow_weights)

@@ -72,3 +72,51 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_batch_named_and_weights_untou
     for key, value in initial.items():
         if key != "model.norm.weight":
             assert torch.equal(value, final[key]), key
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    import talr.checkpoint_io as checkpoint_io
+
+    io = checkpoint_io.AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "step": 1}, path)
+
+    def crash_mid_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "step": 2}, path)
+    previous = torch.load(path, weights_only=True)  # the earlier checkpoint is intact
+    assert previous["step"] == 1 and torch.equal(previous["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_fit_uses_atomic_checkpoints_and_rejects_a_checkpoint_of_another_model(tiny_model_dir, tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from talr.checkpoint_io import AtomicCheckpointIO
+
+    cli = fit(tiny_model_dir, tmp_path / "run", "--model.loss", "ce", "--trainer.max_steps", "1",
+              "--model.generate", "true", "--model.max_new_tokens", "2",
+              "--trainer.val_check_interval", "1")
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+
+    other = tmp_path / "other-model"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    # (talr's CLI re-reads the model from the checkpoint's own hyperparameters; in Python the module decides)
+    from talr.data import SFTDataModule
+    from talr.module import SFTModule
+    from talr.tasks import MedCalc
+
+    module = SFTModule(model=str(other), generate=False)
+    data = SFTDataModule(MedCalc(num_synthetic=8), tokenizer=str(other), val_size=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"trained from '.*tiny-llama.*' and does not fit model.model='.*other-model'.*shape"):
+        trainer.validate(module, datamodule=data, ckpt_path=str(ckpt))
