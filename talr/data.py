@@ -154,6 +154,40 @@ def left_pad_prompts(examples: Sequence[Example], pad_id: int) -> dict[str, torc
     return {"prompt_ids": ids, "prompt_mask": mask}
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint mid-epoch.
+
+    Its state is the epoch and the number of batches the training loop has processed in it;
+    after a restore, the sampler is set to that epoch and the next iteration skips those batches,
+    so a resumed run sees exactly the batches an uninterrupted one would (the sampler's order
+    depends only on seed and epoch).
+    """
+
+    def __init__(self, *args: Any, progress: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A callable giving the training loop's {epoch, batches_done}. An init argument, so that
+        # Lightning keeps it when it re-creates the loader with a distributed sampler.
+        self.progress = progress or (lambda: {"epoch": 0, "batches_done": 0})
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.progress().items()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches_done", 0))
+        # Lightning sets the epoch only when it starts an epoch, after a resume's iterator exists.
+        for sampler in (self.sampler, getattr(self.sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(int(state.get("epoch", 0)))
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        skip, self._skip = self._skip, 0
+        for _ in range(skip):  # collating a skipped batch is cheap next to a training step
+            next(iterator, None)
+        return iterator
+
+
 class StepCollator:
     """One optimizer step's sequences -> length-sorted micro-batches plus the step's token count."""
 
@@ -296,7 +330,7 @@ class SFTDataModule(L.LightningDataModule):
         sampler = LengthGroupedSampler(
             [len(e.input_ids) for e in data.examples], self.batch_size, self.seed, shuffle=True
         ) if self.group_by_length else None
-        return DataLoader(
+        return ResumableDataLoader(
             data,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -304,7 +338,13 @@ class SFTDataModule(L.LightningDataModule):
             collate_fn=StepCollator(self.tokenizer.pad_token_id, self.micro_batch_size),
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed) if sampler is None else None,
+            progress=self._progress if self.trainer is not None else None,
         )
+
+    def _progress(self) -> dict[str, int]:
+        # `processed` also counts the batch in flight when a checkpoint is written from its end hooks
+        return {"epoch": self.trainer.current_epoch,
+                "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
 
     def _eval_loader(self, split: str) -> DataLoader:
         data = self.datasets[split]

@@ -129,10 +129,32 @@ class SFTModule(L.LightningModule):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.total_optimizer_steps()
         warmup = math.ceil(self.hparams.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, warmup=warmup, total=total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, for the schedule.
+
+        Computed from the data rather than with `trainer.estimated_stepping_batches`, which builds
+        the training iterator before a checkpoint's loop state is restored and so defeats the
+        mid-epoch resume of the training loader.
+        """
+        trainer = self.trainer
+        rows = len(trainer.datamodule.datasets["train"])
+        per_epoch = math.ceil(math.ceil(rows / trainer.world_size) / trainer.datamodule.batch_size)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, float):
+            per_epoch = int(per_epoch * limit) if limit < 1.0 else per_epoch
+        elif limit is not None:
+            per_epoch = min(per_epoch, int(limit))
+        total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+        if trainer.max_steps and trainer.max_steps > 0:
+            total = min(total, trainer.max_steps)
+        if total == math.inf:
+            raise ValueError("set trainer.max_epochs or trainer.max_steps: the learning-rate schedule needs a length")
+        return max(1, int(total))
 
     # -- FLOW's pre-pass ---------------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -50,6 +50,8 @@ def test_fit_writes_tensorboard_checkpoints_export_and_generations(fitted):
     assert {"train/loss", "train/nll", "train/lr", "train/talr/tau", "train/talr/weight_mean",
             "train/talr/cutoff_share", "val/accuracy", "val/loss"} <= tags
     assert len(events.Scalars("train/loss")) == 4  # 16 training rows, 4 per optimizer step
+    # the schedule's length, computed from the data, is what Lightning estimates
+    assert cli.model.total_optimizer_steps() == cli.trainer.estimated_stepping_batches == 4
     # validation before fine-tuning (step 0), after step 2, and at the end of the epoch
     assert [int(e["step"]) for e in cli.model.val_history] == [0, 2, 4]
 

@@ -1,10 +1,15 @@
 """Numerical faults: a non-finite step is skipped and counted; too many in a row stop the run."""
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from cli import build_cli
 from talr.losses import LOSSES, CrossEntropy, LossOutput, TokenBatch
@@ -120,3 +125,53 @@ def test_fit_uses_atomic_checkpoints_and_rejects_a_checkpoint_of_another_model(t
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"trained from '.*tiny-llama.*' and does not fit model.model='.*other-model'.*shape"):
         trainer.validate(module, datamodule=data, ckpt_path=str(ckpt))
+
+
+def run_talr(args):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.run([str(Path(sys.executable).with_name("talr")), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_resuming_from_a_mid_epoch_checkpoint_gives_bitwise_the_same_weights(tiny_model_dir, tmp_path):
+    """Resume from a checkpoint written 2 batches into the second epoch; the run must see the same
+    batches in the same order, and end with the same weights, optimizer and schedule."""
+
+    def config(name):
+        # a standalone config: list-valued keys such as callbacks merge item by item across --config files
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "seed_everything": 0,
+            "validate_before_fit": False,
+            "trainer": {"max_epochs": 2, "limit_val_batches": 0, "logger": False, "accelerator": "cpu",
+                        "default_root_dir": str(tmp_path / name), "enable_progress_bar": False,
+                        "callbacks": [
+                            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                             "init_args": {"dirpath": str(tmp_path / name), "every_n_train_steps": 2,
+                                           "save_top_k": -1, "save_last": True}},
+                            {"class_path": "resume_helpers.PrintRows"}]},
+            "model": {"model": str(tiny_model_dir), "loss": "talr", "learning_rate": 1e-3, "generate": False},
+            "data": {"task": {"class_path": "talr.tasks.MedCalc",
+                              "init_args": {"source": "synthetic", "num_synthetic": 28}},
+                     "val_size": 4, "batch_size": 4, "micro_batch_size": 2},  # 6 steps an epoch, 12 in all
+        }))
+        return ["fit", "--config", str(path)]
+
+    clean = run_talr(config("clean"))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    mid_epoch = tmp_path / "clean" / "epoch=1-step=8.ckpt"
+    resumed = run_talr([*config("resumed"), "--ckpt_path", str(mid_epoch)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stdout + resumed.stderr
+
+    clean_rows = [line for line in clean.stdout.splitlines() if line.startswith("ROWS")]
+    resumed_rows = [line for line in resumed.stdout.splitlines() if line.startswith("ROWS")]
+    assert len(clean_rows) == 12 and resumed_rows == clean_rows[8:]
+    a = torch.load(tmp_path / "clean" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(state_a["exp_avg"], state_b["exp_avg"])
+    assert a["lr_schedulers"] == b["lr_schedulers"]
