@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from talr.models import eval_mode
+
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """End-of-turn ids: the tokenizer's eos plus ChatML's <|im_end|> when it is a single token."""
@@ -26,9 +28,7 @@ def greedy_generate(
     max_new_tokens: int,
 ) -> list[str]:
     """Greedy continuations of left-padded prompts, decoded without special tokens."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
@@ -41,7 +41,5 @@ def greedy_generate(
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
         )
-    finally:
-        model.train(was_training)
     new_tokens = out[:, prompt_ids.shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -7,12 +7,14 @@ there afterwards, so no hub access is ever needed for it.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -156,6 +158,17 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block; the previous mode comes back afterwards, also on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 class TokenNLLModel(nn.Module):
     """A causal LM whose forward returns the NLL of each target token only.
 
@@ -185,8 +198,6 @@ def export_pretrained(model: nn.Module, tokenizer: Any, out_dir: str | Path, mer
     A LoRA model is merged into a plain model first (`merge_lora`), or saved as adapters only.
     """
     if is_peft(model) and merge_lora:
-        import copy
-
         model = copy.deepcopy(model).merge_and_unload()
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

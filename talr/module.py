@@ -22,11 +22,12 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from tqdm.auto import tqdm
 
 from talr.generation import greedy_generate
 from talr.data import pad_examples
 from talr.losses import FLOW, Regularized, TokenBatch, build_loss, flow_weights
-from talr.models import TokenNLLModel, cache_dir, is_peft, load_model, load_tokenizer, resolve_dtype
+from talr.models import TokenNLLModel, cache_dir, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype
 from talr.tasks.base import Verdict
 from talr.token_loss import sequence_mean_losses
 
@@ -168,8 +169,6 @@ class SFTModule(L.LightningModule):
         Each rank scores its shard and the results are gathered; the per-sequence losses are
         cached on disk keyed by the model and the exact token ids, so a rerun skips the pass.
         """
-        from tqdm.auto import tqdm
-
         datamodule = self.trainer.datamodule
         examples = datamodule.datasets["train"].examples
         digest = hashlib.sha256(f"{self.hparams.model}|{self.hparams.dtype}|{self.hparams.lora}".encode())
@@ -180,7 +179,7 @@ class SFTModule(L.LightningModule):
             losses = torch.load(path, map_location="cpu", weights_only=True)
             rank_zero_info(f"[flow] sequence losses of the initial model loaded from {path}")
         else:
-            losses = self._score_sequences(examples, tqdm)
+            losses = self._score_sequences(examples)
             if self.trainer.is_global_zero:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -190,28 +189,22 @@ class SFTModule(L.LightningModule):
         assert isinstance(strategy, FLOW)
         weights, tau = flow_weights(losses, strategy.tau)
         rank_zero_info(f"[flow] tau = {float(tau):.4f}, mean weight {float(weights.mean()):.4f} over {len(weights)} sequences")
-        self.flow_tau = float(tau)
         return weights
 
-    def _score_sequences(self, examples: list, tqdm: Any) -> torch.Tensor:
+    def _score_sequences(self, examples: list) -> torch.Tensor:
         rank, world = self.global_rank, self.trainer.world_size
         mine = list(range(rank, len(examples), world))
         size = self.trainer.datamodule.eval_batch_size
         pad_id = self.tokenizer.pad_token_id
-        was_training = self.training
-        self.eval()
         scored: list[tuple[int, float]] = []
-        for start in tqdm(range(0, len(mine), size), desc="flow: initial-model losses", disable=rank != 0):
-            chunk = mine[start:start + size]
-            batch = {k: v.to(self.device) for k, v in pad_examples([examples[i] for i in chunk], pad_id).items()}
-            nll, seq_index = self.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            rows = [examples[i].row_index for i in chunk]  # weights are looked up by row, not position
-            scored += zip(rows, sequence_mean_losses(nll, seq_index, len(chunk)).tolist())
-        self.train(was_training)
-        if world > 1:
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, scored)
-            scored = [pair for part in gathered for pair in part]
+        with eval_mode(self):
+            for start in tqdm(range(0, len(mine), size), desc="flow: initial-model losses", disable=rank != 0):
+                chunk = mine[start:start + size]
+                batch = {k: v.to(self.device) for k, v in pad_examples([examples[i] for i in chunk], pad_id).items()}
+                nll, seq_index = self.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                rows = [examples[i].row_index for i in chunk]  # weights are looked up by row, not position
+                scored += zip(rows, sequence_mean_losses(nll, seq_index, len(chunk)).tolist())
+        scored = [pair for part in all_gather_objects(scored) for pair in part]
         losses = torch.full((len(self.trainer.datamodule.rows("train")),), float("nan"))  # NaN: dropped row
         for index, loss in scored:
             losses[index] = loss
@@ -317,8 +310,8 @@ class SFTModule(L.LightningModule):
 
     def gradients_are_finite(self) -> bool:
         """One flag for all ranks: gradients are already averaged, so a NaN anywhere shows everywhere."""
-        flags = [torch.isfinite(p.grad).all() for p in self.net.parameters() if p.grad is not None]
-        return bool(torch.stack(flags).all()) if flags else True
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def skip_bad_step(self, batch_idx: int, weighted_sum: torch.Tensor) -> None:
         """Skip an optimizer step whose loss or gradients are not finite; stop after too many in a row."""
@@ -348,15 +341,10 @@ class SFTModule(L.LightningModule):
             self._eval_records.append((index, task.score(text, rows[index]), text))
 
     def _gather(self) -> tuple[list[tuple[int, Verdict, str]], float, int]:
-        records, (nll_sum, count) = self._eval_records, self._eval_nll
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (records, nll_sum, count))
-            records = [r for part in gathered for r in part[0]]
-            nll_sum, count = sum(p[1] for p in gathered), sum(p[2] for p in gathered)
-            # A distributed sampler pads with repeats: score each row once.
-            records = list({r[0]: r for r in records}.values())
-        return records, nll_sum, count
+        gathered = all_gather_objects((self._eval_records, *self._eval_nll))
+        # A distributed sampler pads with repeats: score each row once.
+        records = list({r[0]: r for part in gathered for r in part[0]}.values())
+        return records, sum(p[1] for p in gathered), sum(p[2] for p in gathered)
 
     def _eval_metrics(self, tag: str | None = None) -> dict[str, float]:
         """Metrics of the records collected since the last reset; resets them. `tag` names the
@@ -382,17 +370,13 @@ class SFTModule(L.LightningModule):
     def evaluate(self, split: str = "val", tag: str | None = None) -> dict[str, float]:
         """Score the current weights on a split outside Lightning's loops (for callbacks such as
         model averaging): target NLL plus generation accuracy, as validation computes them."""
-        was_training = self.training
-        self.eval()
         self._split, self._eval_records, self._eval_nll = split, [], [0.0, 0]
         datamodule = self.trainer.datamodule
         loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
-        try:
+        with eval_mode(self):
             for batch in loader:
                 self._eval_step(self.transfer_batch_to_device(batch, self.device, 0))
             return self._eval_metrics(tag)
-        finally:
-            self.train(was_training)
 
     def _write_generations(self, records: list[tuple[int, Verdict, str]], rows: list[dict], tag: str) -> None:
         """Every scored generation as JSONL beside the logs: what the model said, not just the score."""
@@ -480,6 +464,15 @@ class SFTModule(L.LightningModule):
         self.val_history = list(checkpoint.get("talr_val_history", []))
         self.bad_steps = int(checkpoint.get("talr_bad_steps", 0))
         self.flow_weights = checkpoint.get("talr_flow_weights", self.flow_weights)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """`obj` from every rank (a one-item list without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -81,10 +81,8 @@ def test_kl_wraps_talr_so_talr_plus_kl_is_a_config():
     assert isinstance(strategy.base, TALR) and strategy.base.w_min == 0.05 and strategy.uses_step_losses
     nll = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
     seq = torch.tensor([0, 1, 1])
-    same = torch.zeros(3, dtype=torch.float64)
     out = strategy(TokenBatch(nll, seq, 2, ref_nll=nll.clone()))  # reference == model: KL term 0
     assert out.total.item() == pytest.approx(TALR(w_min=0.05)(TokenBatch(nll, seq, 2)).total.item())
-    del same
     with pytest.raises(ValueError, match="base must be a token strategy"):
         build_loss("l2", {"base": "kl"})
 

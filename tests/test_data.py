@@ -67,8 +67,6 @@ def test_datamodule_counts_affected_rows_and_splits_deterministically(medcalc_ro
     stats = dm.stats
     assert stats["train/rows"] == 50 and stats["val/rows"] == 10
     # independent count: rows whose prompt + target exceed 900 tokens
-    tok = dm.tokenizer
-    end = turn_end_text(tok)
     over = sum(
         len(e.input_ids) == 900 for e in dm.datasets["train"].examples
     ) + stats["train/dropped"]
@@ -78,7 +76,6 @@ def test_datamodule_counts_affected_rows_and_splits_deterministically(medcalc_ro
     # same seed, same split; another seed, another split
     assert [r["Row Number"] for r in build(0).rows("val")] == [r["Row Number"] for r in dm.rows("val")]
     assert [r["Row Number"] for r in build(1).rows("val")] != [r["Row Number"] for r in dm.rows("val")]
-    del end
 
 
 def test_step_batches_carry_micro_batches_and_the_step_token_count(embedded_dir):

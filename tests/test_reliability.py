@@ -1,7 +1,6 @@
 """Numerical faults: a non-finite step is skipped and counted; too many in a row stop the run."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
