@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from talr.models import export_pretrained
+from talr.results import refuse_to_overwrite, resumes_its_own_run
 
 LM_PREFIX = "net.lm."
 
@@ -33,19 +34,33 @@ class HFExport(Callback):
         which: `best` exports the checkpoint ModelCheckpoint kept as best on its monitored metric
             (the paper's selection: best on the domain), `last` the weights at the end of training.
         merge_lora: merge LoRA adapters into a plain model (default), or save the adapters only.
+        overwrite: replace an earlier run's export in `dirpath` (otherwise the run stops at start).
     """
 
-    def __init__(self, dirpath: str | None = None, which: Literal["best", "last"] = "best", merge_lora: bool = True) -> None:
+    def __init__(self, dirpath: str | None = None, which: Literal["best", "last"] = "best", merge_lora: bool = True,
+                 overwrite: bool = False) -> None:
         if which not in ("best", "last"):
             raise ValueError(f"HFExport.which must be 'best' or 'last', got {which!r}")
         self.dirpath = dirpath
         self.which = which
         self.merge_lora = merge_lora
+        self.overwrite = overwrite
+        self._checked = False
         self.exported_to: Path | None = None
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def output_dir(self, trainer: L.Trainer) -> Path:
         # trainer.log_dir broadcasts from rank 0: every rank must ask for it
-        out = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "export"
+        return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "export"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # at the first setup, so before the CLI's validate-before-fit writes anything of this run
+        out = self.output_dir(trainer)
+        if not (self.overwrite or self._checked or resumes_its_own_run(trainer)):
+            refuse_to_overwrite([out], "HFExport.overwrite")
+        self._checked = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        out = self.output_dir(trainer)
         if not trainer.is_global_zero:
             return
         lm = pl_module.lm

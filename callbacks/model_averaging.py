@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.hf_export import lm_state_from_checkpoint
 from talr.models import export_pretrained, load_model
+from talr.results import refuse_to_overwrite, resumes_its_own_run, write_atomic
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -75,6 +74,7 @@ class WiSEFT(Callback):
             smaller alpha, which stays closer to the initial model and so forgets less.
         export: write the chosen alpha's model with `save_pretrained`.
         dirpath: output directory; default the trainer's log directory.
+        overwrite: replace the files of an earlier run in `dirpath` (otherwise the run stops at start).
     """
 
     def __init__(
@@ -84,6 +84,7 @@ class WiSEFT(Callback):
         select: Literal["accuracy", "loss"] = "accuracy",
         export: bool = True,
         dirpath: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         if not alphas:
             raise ValueError("WiSEFT.alphas needs at least one value")
@@ -99,6 +100,8 @@ class WiSEFT(Callback):
         self.select = select
         self.export = export
         self.dirpath = dirpath
+        self.overwrite = overwrite
+        self._checked = False
         self.results: list[dict[str, Any]] = []
         self.chosen_alpha: float | None = None
         self.exported_to: Path | None = None
@@ -111,6 +114,13 @@ class WiSEFT(Callback):
         _require_full_weights(pl_module)  # fail before training, not after it
         if self.select == "accuracy" and not pl_module.hparams.generate:
             raise ValueError("WiSEFT(select='accuracy') needs model.generate: true; or use select: loss")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # at the first setup, so before the CLI's validate-before-fit writes anything of this run
+        out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # every rank asks: a broadcast
+        if not (self.overwrite or self._checked or resumes_its_own_run(trainer)):
+            refuse_to_overwrite([out / "wiseft.json", out / "wiseft.png", out / "wiseft_export"], "WiSEFT.overwrite")
+        self._checked = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _require_full_weights(pl_module)
@@ -138,8 +148,8 @@ class WiSEFT(Callback):
             self.chosen_alpha = self._choose()["alpha"]
             if trainer.is_global_zero:  # evaluate() gathered the metrics: every rank has them
                 out.mkdir(parents=True, exist_ok=True)
-                _write_atomic(out / "wiseft.json", json.dumps(self.results, indent=2).encode())
-                _write_atomic(out / "wiseft.png", self._plot())
+                write_atomic(out / "wiseft.json", json.dumps(self.results, indent=2).encode())
+                write_atomic(out / "wiseft.png", self._plot())
                 self._log_tensorboard(trainer)
                 if self.export:
                     lm.load_state_dict(interpolate_state(theta0, theta, self.chosen_alpha))
@@ -219,16 +229,3 @@ class WiSEFT(Callback):
 def _require_full_weights(pl_module: L.LightningModule) -> None:
     if hasattr(pl_module.lm, "peft_config"):
         raise ValueError("WiSE-FT needs full fine-tuning weights to interpolate; this run trains a peft (LoRA) adapter")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

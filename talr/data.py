@@ -23,7 +23,7 @@ from talr.token_loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-Overlength = Literal["truncate", "drop"]
+Overlength = Literal["truncate", "drop", "error"]
 
 
 @dataclass
@@ -60,16 +60,26 @@ def prompt_text(tokenizer: Any, task: Task, row: Row) -> str:
 
 
 def encode_example(
-    tokenizer: Any, task: Task, row: Row, row_index: int, max_length: int, overlength: Overlength, end_text: str
+    tokenizer: Any, task: Task, row: Row, row_index: int, max_length: int, overlength: Overlength, end_text: str,
+    where: str | None = None,
 ) -> Example | None:
-    """Token ids and labels for one row; None when `overlength` drops it or nothing fits."""
+    """Token ids and labels for one row; None when `overlength` drops it or nothing fits.
+
+    `where` names the row in errors (default: its index)."""
+    where = where or f"{task.name}: row {row_index}"
     prompt_ids = tokenizer(prompt_text(tokenizer, task, row), add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(task.target(row) + end_text, add_special_tokens=False)["input_ids"]
     if not target_ids:
-        raise DataError(f"{task.name}: row {row_index} has an empty target")
+        raise DataError(f"{where} has an empty target")
     truncated = False
     if len(prompt_ids) + len(target_ids) > max_length:
         room = max_length - len(prompt_ids)
+        if overlength == "error":
+            raise DataError(
+                f"{where} is {len(prompt_ids) + len(target_ids)} tokens (prompt {len(prompt_ids)}, target "
+                f"{len(target_ids)}), longer than data.max_length={max_length}; raise max_length, or set "
+                "data.overlength to 'truncate' or 'drop'"
+            )
         if overlength == "drop" or room < 1:
             return None
         target_ids, truncated = target_ids[:room], True
@@ -225,7 +235,8 @@ class SFTDataModule(L.LightningDataModule):
         tokenizer: model name or path whose tokenizer and chat template to use (linked from the model).
         test_task: optional separate task for `talr test` (for example a held-out file).
         max_length: longest sequence in tokens; see `overlength`.
-        overlength: 'truncate' cuts the target's tail, 'drop' removes the row; both are counted and reported.
+        overlength: 'truncate' cuts the target's tail, 'drop' removes the row (both counted and
+            reported), 'error' stops before training naming the first such row.
         val_size: rows held out for validation (an int) or a fraction of the rows (a float < 1).
         batch_size: sequences per optimizer step on each device.
         micro_batch_size: sequences per forward pass; batch_size must be a multiple of it.
@@ -248,8 +259,8 @@ class SFTDataModule(L.LightningDataModule):
         group_by_length: bool = True,
     ) -> None:
         super().__init__()
-        if overlength not in ("truncate", "drop"):
-            raise ValueError(f"data.overlength must be 'truncate' or 'drop', got {overlength!r}")
+        if overlength not in ("truncate", "drop", "error"):
+            raise ValueError(f"data.overlength must be 'truncate', 'drop' or 'error', got {overlength!r}")
         if max_length < 2:
             raise ValueError(f"data.max_length must be at least 2, got {max_length}")
         if batch_size < 1 or micro_batch_size < 1 or batch_size % micro_batch_size:
@@ -273,6 +284,7 @@ class SFTDataModule(L.LightningDataModule):
         self.tokenizer: Any = None
         self.datasets: dict[str, ExampleDataset] = {}
         self.stats: dict[str, int] = {}
+        self.source_rows: dict[str, list[int]] = {}
 
     def split_rows(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         n_val = int(round(len(rows) * self.val_size)) if isinstance(self.val_size, float) else int(self.val_size)
@@ -282,13 +294,16 @@ class SFTDataModule(L.LightningDataModule):
         random.Random(self.seed).shuffle(order)
         val = sorted(order[:n_val])
         train = sorted(order[n_val:])
+        self.source_rows.update(train=train, val=val)  # to name a row of the source in errors
         return [rows[i] for i in train], [rows[i] for i in val]
 
     def encode(self, task: Task, rows: list[Row], split: str) -> ExampleDataset:
         end_text = turn_end_text(self.tokenizer)
         examples, dropped, truncated = [], 0, 0
         for i, row in enumerate(tqdm(rows, desc=f"tokenizing {task.name}/{split}", leave=False)):
-            ex = encode_example(self.tokenizer, task, row, i, self.max_length, self.overlength, end_text)
+            source = self.source_rows[split][i] if split in self.source_rows else i
+            where = f"{task.name}/{split}: row {source + 1} of the source"
+            ex = encode_example(self.tokenizer, task, row, i, self.max_length, self.overlength, end_text, where)
             if ex is None:
                 dropped += 1
                 continue

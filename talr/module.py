@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
@@ -28,6 +29,7 @@ from talr.generation import greedy_generate
 from talr.data import pad_examples
 from talr.losses import FLOW, Regularized, TokenBatch, build_loss, flow_weights
 from talr.models import TokenNLLModel, cache_dir, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype
+from talr.results import refuse_to_overwrite, resumes_its_own_run, write_atomic
 from talr.tasks.base import Verdict
 from talr.token_loss import sequence_mean_losses
 
@@ -47,6 +49,9 @@ class SFTModule(L.LightningModule):
         lora: peft LoRA adapters {r, alpha, dropout, target_modules}; only they train.
         anchor_device, anchor_dtype: where and how `l2` keeps theta_0 (`cpu` and/or `bfloat16`
             spare accelerator memory; the gradient term is computed in the parameters' dtype).
+        max_bad_steps: stop after this many optimizer steps in a row with a non-finite loss or gradient.
+        overwrite_results: let a new run replace the generation files an earlier run left in the
+            same log directory (a run resumed from its checkpoint may always rewrite its own).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class SFTModule(L.LightningModule):
         anchor_device: str = "same",
         anchor_dtype: str | None = None,
         max_bad_steps: int = 3,
+        overwrite_results: bool = False,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -96,8 +102,17 @@ class SFTModule(L.LightningModule):
         self.val_history: list[dict[str, float]] = []
         self._eval_records: list[tuple[int, Verdict, str]] = []
         self._eval_nll = [0.0, 0]  # summed NLL, target tokens
+        self._results_checked = False
 
     # -- model ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Checked once per process, before validate-before-fit writes this run's first file.
+        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
+        if self._results_checked or self.hparams.overwrite_results or resumes_its_own_run(self.trainer) or log_dir is None:
+            return
+        refuse_to_overwrite([Path(log_dir) / "generations"], "model.overwrite_results")
+        self._results_checked = True
+
     def configure_model(self) -> None:
         if self.net is not None:
             return
@@ -355,7 +370,13 @@ class SFTModule(L.LightningModule):
             records.sort(key=lambda r: r[0])
             rows = self.trainer.datamodule.rows(self._split)
             task = self.trainer.datamodule.task_for(self._split)
-            metrics.update(task.summarize([r[1] for r in records], [rows[r[0]] for r in records]))
+            verdicts, scored_rows = [r[1] for r in records], [rows[r[0]] for r in records]
+            metrics.update(task.summarize(verdicts, scored_rows))
+            # The task's figures (ESCI: confusion matrix) go to TensorBoard; drawn only when they can be logged.
+            logger = self.trainer.logger
+            if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+                for name, figure in task.figures(verdicts, scored_rows).items():
+                    logger.experiment.add_figure(f"{'val' if self._split == 'val' else 'test'}/{name}", figure, self.global_step)
             self._write_generations(records, rows, tag or f"{self._split}_step{self.global_step:06d}")
         self._eval_records, self._eval_nll = [], [0.0, 0]
         return metrics
@@ -383,12 +404,9 @@ class SFTModule(L.LightningModule):
         log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
         if self.trainer.sanity_checking or not self.trainer.is_global_zero or log_dir is None:
             return
-        out = Path(log_dir) / "generations" / f"{tag}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as f:
-            for index, verdict, text in records:
-                f.write(json.dumps({"row_index": index, "correct": verdict.correct, "parsed": verdict.parsed,
-                                    "answer": verdict.answer, "generation": text}) + "\n")
+        lines = [json.dumps({"row_index": index, "correct": verdict.correct, "parsed": verdict.parsed,
+                             "answer": verdict.answer, "generation": text}) + "\n" for index, verdict, text in records]
+        write_atomic(Path(log_dir) / "generations" / f"{tag}.jsonl", "".join(lines))
 
     def on_validation_epoch_start(self) -> None:
         self._split = "val"

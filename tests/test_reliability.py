@@ -1,6 +1,7 @@
 """Numerical faults: a non-finite step is skipped and counted; too many in a row stop the run."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -126,51 +127,143 @@ def test_fit_uses_atomic_checkpoints_and_rejects_a_checkpoint_of_another_model(t
         trainer.validate(module, datamodule=data, ckpt_path=str(ckpt))
 
 
-def run_talr(args):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+def run_talr(args, **env):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), **env}
     return subprocess.run([str(Path(sys.executable).with_name("talr")), *args], capture_output=True, text=True,
                           env=env, timeout=600)
 
 
-def test_resuming_from_a_mid_epoch_checkpoint_gives_bitwise_the_same_weights(tiny_model_dir, tmp_path):
-    """Resume from a checkpoint written 2 batches into the second epoch; the run must see the same
-    batches in the same order, and end with the same weights, optimizer and schedule."""
+def resume_config(root: Path, name: str) -> list[str]:
+    """`talr fit` on 24 training rows, 6 steps an epoch, 2 epochs; a checkpoint every 2 steps.
 
-    def config(name):
-        # a standalone config: list-valued keys such as callbacks merge item by item across --config files
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({
-            "seed_everything": 0,
-            "validate_before_fit": False,
-            "trainer": {"max_epochs": 2, "limit_val_batches": 0, "logger": False, "accelerator": "cpu",
-                        "default_root_dir": str(tmp_path / name), "enable_progress_bar": False,
-                        "callbacks": [
-                            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                             "init_args": {"dirpath": str(tmp_path / name), "every_n_train_steps": 2,
-                                           "save_top_k": -1, "save_last": True}},
-                            {"class_path": "resume_helpers.PrintRows"}]},
-            "model": {"model": str(tiny_model_dir), "loss": "talr", "learning_rate": 1e-3, "generate": False},
-            "data": {"task": {"class_path": "talr.tasks.MedCalc",
-                              "init_args": {"source": "synthetic", "num_synthetic": 28}},
-                     "val_size": 4, "batch_size": 4, "micro_batch_size": 2},  # 6 steps an epoch, 12 in all
-        }))
-        return ["fit", "--config", str(path)]
+    A standalone config: list-valued keys such as callbacks merge item by item across --config files.
+    """
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "validate_before_fit": False,
+        "trainer": {"max_epochs": 2, "limit_val_batches": 0, "accelerator": "cpu", "enable_progress_bar": False,
+                    "default_root_dir": str(root / name),
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(root / name), "name": "tb"}},
+                    "callbacks": [
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True}},
+                        {"class_path": "resume_helpers.PrintRows"},
+                        {"class_path": "resume_helpers.KillSwitch"}]},
+        "model": {"model": str(root.parent / "tiny"), "loss": "talr", "learning_rate": 1e-3, "generate": False},
+        "data": {"task": {"class_path": "talr.tasks.MedCalc", "init_args": {"source": "synthetic", "num_synthetic": 28}},
+                 "val_size": 4, "batch_size": 4, "micro_batch_size": 2},
+    }))
+    return ["fit", "--config", str(path)]
 
-    clean = run_talr(config("clean"))
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    mid_epoch = tmp_path / "clean" / "epoch=1-step=8.ckpt"
-    resumed = run_talr([*config("resumed"), "--ckpt_path", str(mid_epoch)])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "not resumable" not in resumed.stdout + resumed.stderr
 
-    clean_rows = [line for line in clean.stdout.splitlines() if line.startswith("ROWS")]
-    resumed_rows = [line for line in resumed.stdout.splitlines() if line.startswith("ROWS")]
-    assert len(clean_rows) == 12 and resumed_rows == clean_rows[8:]
-    a = torch.load(tmp_path / "clean" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
+def rows_trained(result) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith("ROWS")]
+
+
+def checkpoints(run: Path) -> Path:
+    (directory,) = run.glob("tb/version_*/checkpoints")
+    return directory
+
+
+def assert_same_final_state(a_path: Path, b_path: Path) -> None:
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
     assert a["global_step"] == b["global_step"] == 12
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        assert torch.equal(state_a["exp_avg"], state_b["exp_avg"])
+        assert torch.equal(state_a["exp_avg"], state_b["exp_avg"]) and torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
     assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+@pytest.fixture(scope="module")
+def resume_root(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume") / "runs"
+    root.mkdir()
+    (root.parent / "tiny").symlink_to(tiny_model_dir)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_run(resume_root):
+    result = run_talr(resume_config(resume_root, "clean"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(rows_trained(result)) == 12
+    return result, checkpoints(resume_root / "clean")
+
+
+def test_resuming_from_a_mid_epoch_checkpoint_gives_bitwise_the_same_weights(resume_root, clean_run):
+    """Resume from a checkpoint written 2 batches into the second epoch; the run must see the same
+    batches in the same order, and end with the same weights, optimizer and schedule."""
+    clean, clean_dir = clean_run
+    resumed = run_talr([*resume_config(resume_root, "mid-epoch"), "--ckpt_path", str(clean_dir / "epoch=1-step=8.ckpt")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stdout + resumed.stderr
+    assert rows_trained(resumed) == rows_trained(clean)[8:]
+    assert_same_final_state(clean_dir / "last.ckpt", checkpoints(resume_root / "mid-epoch") / "last.ckpt")
+
+
+@pytest.mark.parametrize("kill, resumes_at", [
+    ({"TALR_TEST_KILL_AT_STEP": "5"}, 4),  # between steps: the step-4 checkpoint is the newest
+    # the 4th write is step 4's last.ckpt (after epoch=0-step=4.ckpt): step 2's last.ckpt must survive
+    ({"TALR_TEST_KILL_IN_WRITE": "4"}, 2),
+], ids=["between-steps", "during-checkpoint-write"])
+def test_a_killed_run_resumes_with_ckpt_path_last_to_the_same_weights(resume_root, clean_run, kill, resumes_at):
+    clean, clean_dir = clean_run
+    name = "killed-" + next(iter(kill)).lower()
+    killed = run_talr(resume_config(resume_root, name), **kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = checkpoints(resume_root / name)
+    if "TALR_TEST_KILL_IN_WRITE" in kill:
+        assert [p.name for p in run_dir.glob(".last.ckpt.tmp*")], "the interrupted write should have left its temporary file"
+    assert torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"] == resumes_at
+
+    # the same command again, with --ckpt_path last: Lightning alone would look in a new logger version
+    resumed = run_talr([*resume_config(resume_root, name), "--ckpt_path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming the run in {resume_root / name}/tb/version_0" in resumed.stdout + resumed.stderr
+    assert rows_trained(resumed) == rows_trained(clean)[resumes_at:]
+    assert sorted(p.name for p in (resume_root / name / "tb").iterdir()) == ["version_0"]  # logs continue in place
+    assert_same_final_state(clean_dir / "last.ckpt", run_dir / "last.ckpt")
+
+
+def test_a_checkpoint_carrying_pickled_code_is_refused(resume_root, tmp_path):
+    """Checkpoints are loaded with weights_only=True: a pickle that would run code on load is rejected."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": RunsCodeOnUnpickle(str(marker))}, evil)
+    result = run_talr([*resume_config(resume_root, "evil"), "--ckpt_path", str(evil)])
+    assert result.returncode != 0
+    assert "Weights only load failed" in result.stderr
+    assert not marker.exists()
+
+
+class RunsCodeOnUnpickle:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_results_of_an_earlier_run_are_never_overwritten_without_the_flag(tiny_model_dir, tmp_path):
+    pinned = ["--trainer.logger.init_args.version", "0", "--model.loss", "ce", "--trainer.max_steps", "1",
+              "--model.generate", "true", "--model.max_new_tokens", "2", "--validate_before_fit", "true"]
+    first = fit(tiny_model_dir, tmp_path, *pinned)
+    log_dir = Path(first.trainer.log_dir)
+    generations = sorted((log_dir / "generations").iterdir())
+    export = log_dir / "export" / "model.safetensors"
+    before = {p: p.read_bytes() for p in [*generations, export]}
+    mtimes = {p: p.stat().st_mtime_ns for p in before}
+
+    with pytest.raises(FileExistsError, match=r"export already hold.*HFExport.overwrite: true"):
+        fit(tiny_model_dir, tmp_path, *pinned)
+    with pytest.raises(FileExistsError, match=r"generations already hold.*model.overwrite_results: true"):
+        fit(tiny_model_dir, tmp_path, *pinned, "--trainer.callbacks.init_args.overwrite", "true")
+    assert {p: p.read_bytes() for p in before} == before
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # both refusals came before any write
+
+    fit(tiny_model_dir, tmp_path, *pinned, "--model.overwrite_results", "true",
+        "--trainer.callbacks.init_args.overwrite", "true")
+    assert export.is_file() and sorted((log_dir / "generations").iterdir()) == generations

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import io
+import json
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # only for the figures() annotation; matplotlib loads where a task draws
+    from matplotlib.figure import Figure
 
 Row = dict[str, Any]
 Message = dict[str, str]
@@ -58,6 +64,13 @@ class Task(ABC):
         """Named groupings for per-group accuracy (for example category, calculator)."""
         return {}
 
+    def figures(self, verdicts: Sequence[Verdict], rows: Sequence[Row]) -> dict[str, Figure]:
+        """Optional plots of an evaluation (for example a confusion matrix), by name.
+
+        The module logs each one to TensorBoard as `<val|test>/<name>`; none by default.
+        """
+        return {}
+
     def summarize(self, verdicts: Sequence[Verdict], rows: Sequence[Row]) -> dict[str, float]:
         """Overall accuracy, the count of unparseable answers, and accuracy per group."""
         if len(verdicts) != len(rows):
@@ -75,3 +88,52 @@ class Task(ABC):
         for key, hits in sorted(groups.items()):
             out[key] = sum(hits) / len(hits)
         return out
+
+
+# Added for the ESCI and math tasks (any task whose files are plain tables may use it).
+def read_records(path: str | Path) -> list[Row]:
+    """Rows of a UTF-8 CSV, JSONL, JSON (a list of objects) or Parquet file, values as loaded.
+
+    CSV cells stay strings (empty cells are ""); JSON values keep their JSON types.
+    Raises DataError naming the file, and the line for JSONL.
+    """
+    import pandas as pd  # lazy: only tasks that read files pay for it
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path).to_dict("records")
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 at byte offset {err.start} ({err.reason})") from err
+    except (OSError, ValueError) as err:  # missing, a directory, a broken parquet file
+        raise DataError(f"{path}: cannot read: {err}") from err
+    if suffix == ".csv":
+        try:
+            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise DataError(f"{path}: malformed CSV: {err}") from err
+        return frame.fillna("").to_dict("records")  # short rows leave NaN even without default NAs
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: invalid JSON: {err.msg}") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        return data
+    raise DataError(f"{path}: unknown file type {suffix!r} (expected .csv, .jsonl, .json or .parquet)")
