@@ -176,9 +176,10 @@ class TokenNLLModel(nn.Module):
     module's forward lets FSDP gather the lm-head weight where it is used.
     """
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, chunk_size: int | None = None) -> None:
         super().__init__()
         self.lm = lm
+        self.chunk_size = chunk_size  # target tokens per vocabulary projection; None: all at once
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, return_logits: bool = False
@@ -188,7 +189,7 @@ class TokenNLLModel(nn.Module):
         softcap = getattr(self.lm.config, "final_logit_softcapping", None)
         return target_token_nll(
             hidden.last_hidden_state, head.weight, labels, bias=getattr(head, "bias", None),
-            logit_softcap=softcap, return_logits=return_logits,
+            logit_softcap=softcap, return_logits=return_logits, chunk_size=self.chunk_size,
         )
 
 

@@ -50,6 +50,9 @@ class SFTModule(L.LightningModule):
         anchor_device, anchor_dtype: where and how `l2` keeps theta_0 (`cpu` and/or `bfloat16`
             spare accelerator memory; the gradient term is computed in the parameters' dtype).
         max_bad_steps: stop after this many optimizer steps in a row with a non-finite loss or gradient.
+        loss_chunk_size: project this many target tokens onto the vocabulary at a time, forward and
+            backward, instead of all at once (same loss and gradients; far less memory for long
+            targets and large vocabularies). Any strategy that does not need full logits.
         overwrite_results: let a new run replace the generation files an earlier run left in the
             same log directory (a run resumed from its checkpoint may always rewrite its own).
     """
@@ -75,6 +78,7 @@ class SFTModule(L.LightningModule):
         anchor_dtype: str | None = None,
         max_bad_steps: int = 3,
         overwrite_results: bool = False,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -90,6 +94,10 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.loss_fn = build_loss(loss, loss_options)  # fails before any model is loaded
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}")
+        if loss_chunk_size and self.loss_fn.needs_logits:
+            raise ValueError(f"model.loss_chunk_size: loss {loss!r} with these options needs full logits; unset the chunk size")
         self.net: TokenNLLModel | None = None
         self.tokenizer: Any = None
         # Kept out of the module tree (not in checkpoints or the optimizer): both are the initial
@@ -119,10 +127,10 @@ class SFTModule(L.LightningModule):
         hp = self.hparams
         lm = load_model(hp.model, hp.dtype, hp.gradient_checkpointing, hp.trust_remote_code, hp.attn_implementation, hp.lora)
         if self.loss_fn.needs_reference and not is_peft(lm):
-            reference = TokenNLLModel(copy.deepcopy(lm)).eval().requires_grad_(False)
+            reference = TokenNLLModel(copy.deepcopy(lm), hp.loss_chunk_size).eval().requires_grad_(False)
             self._reference = [reference]
         lm.train()  # from_pretrained returns eval mode; dropout-bearing models must train in train mode
-        self.net = TokenNLLModel(lm)
+        self.net = TokenNLLModel(lm, hp.loss_chunk_size)
         if self.loss_fn.anchored:
             device = "cpu" if hp.anchor_device == "cpu" else None
             dtype = resolve_dtype(hp.anchor_dtype) if hp.anchor_dtype else None

@@ -2,6 +2,8 @@
 
 Only positions whose next-token label is a target are projected onto the vocabulary: on MedCalc
 most tokens are prompt, so this skips most of the largest matmul and the full logits tensor.
+With `chunk_size`, even the target positions' logits exist one chunk at a time (see
+`ChunkedLinearNLL`), for long targets and large vocabularies.
 """
 
 from __future__ import annotations
@@ -30,20 +32,96 @@ def target_token_nll(
     bias: torch.Tensor | None = None,
     logit_softcap: float | None = None,
     return_logits: bool = False,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NLL of every target token, in float32, and the batch row each token belongs to.
 
     hidden: [B, T, H] final hidden states; head_weight: [V, H]; labels: [B, T] with IGNORE_INDEX
     outside targets (labels are the input ids, unshifted). Returns (nll [N], seq_index [N]), plus
-    the float32 logits at target positions [N, V] when `return_logits`.
+    the float32 logits at target positions [N, V] when `return_logits`. `chunk_size` bounds the
+    logits held at once to [chunk_size, V] (forward and backward); it cannot return logits.
     """
     mask, targets = shift_targets(labels)
     seq_index = mask.nonzero(as_tuple=True)[0]
-    logits = F.linear(hidden[mask], head_weight, bias).float()
+    if chunk_size:
+        if return_logits:
+            raise ValueError("the chunked loss never holds all logits; this strategy needs them (set no chunk size)")
+        return ChunkedLinearNLL.apply(hidden[mask], head_weight, bias, targets, chunk_size, logit_softcap), seq_index
+    logits = _at_least_float32(F.linear(hidden[mask], head_weight, bias))
     if logit_softcap:  # Gemma-style final logit soft-capping, as the model's own forward does
         logits = torch.tanh(logits / logit_softcap) * logit_softcap
     nll = F.cross_entropy(logits, targets, reduction="none")
     return (nll, seq_index, logits) if return_logits else (nll, seq_index)
+
+
+class ChunkedLinearNLL(torch.autograd.Function):
+    """Per-token NLL of `hidden @ weight.T + bias` without the [N, V] logits tensor.
+
+    Forward keeps only each token's log-sum-exp; backward recomputes one chunk of logits at a time.
+    The output is the per-token NLL vector, so any weighting computed from it (TALR's exp(-l/tau),
+    DFT's p, FLOW's sequence weights: all detached) reaches backward as the incoming gradient: the
+    weights need every loss first, and the forward pass has them all before backward starts.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap):  # noqa: D102 (autograd API)
+        nll = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        lse = torch.empty_like(nll)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _chunk_logits(hidden[rows], weight, bias, softcap)[0]
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            nll[rows] = lse[rows] - logits.gather(1, targets[rows, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.softcap = chunk_size, softcap
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):  # noqa: D102
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # float32 accumulators: summing chunk products in bfloat16 would round at every chunk
+        work = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=work, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=work, device=bias.device) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits, capped = _chunk_logits(hidden[rows], weight, bias, ctx.softcap)
+            # d nll / d logits = softmax - onehot(target), times the incoming per-token gradient
+            grad = torch.exp(logits - lse[rows, None])
+            grad[torch.arange(grad.shape[0], device=grad.device), targets[rows]] -= 1.0
+            grad *= grad_nll[rows, None].to(grad.dtype)
+            if capped is not None:  # through cap * tanh(x / cap)
+                grad *= 1.0 - capped * capped
+            grad = grad.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[rows] = grad @ weight
+            if need_weight:
+                grad_weight.addmm_(grad.t().to(work), hidden[rows].to(work))
+            if need_bias:
+                grad_bias += grad.to(work).sum(0)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if need_weight else None,
+            grad_bias.to(bias.dtype) if need_bias else None,
+            None, None, None,
+        )
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits of a chunk in at least float32 (as the unchunked path computes them), and tanh(x / cap)."""
+    logits = _at_least_float32(F.linear(hidden, weight, bias))
+    if not softcap:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def sequence_mean_losses(nll: torch.Tensor, seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:

@@ -32,9 +32,10 @@ def make_data(model_dir, micro_batch_size, batch_size=4):
                          batch_size=batch_size, micro_batch_size=micro_batch_size, seed=0)
 
 
-def first_step_gradients(model_dir, loss, micro_batch_size):
+def first_step_gradients(model_dir, loss, micro_batch_size, loss_chunk_size=None):
     torch.manual_seed(0)
-    module = SFTModule(model=str(model_dir), loss=loss, learning_rate=1e-3, generate=False, gradient_clip_val=None)
+    module = SFTModule(model=str(model_dir), loss=loss, learning_rate=1e-3, generate=False, gradient_clip_val=None,
+                       loss_chunk_size=loss_chunk_size)
     recorder = GradientRecorder()
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[recorder])
@@ -67,11 +68,12 @@ def reference_gradients(model_dir, loss):
 @pytest.mark.parametrize("loss", ["ce", "talr"])
 def test_accumulation_gives_the_one_large_batch_gradient(tiny_model_dir, loss):
     reference = reference_gradients(tiny_model_dir, loss)
-    for micro in (4, 2, 1):
-        grads = first_step_gradients(tiny_model_dir, loss, micro)
+    # micro-batches of 4, 2 and 1 rows; and the chunked vocabulary projection (37 target tokens at a time)
+    for micro, chunk in ((4, None), (2, None), (1, None), (2, 37)):
+        grads = first_step_gradients(tiny_model_dir, loss, micro, chunk)
         assert set(grads) == set(reference)
         for name, ref in reference.items():
-            torch.testing.assert_close(grads[name], ref, rtol=2e-4, atol=2e-7, msg=f"{loss} micro={micro} {name}")
+            torch.testing.assert_close(grads[name], ref, rtol=2e-4, atol=2e-7, msg=f"{loss} micro={micro} chunk={chunk} {name}")
 
 
 def test_warmup_cosine_starts_above_zero_and_ends_at_zero():
@@ -91,3 +93,7 @@ def test_bad_module_options_fail_before_loading_a_model():
         SFTModule(model="/nonexistent", loss="focal")
     with pytest.raises(ValueError, match="no option.*temperature"):
         SFTModule(model="/nonexistent", loss="talr", loss_options={"temperature": 1.0})
+    with pytest.raises(ValueError, match="needs full logits"):
+        SFTModule(model="/nonexistent", loss="kl", loss_options={"estimator": "exact"}, loss_chunk_size=512)
+    with pytest.raises(ValueError, match="loss_chunk_size must be a positive"):
+        SFTModule(model="/nonexistent", loss_chunk_size=0)
