@@ -80,10 +80,10 @@ EXTRA_COMMANDS = {"cot": "talr.cot:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in EXTRA_COMMANDS:
-        module, function = EXTRA_COMMANDS[argv[0]].split(":")
-        sys.exit(getattr(importlib.import_module(module), function)(argv[1:]))
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in EXTRA_COMMANDS:
+        module, function = EXTRA_COMMANDS[args[0]].split(":")
+        sys.exit(getattr(importlib.import_module(module), function)(args[1:]))
     build_cli(argv)
 
 

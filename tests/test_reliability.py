@@ -267,3 +267,23 @@ def test_results_of_an_earlier_run_are_never_overwritten_without_the_flag(tiny_m
     fit(tiny_model_dir, tmp_path, *pinned, "--model.overwrite_results", "true",
         "--trainer.callbacks.init_args.overwrite", "true")
     assert export.is_file() and sorted((log_dir / "generations").iterdir()) == generations
+    assert not [p for p in export.parent.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
+
+
+def test_no_eval_or_exec_anywhere_and_remote_code_is_off_by_default():
+    """Model text is parsed, never evaluated; only the opt-in sandbox subprocess runs model code."""
+    import ast
+    import inspect
+
+    from talr.models import load_model, load_tokenizer
+    from talr.module import SFTModule
+
+    sources = [*REPO.glob("talr/**/*.py"), *REPO.glob("callbacks/**/*.py"), REPO / "cli.py"]
+    calls = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
+                calls.append(f"{path.relative_to(REPO)}:{node.lineno} {node.func.id}()")
+    assert len(sources) > 10 and calls == []
+    for function in (SFTModule.__init__, load_model, load_tokenizer):
+        assert inspect.signature(function).parameters["trust_remote_code"].default is False

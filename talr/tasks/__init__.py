@@ -1,6 +1,8 @@
 """Domains: each file is one task (reader, prompt, target, scorer)."""
 
 from talr.tasks.base import DataError, Task, Verdict
+from talr.tasks.esci import ESCI
+from talr.tasks.math import GSM8K, MetaMathQA
 from talr.tasks.medcalc import MedCalc
 
-__all__ = ["DataError", "MedCalc", "Task", "Verdict"]
+__all__ = ["DataError", "ESCI", "GSM8K", "MedCalc", "MetaMathQA", "Task", "Verdict"]
