@@ -114,13 +114,17 @@ class WiSEFT(Callback):
         _require_full_weights(pl_module)  # fail before training, not after it
         if self.select == "accuracy" and not pl_module.hparams.generate:
             raise ValueError("WiSEFT(select='accuracy') needs model.generate: true; or use select: loss")
+        self._refuse_earlier_results(trainer)  # trainer.ckpt_path is known from here on
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # at the first setup, so before the CLI's validate-before-fit writes anything of this run
+        if stage != "fit":  # the CLI's validate-before-fit: before this run writes anything
+            self._refuse_earlier_results(trainer)
+
+    def _refuse_earlier_results(self, trainer: L.Trainer) -> None:
         out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # every rank asks: a broadcast
         if not (self.overwrite or self._checked or resumes_its_own_run(trainer)):
             refuse_to_overwrite([out / "wiseft.json", out / "wiseft.png", out / "wiseft_export"], "WiSEFT.overwrite")
-        self._checked = True
+            self._checked = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _require_full_weights(pl_module)

@@ -264,6 +264,12 @@ def test_results_of_an_earlier_run_are_never_overwritten_without_the_flag(tiny_m
     assert {p: p.read_bytes() for p in before} == before
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # both refusals came before any write
 
+    # the same run resumed from its own checkpoint may rewrite its files, with no flag
+    # (the first run ended its epoch at max_steps, so the resumed one goes into a second epoch)
+    resumed = fit(tiny_model_dir, tmp_path, *pinned, "--trainer.max_steps", "2", "--trainer.max_epochs", "2",
+                  "--ckpt_path", "last")
+    assert resumed.trainer.global_step == 2 and export.read_bytes() != before[export]
+
     fit(tiny_model_dir, tmp_path, *pinned, "--model.overwrite_results", "true",
         "--trainer.callbacks.init_args.overwrite", "true")
     assert export.is_file() and sorted((log_dir / "generations").iterdir()) == generations
