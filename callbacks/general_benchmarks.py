@@ -25,14 +25,13 @@ from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.hf_export import lm_state_from_checkpoint
 from talr import lm_eval_tasks
 from talr.models import eval_mode, is_peft, load_model
-from talr.results import refuse_to_overwrite, resumes_its_own_run, write_atomic
+from talr.results import GuardsResults, write_atomic
 
 # The number each benchmark reports in the paper (lm-eval's key: "<metric>,<filter>").
 PRIMARY_METRICS: dict[str, str] = {
@@ -120,7 +119,7 @@ def _is_score(key: str) -> bool:
     return "_stderr" not in key and key != "sample_len"
 
 
-class GeneralBenchmarks(Callback):
+class GeneralBenchmarks(GuardsResults):
     """lm-eval general benchmarks on the model being fine-tuned, and the paper's general score.
 
     When (each an "event"): before training (the initial model: the baseline), every
@@ -285,6 +284,7 @@ class GeneralBenchmarks(Callback):
 
     # -- hooks, in lifecycle order -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != TrainerFn.FITTING:
             return
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -295,15 +295,10 @@ class GeneralBenchmarks(Callback):
                 f"{type(trainer.strategy).__name__} shards it. Use DDP, or evaluate the exported model with lm_eval"
             )
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Here, not in setup: Lightning sets trainer.ckpt_path (a resumed run, which continues its
-        # own files) only after the setup hooks.
+    def result_paths(self, trainer: L.Trainer) -> list[Path]:
         out = self.output_dir(trainer)
-        if self.overwrite or resumes_its_own_run(trainer):
-            return
         existing = sorted(str(p) for p in out.glob("*.json") if RESULT_FILE.match(p.name)) if trainer.is_global_zero else []
-        # rank zero's view for every rank, so that all of them stop together
-        refuse_to_overwrite(trainer.strategy.broadcast(existing, src=0), "GeneralBenchmarks.overwrite")
+        return [Path(p) for p in trainer.strategy.broadcast(existing, src=0)]  # every rank stops together
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_start rather than on_fit_start: some strategies restore callback state after

@@ -17,13 +17,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.hf_export import lm_state_from_checkpoint
 from talr.models import export_pretrained, load_model
-from talr.results import refuse_to_overwrite, resumes_its_own_run, write_atomic
+from talr.results import GuardsResults, write_atomic
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -58,7 +57,7 @@ def interpolate_state(
     return out
 
 
-class WiSEFT(Callback):
+class WiSEFT(GuardsResults):
     """At fit end, score theta(alpha) for each alpha on the validation split and export the best.
 
     Writes `wiseft.json` (alpha and metrics per point), `wiseft.png` (accuracy and target NLL vs
@@ -101,7 +100,6 @@ class WiSEFT(Callback):
         self.export = export
         self.dirpath = dirpath
         self.overwrite = overwrite
-        self._checked = False
         self.results: list[dict[str, Any]] = []
         self.chosen_alpha: float | None = None
         self.exported_to: Path | None = None
@@ -114,17 +112,11 @@ class WiSEFT(Callback):
         _require_full_weights(pl_module)  # fail before training, not after it
         if self.select == "accuracy" and not pl_module.hparams.generate:
             raise ValueError("WiSEFT(select='accuracy') needs model.generate: true; or use select: loss")
-        self._refuse_earlier_results(trainer)  # trainer.ckpt_path is known from here on
+        super().on_fit_start(trainer, pl_module)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":  # the CLI's validate-before-fit: before this run writes anything
-            self._refuse_earlier_results(trainer)
-
-    def _refuse_earlier_results(self, trainer: L.Trainer) -> None:
-        out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # every rank asks: a broadcast
-        if not (self.overwrite or self._checked or resumes_its_own_run(trainer)):
-            refuse_to_overwrite([out / "wiseft.json", out / "wiseft.png", out / "wiseft_export"], "WiSEFT.overwrite")
-            self._checked = True
+    def result_paths(self, trainer: L.Trainer) -> list[Path]:
+        out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        return [out / "wiseft.json", out / "wiseft.png", out / "wiseft_export"]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _require_full_weights(pl_module)

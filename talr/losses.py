@@ -76,7 +76,10 @@ def build_loss(name: str, options: dict[str, Any] | None = None) -> LossStrategy
         raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}")
     cls = LOSSES[name]
     options = dict(options or {})
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = {
+        n for n, p in inspect.signature(cls.__init__).parameters.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(
@@ -267,7 +270,9 @@ class L2Anchor(Regularized):
         squared = torch.zeros((), dtype=torch.float64)
         for p, anchor in zip(params, anchors):
             diff = p.detach() - anchor.to(device=p.device, dtype=p.dtype)
-            squared += diff.double().pow(2).sum().cpu()
+            part = diff.double().pow(2).sum()
+            # a sharded (FSDP2) parameter's sum is a partial DTensor: reduce it over the ranks
+            squared += (part.full_tensor() if hasattr(part, "full_tensor") else part).cpu()
             if p.grad is None:
                 p.grad = coef * diff
             else:

@@ -192,11 +192,20 @@ class TokenNLLModel(nn.Module):
             logit_softcap=softcap, return_logits=return_logits, chunk_size=self.chunk_size,
         )
 
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """`lm.generate`; a method of this module so that FSDP2 can gather the root's weights for it."""
+        return self.lm.generate(*args, **kwargs)
 
-def export_pretrained(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = True) -> Path:
+
+def export_pretrained(
+    model: nn.Module, tokenizer: Any, out_dir: str | Path, merge_lora: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a Hugging Face model directory (safetensors) atomically: staging dir, then rename.
 
     A LoRA model is merged into a plain model first (`merge_lora`), or saved as adapters only.
+    `state_dict` (full tensors) replaces the model's own weights, for a model whose live
+    parameters are shards (FSDP2).
     """
     if is_peft(model) and merge_lora:
         model = copy.deepcopy(model).merge_and_unload()
@@ -204,7 +213,7 @@ def export_pretrained(model: nn.Module, tokenizer: Any, out_dir: str | Path, mer
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if out.exists():
             backup = out.with_name(out.name + ".old")

@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
@@ -55,6 +56,9 @@ class SFTModule(L.LightningModule):
             targets and large vocabularies). Any strategy that does not need full logits.
         overwrite_results: let a new run replace the generation files an earlier run left in the
             same log directory (a run resumed from its checkpoint may always rewrite its own).
+        fsdp_param_dtype: under FSDP2 (ModelParallelStrategy), compute in this dtype (`bfloat16`)
+            while keeping float32 sharded weights and reducing gradients in float32; None: the
+            weights' own dtype.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class SFTModule(L.LightningModule):
         max_bad_steps: int = 3,
         overwrite_results: bool = False,
         loss_chunk_size: int | None = None,
+        fsdp_param_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -89,6 +94,8 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
         if max_bad_steps < 1:
             raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
+        if fsdp_param_dtype is not None:
+            resolve_dtype(fsdp_param_dtype)  # fails before any model is loaded
         if anchor_device not in ("same", "cpu"):
             raise ValueError(f"model.anchor_device must be 'same' or 'cpu', got {anchor_device!r}")
         self.save_hyperparameters()
@@ -114,7 +121,11 @@ class SFTModule(L.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # Checked once per process, before validate-before-fit writes this run's first file.
+        if stage != "fit":  # validate-before-fit, validate, test: check before their first write
+            self.refuse_earlier_results()
+
+    def refuse_earlier_results(self) -> None:
+        """Stop a new run that would write over an earlier run's generation files (checked once)."""
         log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
         if self._results_checked or self.hparams.overwrite_results or resumes_its_own_run(self.trainer) or log_dir is None:
             return
@@ -131,6 +142,10 @@ class SFTModule(L.LightningModule):
             self._reference = [reference]
         lm.train()  # from_pretrained returns eval mode; dropout-bearing models must train in train mode
         self.net = TokenNLLModel(lm, hp.loss_chunk_size)
+        if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
+            # Before the anchors are copied, so that L2's theta_0 is sharded like the weights.
+            dtype = resolve_dtype(hp.fsdp_param_dtype) if hp.fsdp_param_dtype else None
+            shard_fsdp2(self.net, self._device_mesh["data_parallel"], dtype)
         if self.loss_fn.anchored:
             device = "cpu" if hp.anchor_device == "cpu" else None
             dtype = resolve_dtype(hp.anchor_dtype) if hp.anchor_dtype else None
@@ -182,6 +197,7 @@ class SFTModule(L.LightningModule):
 
     # -- FLOW's pre-pass ---------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self.refuse_earlier_results()  # trainer.ckpt_path is known from here on: a resumed run keeps its files
         if self.loss_fn.needs_sequence_weights and self.flow_weights is None:  # a resumed run has them
             self.flow_weights = self.sequence_weight_prepass()
 
@@ -334,7 +350,12 @@ class SFTModule(L.LightningModule):
     def gradients_are_finite(self) -> bool:
         """One flag for all ranks: gradients are already averaged, so a NaN anywhere shows everywhere."""
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not grads:
+            return True
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # FSDP2: each rank holds a shard; the norm of the whole
+            norm = norm.full_tensor()
+        return bool(torch.isfinite(norm))
 
     def skip_bad_step(self, batch_idx: int, weighted_sum: torch.Tensor) -> None:
         """Skip an optimizer step whose loss or gradients are not finite; stop after too many in a row."""
@@ -357,7 +378,8 @@ class SFTModule(L.LightningModule):
         self._eval_nll[1] += int(nll.numel())
         if not self.hparams.generate:
             return
-        texts = greedy_generate(self.lm, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.hparams.max_new_tokens)
+        # Through the net: under FSDP2 its root hooks gather the embeddings and head for generate().
+        texts = greedy_generate(self.net, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.hparams.max_new_tokens)
         rows = self.trainer.datamodule.rows(self._split)
         task = self.trainer.datamodule.task_for(self._split)
         for index, text in zip(batch["row_index"].tolist(), texts):
@@ -464,7 +486,8 @@ class SFTModule(L.LightningModule):
 
     def check_checkpoint_matches(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model before any weight is touched, naming both."""
-        if self.net is None:
+        # A sharded checkpoint (FSDP2) has no "state_dict" here: the strategy loaded it already, strictly.
+        if self.net is None or "state_dict" not in checkpoint:
             return
         mine = self.state_dict()
         theirs = checkpoint.get("state_dict", {})
@@ -490,6 +513,27 @@ class SFTModule(L.LightningModule):
         self.val_history = list(checkpoint.get("talr_val_history", []))
         self.bad_steps = int(checkpoint.get("talr_bad_steps", 0))
         self.flow_weights = checkpoint.get("talr_flow_weights", self.flow_weights)
+
+
+def shard_fsdp2(net: TokenNLLModel, mesh: Any, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: one parameter group per decoder layer, then the root (embeddings, final norm, head).
+
+    Per-layer groups let each layer's weights be gathered just before it runs and freed after;
+    gradient checkpointing set by `load_model` still applies (transformers checkpoints the layer's
+    forward inside FSDP's hooks). `generate` is registered as a forward method of the root, so the
+    root's weights are gathered for `lm.generate`, which bypasses `net.forward`.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    layer_names = set(getattr(net.lm, "_no_split_modules", None) or [])
+    layers = [m for m in net.lm.modules() if type(m).__name__ in layer_names][::-1]  # innermost first
+    if not layers:
+        raise ValueError(f"FSDP2: {type(net.lm).__name__} names no decoder layer class (_no_split_modules)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(net, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(net, "generate")
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from lightning.pytorch.callbacks import Callback
+
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
     """Temporary file beside `path`, then one rename: readers never see a half-written file."""
@@ -43,3 +45,43 @@ def refuse_to_overwrite(paths: Iterable[str | Path], option: str) -> None:
 def resumes_its_own_run(trainer) -> bool:
     """A fit restored from a checkpoint continues its own run and may rewrite that run's files."""
     return trainer.ckpt_path is not None and trainer.state.fn == "fit"
+
+
+class GuardsResults(Callback):
+    """Base of callbacks that write result files: a new run never writes over an earlier run's.
+
+    Before this run's first write, the files named by `result_paths` must not exist, unless
+    `overwrite` (then `clear_results` may remove them so old and new never mix). The check runs at
+    the first setup of a validate or test (so before the CLI's validate-before-fit writes) or at fit
+    start, the first hook where Lightning knows whether the fit resumes its own checkpoint, which
+    continues and may rewrite its own files.
+    """
+
+    overwrite: bool = False
+    _results_guarded: bool = False
+
+    def result_paths(self, trainer) -> list[Path]:
+        raise NotImplementedError
+
+    def clear_results(self, trainer) -> None:
+        """With `overwrite`: remove what must not mix into this run's results (default: nothing)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            self.guard_results(trainer)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.guard_results(trainer)
+
+    def guard_results(self, trainer) -> None:
+        if not self._results_guarded and not resumes_its_own_run(trainer):
+            self.check_results(trainer)
+        self._results_guarded = self._results_guarded or not resumes_its_own_run(trainer)
+
+    def check_results(self, trainer) -> None:
+        """Refuse the earlier files, or clear them with `overwrite`."""
+        paths = self.result_paths(trainer)  # every rank asks: log_dir is a broadcast
+        if self.overwrite:
+            self.clear_results(trainer)
+        else:
+            refuse_to_overwrite(paths, f"{type(self).__name__}.overwrite")

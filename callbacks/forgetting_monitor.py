@@ -1,0 +1,273 @@
+"""Forgetting monitor: how much less likely the model finds its own initial answers to general prompts.
+
+Beyond the paper, and without external data: before fine-tuning, the initial model answers a
+built-in set of general prompts (talr/general_prompts.py: math, code, instructions, facts,
+writing). At every validation the current model scores those fixed answers; the rise of their
+per-token NLL over the initial model's is a cheap, smooth signal of drift away from the initial
+model's general behaviour, available long before benchmark accuracy moves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from tqdm.auto import tqdm
+
+from talr.data import Example, pad_examples
+from talr.general_prompts import GENERAL_PROMPTS, GeneralPrompt, load_prompts
+from talr.generation import stop_token_ids
+from talr.models import eval_mode
+from talr.results import GuardsResults, write_atomic
+from talr.token_loss import IGNORE_INDEX
+
+RESPONSES_FILE = "responses.jsonl"
+CURVE_FILE = "curve.json"
+
+
+class ForgettingMonitor(GuardsResults):
+    """Tracks the NLL drift of the initial model's answers to general prompts during fine-tuning.
+
+    Before training, the initial model answers each prompt `samples_per_prompt` times (greedy when
+    1, else sampled at temperature 1 with no top-k / top-p, seeded by `seed`, without touching the
+    training RNG), up to `max_new_tokens` tokens including the end-of-turn token. The answers and
+    their per-token NLLs under the initial model are kept in the callback's checkpoint state, so a
+    resumed run compares against the same answers and never resamples.
+
+    At the end of every validation during fit (sanity checks and `talr validate` excluded) the
+    current model scores the same answers and the callback logs, with l0 / l the initial / current
+    per-token NLL (l = -log p) of an answer token and means taken over all answer tokens:
+
+    - `forgetting/nll_increase`: mean of (l - l0) = mean of (log p0 - log p), in nats per token.
+      With sampled answers this is the plain Monte Carlo estimate of the per-token KL(p0 || p)
+      along the initial model's own trajectories.
+    - `forgetting/kl`: mean of the k3 estimator (r - 1) - log r with r = p / p0 (Schulman's
+      estimator, as in talr.losses.KLToInitial). With sampled answers it estimates the same
+      per-token KL(p0 || p) without bias, is never negative and has lower variance than the
+      mean log-ratio. Under greedy decoding (samples_per_prompt 1) the answer tokens are p0's
+      argmax, not samples, so neither number is a KL estimate: `kl` is then a divergence between
+      p0 and p on p0's greedy tokens only (zero exactly when every such token keeps its initial
+      probability), and `nll_increase` measures how much less likely p0's preferred answers became.
+    - `forgetting/nll`: the current mean NLL of the answers; and per category
+      `forgetting/nll_increase/<category>`, `forgetting/kl/<category>`.
+
+    Written (rank zero, atomically): `<dirpath>/responses.jsonl` (prompt, category, answer text and
+    token ids, initial per-token NLL) once before training, and `<dirpath>/curve.json` (every
+    validation's numbers, step 0 included) after each validation. A fresh run refuses to
+    overwrite these files from an earlier run unless `overwrite` is set; a resumed run continues
+    them.
+
+    Cost: generation once before training (55 prompts x samples_per_prompt answers of up to
+    max_new_tokens tokens, batched by `batch_size`), then per validation one no-grad forward pass
+    over the prompts plus answers: with the defaults 55 sequences of about 43 + 53 tokens, about
+    5k tokens, which is roughly 0.4 of one quickstart optimizer step (a forward and backward pass
+    over about 4k tokens). See docs/forgetting.md for measured times.
+
+    Args:
+        samples_per_prompt: answers per prompt; 1 is greedy decoding, more are sampled.
+        max_new_tokens: longest answer, in tokens.
+        seed: the sampling seed (unused by greedy decoding).
+        prompts_file: replaces the built-in prompts: JSONL with `prompt` and optional `category`
+            per line, or a text file with one prompt per line (see talr.general_prompts.load_prompts).
+        batch_size: sequences per generation / scoring batch.
+        dirpath: where the files go; default `<log_dir>/forgetting`.
+        overwrite: let a fresh run replace another run's files in `dirpath`.
+    """
+
+    def __init__(
+        self,
+        samples_per_prompt: int = 1,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+        prompts_file: str | None = None,
+        batch_size: int = 16,
+        dirpath: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if samples_per_prompt < 1:
+            raise ValueError(f"ForgettingMonitor.samples_per_prompt must be at least 1, got {samples_per_prompt}")
+        if max_new_tokens < 1:
+            raise ValueError(f"ForgettingMonitor.max_new_tokens must be at least 1, got {max_new_tokens}")
+        if batch_size < 1:
+            raise ValueError(f"ForgettingMonitor.batch_size must be at least 1, got {batch_size}")
+        self.prompts: list[GeneralPrompt] = load_prompts(prompts_file) if prompts_file else list(GENERAL_PROMPTS)
+        self.samples_per_prompt = samples_per_prompt
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.prompts_file = prompts_file
+        self.batch_size = batch_size
+        self.dirpath = dirpath
+        self.overwrite = overwrite
+        # one dict per answer: prompt_index, category, prompt, sample, prompt_ids, response_ids, initial_nll
+        self.responses: list[dict[str, Any]] = []
+        self.curve: list[dict[str, Any]] = []
+        self.restored = False  # True once a checkpoint's state for this callback was loaded
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            samples_per_prompt=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
+            seed=self.seed, prompts_file=self.prompts_file,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"responses": self.responses, "curve": self.curve}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.responses = list(state_dict["responses"])
+        self.curve = list(state_dict["curve"])
+        self.restored = True
+
+    def output_dir(self, trainer: L.Trainer) -> Path:
+        # trainer.log_dir broadcasts from rank 0: every rank must ask for it
+        return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "forgetting"
+
+    def result_paths(self, trainer: L.Trainer) -> list[Path]:
+        out = self.output_dir(trainer)
+        return [out / RESPONSES_FILE, out / CURVE_FILE]
+
+    # -- hooks, in lifecycle order -------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_train_start, not on_fit_start: some strategies restore callback state after on_fit_start,
+        # and a resumed run must find its stored answers before deciding to sample.
+        out = self.output_dir(trainer)
+        if trainer.ckpt_path is not None and not self.restored:
+            self.check_results(trainer)  # the checkpoint is not of a run with this callback: its files are not ours
+        if not self.responses:
+            if trainer.global_step > 0:
+                rank_zero_warn(
+                    f"ForgettingMonitor: resuming at step {trainer.global_step} without this callback's state in the "
+                    "checkpoint; the reference answers come from the checkpoint's weights, not the initial model"
+                )
+            # rank zero's answers for every rank: sampling need not agree bit for bit across devices
+            self.responses = trainer.strategy.broadcast(self.sample_initial_responses(pl_module), src=0)
+            initial = self.score_responses(pl_module)
+            for response, nll in zip(self.responses, initial):
+                response["initial_nll"] = nll.tolist()
+            self.curve = [self.curve_entry(trainer, initial)]
+            self.log_entry(trainer, self.curve[-1])
+        if trainer.is_global_zero:
+            lines = "".join(json.dumps(r) + "\n" for r in self.responses)
+            write_atomic(out / RESPONSES_FILE, lines)
+            write_atomic(out / CURVE_FILE, json.dumps(self.curve, indent=1))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        out = self.output_dir(trainer)
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.responses:
+            return  # `validate_before_fit` runs before the answers exist; step 0 is logged at train start
+        entry = self.curve_entry(trainer, self.score_responses(pl_module))
+        if self.curve and self.curve[-1]["step"] == entry["step"]:
+            self.curve[-1] = entry  # a second validation at the same step replaces the first
+        else:
+            self.curve.append(entry)
+        self.log_entry(trainer, entry)
+        if trainer.is_global_zero:
+            write_atomic(out / CURVE_FILE, json.dumps(self.curve, indent=1))
+        rank_zero_info(f"[forgetting] step {entry['step']}: NLL increase {entry['nll_increase']:+.4f} nats/token, "
+                       f"KL {entry['kl']:.4f} on {entry['tokens']} answer tokens")
+
+    # -- the initial answers ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_initial_responses(self, pl_module: L.LightningModule) -> list[dict[str, Any]]:
+        """The current (initial) model's answers: token ids up to and including the end-of-turn token."""
+        tokenizer, lm = pl_module.tokenizer, pl_module.lm
+        stops = stop_token_ids(tokenizer)
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False, add_generation_prompt=True)
+            for p in self.prompts
+        ]
+        responses = []
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        # A private RNG stream: sampling here must not change the training run's random numbers.
+        # Pure sampling from p0 (temperature 1, no top-k / top-p) keeps the KL estimate unbiased;
+        # the model's own generation_config defaults are overridden either way.
+        options = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if self.samples_per_prompt > 1 else {
+            "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        with torch.random.fork_rng(devices=devices), eval_mode(lm):
+            torch.manual_seed(self.seed)
+            for start in tqdm(range(0, len(texts), self.batch_size), desc="forgetting: initial answers", leave=False):
+                batch = tokenizer(texts[start:start + self.batch_size], add_special_tokens=False, padding=True,
+                                  padding_side="left", return_tensors="pt").to(pl_module.device)
+                generated = pl_module.net.generate(  # through the net: FSDP2 gathers its root weights there
+                    **batch, max_new_tokens=self.max_new_tokens, num_return_sequences=self.samples_per_prompt,
+                    eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, use_cache=True, **options,
+                )
+                width = batch["input_ids"].shape[1]
+                for j, row in enumerate(generated[:, width:].tolist()):
+                    in_batch = j // self.samples_per_prompt  # generate repeats each prompt K times in a row
+                    prompt = self.prompts[start + in_batch]
+                    answer = cut_at_stop(row, stops)
+                    responses.append({
+                        "prompt_index": start + in_batch,
+                        "category": prompt.category,
+                        "prompt": prompt.text,
+                        "sample": j % self.samples_per_prompt,
+                        "prompt_ids": batch["input_ids"][in_batch][batch["attention_mask"][in_batch].bool()].tolist(),
+                        "response_ids": answer,
+                        "response": tokenizer.decode(answer, skip_special_tokens=True),
+                    })
+        return responses
+
+    @torch.no_grad()
+    def score_responses(self, pl_module: L.LightningModule) -> list[torch.Tensor]:
+        """Each answer's per-token NLL under the current weights (float32, on the CPU)."""
+        examples = [
+            Example(row_index=i, input_ids=r["prompt_ids"] + r["response_ids"], prompt_len=len(r["prompt_ids"]),
+                    labels=[IGNORE_INDEX] * len(r["prompt_ids"]) + r["response_ids"])
+            for i, r in enumerate(self.responses)
+        ]
+        pad_id = pl_module.tokenizer.pad_token_id
+        scores: list[torch.Tensor] = []
+        with eval_mode(pl_module):
+            for start in range(0, len(examples), self.batch_size):
+                chunk = examples[start:start + self.batch_size]
+                batch = {k: v.to(pl_module.device) for k, v in pad_examples(chunk, pad_id).items()}
+                nll, seq_index = pl_module.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                nll, seq_index = nll.float().cpu(), seq_index.cpu()
+                scores += [nll[seq_index == i] for i in range(len(chunk))]
+        return scores
+
+    # -- the curve --------------------------------------------------------------------------------
+    def curve_entry(self, trainer: L.Trainer, current: list[torch.Tensor]) -> dict[str, Any]:
+        """Token-weighted means over all answers and per category (see the class docstring)."""
+        by_category: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for response, nll in zip(self.responses, current):
+            initial = torch.tensor(response["initial_nll"], dtype=torch.float64)
+            by_category[response["category"]].append((initial, nll.double()))
+        pairs = [pair for group in by_category.values() for pair in group]
+        entry = {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch), **divergence(pairs),
+                 "categories": {c: divergence(group) for c, group in sorted(by_category.items())}}
+        return entry
+
+    def log_entry(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
+        metrics = {f"forgetting/{k}": entry[k] for k in ("nll_increase", "kl", "nll")}
+        for category, values in entry["categories"].items():
+            metrics[f"forgetting/nll_increase/{category}"] = values["nll_increase"]
+            metrics[f"forgetting/kl/{category}"] = values["kl"]
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=entry["step"])
+
+
+def cut_at_stop(token_ids: list[int], stops: list[int]) -> list[int]:
+    """Generated ids up to and including the first end-of-turn token (the padding after it dropped)."""
+    for i, token in enumerate(token_ids):
+        if token in stops:
+            return token_ids[: i + 1]
+    return token_ids
+
+
+def divergence(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Mean NLL increase and mean k3 KL estimate over all tokens of (initial NLL, current NLL) pairs."""
+    initial = torch.cat([p[0] for p in pairs])
+    current = torch.cat([p[1] for p in pairs])
+    log_ratio = initial - current  # log p - log p0
+    k3 = torch.expm1(log_ratio) - log_ratio  # (r - 1) - log r, r = p / p0
+    return {"nll_increase": float((current - initial).mean()), "kl": float(k3.mean()),
+            "nll": float(current.mean()), "nll_initial": float(initial.mean()), "tokens": int(initial.numel())}

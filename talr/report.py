@@ -1,0 +1,118 @@
+"""`talr report results.csv`: the domain / general trade-off of a sweep as a Pareto plot and a table.
+
+x is the domain score at the best checkpoint, y the general score there (the paper's Figure 1
+layout); the initial model is the star. Runs that differ only in their seed are averaged, with the
+spread as error bars. Points that no other point beats on both axes form the Pareto frontier.
+Writes `pareto.png` and `pareto.md` beside the table (or into `--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from talr.results import write_atomic
+
+GROUP = ["loss", "learning_rate"]
+
+
+def trade_off_table(results: pd.DataFrame, x: str = "domain_best", y: str = "general_best") -> pd.DataFrame:
+    """Finished runs averaged over seeds: one row per (loss, learning rate), with mean, std and count."""
+    missing = [c for c in (*GROUP, x, y, "status") if c not in results.columns]
+    if missing:
+        raise ValueError(f"the results table lacks column(s) {missing}; is it a `talr sweep` results.csv?")
+    done = results[results["status"] == "done"]
+    if done.empty:
+        raise ValueError("no finished run in the results table")
+    if done[y].isna().all():
+        raise ValueError(f"column {y!r} is empty in every run: add the GeneralBenchmarks callback to the runs "
+                         "(configs/general/) or choose another --y column")
+    table = done.groupby(GROUP, sort=True).agg(
+        domain=(x, "mean"), domain_std=(x, "std"), general=(y, "mean"), general_std=(y, "std"), runs=(x, "size"),
+    ).reset_index()
+    table["pareto"] = pareto_front(table["domain"].tolist(), table["general"].tolist())
+    return table
+
+
+def pareto_front(xs: list[float], ys: list[float]) -> list[bool]:
+    """True for each point that no other point matches or beats on both axes while beating it on one."""
+    front = []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        dominated = any(
+            (xo >= x and yo >= y) and (xo > x or yo > y) for j, (xo, yo) in enumerate(zip(xs, ys)) if j != i
+        )
+        front.append(not dominated and not (math.isnan(x) or math.isnan(y)))
+    return front
+
+
+def initial_point(results: pd.DataFrame, x: str = "domain_initial", y: str = "general_initial") -> tuple[float, float] | None:
+    done = results[results["status"] == "done"] if "status" in results else results
+    if x not in done or y not in done or done[[x, y]].isna().all().any():
+        return None
+    return float(done[x].mean()), float(done[y].mean())
+
+
+def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, ylabel: str):
+    """The Pareto figure: one marker per strategy, learning rates as labels, the frontier as a line."""
+    import matplotlib.pyplot as plt  # headless machines get the Agg backend by default
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    markers = dict(zip(sorted(table["loss"].unique()), "osD^vP*X"))
+    for loss, rows in table.groupby("loss"):
+        ax.errorbar(rows["domain"], rows["general"], xerr=rows["domain_std"].fillna(0), yerr=rows["general_std"].fillna(0),
+                    fmt=markers[loss], capsize=3, label=str(loss), linestyle="none")
+        for _, row in rows.iterrows():
+            ax.annotate(f"{row['learning_rate']:g}", (row["domain"], row["general"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+    front = table[table["pareto"]].sort_values("domain")
+    ax.plot(front["domain"], front["general"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
+    if initial is not None:
+        ax.scatter([initial[0]], [initial[1]], marker="*", s=220, color="black", zorder=5, label="initial model")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title("Domain vs general performance (labels: learning rate)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def markdown(table: pd.DataFrame, initial: tuple[float, float] | None) -> str:
+    lines = ["| loss | learning rate | domain | general | runs | Pareto |", "|---|---|---|---|---|---|"]
+    if initial is not None:
+        lines.append(f"| initial model | - | {initial[0]:.4f} | {initial[1]:.4f} | - | |")
+    for _, row in table.sort_values(["loss", "learning_rate"]).iterrows():
+        spread = lambda m, s: f"{m:.4f}" + (f" ± {s:.4f}" if row["runs"] > 1 and not math.isnan(s) else "")  # noqa: E731
+        lines.append(f"| {row['loss']} | {row['learning_rate']:g} | {spread(row['domain'], row['domain_std'])} | "
+                     f"{spread(row['general'], row['general_std'])} | {int(row['runs'])} | {'yes' if row['pareto'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="talr report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="results.csv written by `talr sweep`")
+    parser.add_argument("--out", help="output directory (default: beside the table)")
+    parser.add_argument("--x", default="domain_best", help="domain column (default domain_best)")
+    parser.add_argument("--y", default="general_best", help="general column (default general_best)")
+    args = parser.parse_args(argv)
+
+    path = Path(args.results)
+    if not path.is_file():
+        raise FileNotFoundError(f"results table not found: {path}")
+    results = pd.read_csv(path)
+    table = trade_off_table(results, args.x, args.y)
+    initial = initial_point(results, args.x.replace("_best", "_initial"), args.y.replace("_best", "_initial"))
+    out = Path(args.out) if args.out else path.parent
+    figure = plot(table, initial, f"domain ({args.x})", f"general ({args.y})")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    png = write_atomic(out / "pareto.png", buffer.getvalue())
+    text = markdown(table, initial)
+    write_atomic(out / "pareto.md", text)
+    print(text)
+    print(f"[report] {png}, {out / 'pareto.md'}")
+    return 0

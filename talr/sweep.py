@@ -1,0 +1,198 @@
+"""`talr sweep --config configs/sweeps/<x>.yaml`: a grid of `talr fit` runs and one results table.
+
+A sweep file names the base config(s), a grid over any `talr fit` option (a special key `config`
+stacks extra config files, for example one per strategy), fixed extra arguments, and where runs
+go. Every combination is one run in `<out>/<name>/`, started as its own `talr fit` process (its
+output in `<name>/fit.log`). A finished run leaves `<name>/summary.json` (written by the
+`RunSummary` callback the sweep adds); the table `<out>/results.csv` and `.json` is rebuilt from
+those files after every run, so an interrupted sweep loses nothing. Restarting skips finished runs
+and resumes an interrupted one from its `last.ckpt`.
+
+    talr sweep --config configs/sweeps/medcalc_lr.yaml              # run everything, one after another
+    talr sweep --config configs/sweeps/medcalc_lr.yaml --print-commands   # for a cluster scheduler
+    talr sweep --config configs/sweeps/medcalc_lr.yaml --collect          # only rebuild the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from talr.checkpoint_io import latest_logger_version
+from talr.results import write_atomic
+
+SUMMARY = "summary.json"
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file."""
+
+    base: list[str]
+    grid: dict[str, list[Any]]
+    args: list[str] = field(default_factory=list)
+    out: str = "runs/sweep"
+    monitor: str = "val/accuracy"
+    mode: str = "max"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Sweep":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep file not found: {path}")
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        unknown = set(spec) - {"base", "grid", "args", "out", "monitor", "mode"}
+        if unknown:
+            raise ValueError(f"{path}: unknown sweep key(s) {sorted(unknown)}; expected base, grid, args, out, monitor, mode")
+        base = spec.get("base") or []
+        base = [base] if isinstance(base, str) else list(base)
+        grid = spec.get("grid") or {}
+        if not base and "config" not in grid:
+            raise ValueError(f"{path}: give `base` (config files for talr fit) or a `config` key in `grid`")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{path}: grid.{key} must be a non-empty list, got {values!r}")
+        if spec.get("mode", "max") not in ("max", "min"):
+            raise ValueError(f"{path}: mode must be 'max' or 'min', got {spec['mode']!r}")
+        # relative config paths are relative to the working directory, like `talr fit --config`
+        return cls(base=base, grid=grid, args=[str(a) for a in spec.get("args") or []],
+                   out=str(spec.get("out", cls.out)), monitor=spec.get("monitor", cls.monitor),
+                   mode=spec.get("mode", cls.mode))
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every combination of the grid, in the grid's order (the last key varies fastest)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+
+def run_name(values: dict[str, Any]) -> str:
+    """A readable, file-system-safe directory name: `loss=talr_learning_rate=1e-05_seed_everything=0`."""
+    parts = []
+    for key, value in values.items():
+        short = Path(str(value)).stem if key == "config" else value
+        parts.append(f"{key.split('.')[-1]}={short}")
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join(parts)) or "run"
+
+
+def fit_command(sweep: Sweep, values: dict[str, Any], run_dir: Path) -> list[str]:
+    """The `talr fit` command of one run (without `--ckpt_path`)."""
+    configs = [*sweep.base, *([values["config"]] if "config" in values else [])]
+    command = ["talr", "fit"]
+    for config in configs:
+        command += ["--config", str(config)]
+    for key, value in values.items():
+        if key != "config":
+            command.append(f"--{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}")
+    command += [
+        *sweep.args,
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.logger.init_args.save_dir={run_dir}",
+        "--trainer.callbacks+=callbacks.run_summary.RunSummary",
+        f"--trainer.callbacks.path={run_dir / SUMMARY}",
+        f"--trainer.callbacks.monitor={sweep.monitor}",
+        f"--trainer.callbacks.mode={sweep.mode}",
+    ]
+    return command
+
+
+def has_last_checkpoint(run_dir: Path) -> bool:
+    return any(run_dir.rglob("last*.ckpt"))
+
+
+def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
+    """One row per run of the grid: its grid values, status, scores and config; written as CSV and JSON."""
+    rows = []
+    for values in sweep.runs():
+        name = run_name(values)
+        row: dict[str, Any] = {"run": name, **{k: v for k, v in values.items()}}
+        summary_path = out / name / SUMMARY
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            row.update(status="done", **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+            row["config"] = summary.get("config_file", values.get("config"))
+        else:
+            row["status"] = "interrupted" if (out / name).exists() else "pending"
+        rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "results.csv", buffer.getvalue())
+    full = []
+    for row in rows:  # the JSON also carries each run's full summary, history and config
+        summary_path = out / row["run"] / SUMMARY
+        full.append({**row, "summary": json.loads(summary_path.read_text(encoding="utf-8"))} if summary_path.is_file() else row)
+    write_atomic(out / "results.json", json.dumps(full, indent=2))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="talr sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the sweep file (YAML)")
+    parser.add_argument("--print-commands", action="store_true", help="print one `talr fit` command per unfinished run and exit")
+    parser.add_argument("--collect", action="store_true", help="only rebuild results.csv/json from the finished runs")
+    parser.add_argument("--out", help="output directory (default: the sweep file's `out`)")
+    args = parser.parse_args(argv)
+
+    sweep = Sweep.load(args.config)
+    out = Path(args.out or sweep.out)
+    runs = sweep.runs()
+    todo = [v for v in runs if not (out / run_name(v) / SUMMARY).is_file()]
+    if args.print_commands:
+        for values in todo:
+            run_dir = out / run_name(values)
+            command = fit_command(sweep, values, run_dir) + (["--ckpt_path", "last"] if has_last_checkpoint(run_dir) else [])
+            print(" ".join(_quote(c) for c in command))
+        print(f"# then: talr sweep --config {args.config} --collect", file=sys.stderr)
+        return 0
+    if args.collect:
+        rows = collect(sweep, out)
+        print(f"[sweep] {sum(r['status'] == 'done' for r in rows)}/{len(rows)} runs done; table: {out / 'results.csv'}")
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[sweep] {len(runs)} runs, {len(runs) - len(todo)} already finished; results in {out}")
+    failed = []
+    for values in tqdm(todo, desc="sweep", unit="run"):
+        name = run_name(values)
+        run_dir = out / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = fit_command(sweep, values, run_dir)
+        if has_last_checkpoint(run_dir):
+            command += ["--ckpt_path", "last"]  # an interrupted run goes on where it stopped
+        command[0] = str(Path(sys.executable).with_name("talr"))
+        started = time.time()
+        with (run_dir / "fit.log").open("a", encoding="utf-8") as log:
+            log.write(f"\n$ {' '.join(_quote(c) for c in command)}\n")
+            log.flush()
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0 or not (run_dir / SUMMARY).is_file():
+            failed.append(name)
+            tqdm.write(f"[sweep] {name}: failed (exit {done.returncode}); see {run_dir / 'fit.log'}")
+        else:
+            tqdm.write(f"[sweep] {name}: done in {time.time() - started:.0f} s")
+        collect(sweep, out)
+    rows = collect(sweep, out)
+    print(f"[sweep] {sum(r['status'] == 'done' for r in rows)}/{len(rows)} runs done; table: {out / 'results.csv'}; "
+          f"plot it with: talr report {out / 'results.csv'}")
+    if failed:
+        print(f"[sweep] failed: {', '.join(failed)} (rerun the same command to retry them)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _quote(text: str) -> str:
+    return text if re.fullmatch(r"[\w@%+=:,./\-\[\]]+", text) else "'" + text.replace("'", "'\\''") + "'"
