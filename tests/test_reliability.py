@@ -43,10 +43,10 @@ class PoisonWeights(L.Callback):
         type(self).captured["final"] = {k: v.clone() for k, v in pl_module.lm.state_dict().items()}
 
 
-def fit(tiny_model_dir, out, *extra, callbacks=()):
+def fit(tiny_model_dir, out, *extra, callbacks=(), config=REPO / "configs" / "quickstart.yaml"):
     trainer_callbacks = [f"--trainer.callbacks+={c}" for c in callbacks]
     return build_cli([
-        "fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--model.model", str(tiny_model_dir),
+        "fit", "--config", str(config), "--model.model", str(tiny_model_dir),
         "--model.generate", "false", "--validate_before_fit", "false", "--model.loss_options", "{}",
         "--data.task.init_args.num_synthetic", "24", "--data.val_size", "4",
         "--data.batch_size", "4", "--data.micro_batch_size", "4", "--trainer.max_steps", "3",
@@ -250,30 +250,38 @@ class RunsCodeOnUnpickle:
 def test_results_of_an_earlier_run_are_never_overwritten_without_the_flag(tiny_model_dir, tmp_path):
     pinned = ["--trainer.logger.init_args.version", "0", "--model.loss", "ce", "--trainer.max_steps", "1",
               "--model.generate", "true", "--model.max_new_tokens", "2", "--validate_before_fit", "true"]
-    first = fit(tiny_model_dir, tmp_path, *pinned)
+    first = fit(tiny_model_dir, tmp_path, *pinned)  # quickstart.yaml: every result-writing callback
     log_dir = Path(first.trainer.log_dir)
-    generations = sorted((log_dir / "generations").iterdir())
-    export = log_dir / "export" / "model.safetensors"
-    before = {p: p.read_bytes() for p in [*generations, export]}
-    mtimes = {p: p.stat().st_mtime_ns for p in before}
+    results = sorted(p for p in log_dir.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json", ".parquet", ".safetensors"))
+    assert {p.parent.name for p in results} >= {"generations", "forgetting", "token_probs", "export"}
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in results}
 
-    with pytest.raises(FileExistsError, match=r"export already hold.*HFExport.overwrite: true"):
+    with pytest.raises(FileExistsError, match=r"forgetting/responses.jsonl.* already hold.*ForgettingMonitor.overwrite: true"):
         fit(tiny_model_dir, tmp_path, *pinned)
-    with pytest.raises(FileExistsError, match=r"generations already hold.*model.overwrite_results: true"):
-        fit(tiny_model_dir, tmp_path, *pinned, "--trainer.callbacks.init_args.overwrite", "true")
-    assert {p: p.read_bytes() for p in before} == before
-    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # both refusals came before any write
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in results} == before  # refused before any write
 
     # the same run resumed from its own checkpoint may rewrite its files, with no flag
     # (the first run ended its epoch at max_steps, so the resumed one goes into a second epoch)
     resumed = fit(tiny_model_dir, tmp_path, *pinned, "--trainer.max_steps", "2", "--trainer.max_epochs", "2",
                   "--ckpt_path", "last")
-    assert resumed.trainer.global_step == 2 and export.read_bytes() != before[export]
-
-    fit(tiny_model_dir, tmp_path, *pinned, "--model.overwrite_results", "true",
-        "--trainer.callbacks.init_args.overwrite", "true")
-    assert export.is_file() and sorted((log_dir / "generations").iterdir()) == generations
+    export = log_dir / "export" / "model.safetensors"
+    assert resumed.trainer.global_step == 2 and export.read_bytes() != before[export][0]
     assert not [p for p in export.parent.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
+
+    # each guard has its own flag: the module's for generations, HFExport's for the export
+    spec = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    spec["trainer"]["callbacks"] = [c for c in spec["trainer"]["callbacks"]
+                                    if c["class_path"].split(".")[-1] in ("ModelCheckpoint", "HFExport")]
+    lean = tmp_path / "lean.yaml"
+    lean.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "lean-runs"
+    fit(tiny_model_dir, out, *pinned, config=lean)
+    with pytest.raises(FileExistsError, match=r"export already hold.*HFExport.overwrite: true"):
+        fit(tiny_model_dir, out, *pinned, config=lean)
+    with pytest.raises(FileExistsError, match=r"generations already hold.*model.overwrite_results: true"):
+        fit(tiny_model_dir, out, *pinned, "--trainer.callbacks.init_args.overwrite", "true", config=lean)
+    fit(tiny_model_dir, out, *pinned, "--model.overwrite_results", "true", "--trainer.callbacks.init_args.overwrite", "true",
+        config=lean)
 
 
 def test_no_eval_or_exec_anywhere_and_remote_code_is_off_by_default():

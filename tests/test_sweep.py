@@ -69,6 +69,10 @@ def test_sweep_table_matches_each_runs_own_logs(sweep):
         assert row["general_initial"] == pytest.approx(start["primary"]["talr_arc_easy"])
         config = yaml.safe_load(Path(row["config"]).read_text())  # the run's full config is in the table
         assert config["model"]["loss"] == row["loss"] and config["model"]["learning_rate"] == row["learning_rate"]
+        # all three measurement callbacks ran in every run (quickstart.yaml has two, the sweep adds lm-eval)
+        assert "general/score" in scalars.Tags()["scalars"] and "forgetting/nll_increase" in scalars.Tags()["scalars"]
+        assert any(tag.startswith("token_probs/") for tag in scalars.Tags()["histograms"])
+        assert list(run_dir.rglob("token_probs/step_*.parquet")) and list(run_dir.rglob("forgetting/curve.json"))
     full = json.loads((out / "results.json").read_text())
     assert all(r["summary"]["history"] for r in full)
 

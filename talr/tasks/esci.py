@@ -30,8 +30,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from lightning.pytorch.utilities import rank_zero_info
-
 from talr.tasks.base import DataError, Message, Row, Task, Verdict, read_records
 
 LABELS = ("Exact", "Substitute", "Complement", "Irrelevant")  # class index = position
@@ -403,15 +401,8 @@ class ESCI(Task):
 
         An unparsed answer is a wrong prediction for its true class, so it lowers that recall.
         """
-        if len(verdicts) != len(rows):
-            raise ValueError(f"{len(verdicts)} verdicts for {len(rows)} rows")
-        n = len(verdicts)
-        out: dict[str, float] = {
-            "accuracy": sum(v.correct for v in verdicts) / n if n else 0.0,
-            "unparsed": float(sum(not v.parsed for v in verdicts)),
-            "count": float(n),
-        }
-        if not n:
+        out = super().summarize(verdicts, rows)  # accuracy, unparsed, count
+        if not verdicts:
             return {**out, "balanced_accuracy": 0.0}
         matrix = self.confusion_matrix(verdicts, rows)
         recalls = []
@@ -432,6 +423,13 @@ class ESCI(Task):
         metric = MulticlassConfusionMatrix(num_classes=len(LABELS) + 1)
         figure, _ = metric.plot(self.confusion_matrix(verdicts, rows), labels=[*LABELS, "unparsed"])
         return {"confusion_matrix": figure}
+
+
+def rank_zero_info(message: str) -> None:
+    # imported on use: reading a task's rows must not import torch (tasks load in light processes)
+    from lightning.pytorch.utilities import rank_zero_info as info
+
+    info(message)
 
 
 def _flatten_nested(records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
