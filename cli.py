@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in EXTRA_COMMANDS:
         module, function = EXTRA_COMMANDS[args[0]].split(":")
         sys.exit(getattr(importlib.import_module(module), function)(args[1:]))
+    if args in (["-h"], ["--help"]):  # LightningCLI's help lists only its own subcommands
+        print(f"talr also has: {', '.join(EXTRA_COMMANDS)} (talr <command> --help)\n")
     build_cli(argv)
 
 
