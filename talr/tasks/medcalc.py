@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from talr.tasks.base import DataError, Message, Row, Task, Verdict
+from talr.tasks.base import DataError, Message, Row, Task, Verdict, read_records
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant. You first think about the reasoning process in the mind "
@@ -294,7 +294,12 @@ def _cell(value: Any) -> str:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV, JSONL or JSON (list of objects) file, decoded strictly as UTF-8."""
+    """Rows of a CSV file, decoded strictly as UTF-8; other formats through `read_records`.
+
+    CSV stays here: its checks (ragged rows, a header only) are stricter than the shared reader's.
+    """
+    if path.suffix.lower() != ".csv":
+        return read_records(path)  # JSONL, JSON (a list of objects), Parquet
     name = str(path)
     try:
         data = path.read_bytes()
@@ -307,25 +312,7 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         raise DataError(
             f"{name}: not valid UTF-8 at byte offset {err.start + skip} ({err.reason})"
         ) from err
-
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(text, name)
-    if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                rows.append(_json_object(line, f"{name} line {number}"))
-        return rows
-    if suffix == ".json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{name}: invalid JSON at line {err.lineno}: {err.msg}") from err
-        if not isinstance(obj, list):
-            raise DataError(f"{name}: expected a JSON list of row objects")
-        return [_check_object(item, f"{name} row {i}") for i, item in enumerate(obj, 1)]
-    raise DataError(f"{name}: unknown file type {suffix!r} (expected .csv, .jsonl, .json)")
+    return _read_csv(text, name)
 
 
 def _read_csv(text: str, label: str) -> list[dict[str, Any]]:
@@ -342,19 +329,6 @@ def _read_csv(text: str, label: str) -> list[dict[str, Any]]:
         if None in row or any(value is None for value in row.values()):
             raise DataError(f"{label} row {number}: wrong number of cells for the header")
     return rows
-
-
-def _json_object(line: str, where: str) -> dict[str, Any]:
-    try:
-        return _check_object(json.loads(line), where)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: invalid JSON: {err.msg}") from err
-
-
-def _check_object(obj: Any, where: str) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 def _read_hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
