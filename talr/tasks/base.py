@@ -21,6 +21,13 @@ class DataError(ValueError):
     """Bad input data: the message names the source, the row and the column."""
 
 
+def require_positive(**options: int | None) -> None:
+    """Row-count options (`limit`, `num_rows`, ...) must be None or at least 1."""
+    for option, value in options.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be positive or None, got {value}")
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The score of one generated answer against its row."""

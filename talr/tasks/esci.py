@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from talr.tasks.base import DataError, Message, Row, Task, Verdict, read_records
+from talr.tasks.base import DataError, Message, Row, Task, Verdict, read_records, require_positive
 
 LABELS = ("Exact", "Substitute", "Complement", "Irrelevant")  # class index = position
 UNPARSED = len(LABELS)  # the confusion matrix's extra "prediction" column for unparsed answers
@@ -258,9 +258,7 @@ class ESCI(Task):
         rationale_column: str | None = "rationale",
         label_column: str = "esci_label",
     ) -> None:
-        for option, value in (("num_rows", num_rows), ("limit", limit)):
-            if value is not None and value < 1:
-                raise ValueError(f"{option} must be positive or None, got {value}")
+        require_positive(num_rows=num_rows, limit=limit)
         self.source = source
         self.split = split
         self.locale = locale

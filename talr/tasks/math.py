@@ -29,7 +29,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Sequence
 
-from talr.tasks.base import DataError, Message, Row, Task, Verdict, read_records
+from talr.tasks.base import DataError, Message, Row, Task, Verdict, read_records, require_positive
 
 USER_TEMPLATE = (
     "{question}\n"
@@ -148,9 +148,7 @@ class MathWordProblems(Task):
         seed: int = 0,
         fallback: bool = True,
     ) -> None:
-        for option, value in (("num_rows", num_rows), ("limit", limit)):
-            if value is not None and value < 1:
-                raise ValueError(f"{option} must be positive or None, got {value}")
+        require_positive(num_rows=num_rows, limit=limit)
         self.source = source
         self.split = split
         self.config = config

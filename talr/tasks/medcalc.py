@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from talr.tasks.base import DataError, Message, Row, Task, Verdict, read_records
+from talr.tasks.base import DataError, Message, Row, Task, Verdict, read_records, require_positive
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant. You first think about the reasoning process in the mind "
@@ -215,8 +215,7 @@ class MedCalc(Task):
         limit: int | None = None,
         calculators: list[str] | None = None,
     ) -> None:
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be positive or None, got {limit}")
+        require_positive(limit=limit)
         self.source = source
         self.split = split
         self.num_synthetic = num_synthetic
