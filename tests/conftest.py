@@ -41,3 +41,40 @@ def tiny_model_dir(tmp_path_factory, embedded_dir, tokenizer) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """The tiny model's operations are so small that a second thread only adds waiting (badly so on a
+    shared, busy CPU); the previous setting comes back after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_fit_config(tiny_model_dir: Path, out: Path, version: str, callbacks: list, *, trainer: dict,
+                    model: dict, validate_before_fit: bool) -> Path:
+    """A standalone `talr fit` config for callback tests (list keys such as callbacks merge item by
+    item across several --config files): the tiny model on 12 generated training rows, 4 a step,
+    rows cut to 384 tokens (enough target tokens at half the time), TensorBoard in out/tb/<version>."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / f"config-{version}.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "validate_before_fit": validate_before_fit,
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_epochs": 1,
+                    "num_sanity_val_steps": 0, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(out),
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(out), "name": "tb", "version": version}},
+                    "callbacks": callbacks, **trainer},
+        "model": {"model": str(tiny_model_dir), "warmup_ratio": 0.0, "generate": False, **model},
+        "data": {"task": {"class_path": "talr.tasks.MedCalc",
+                          "init_args": {"source": "synthetic", "num_synthetic": 16, "seed": 0,
+                                        "calculators": ["anion_gap", "map", "bmi", "due_date"]}},
+                 "max_length": 384, "val_size": 4, "batch_size": 4, "micro_batch_size": 4, "eval_batch_size": 4},
+    }))
+    return config

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from callbacks.forgetting_monitor import ForgettingMonitor
 from cli import build_cli
+from conftest import tiny_fit_config
 from talr.general_prompts import CATEGORIES, GENERAL_PROMPTS, load_prompts
 from talr.models import TokenNLLModel, load_tokenizer
 
@@ -23,14 +23,7 @@ MAX_NEW_TOKENS = 16
 CALLBACK = "callbacks.forgetting_monitor.ForgettingMonitor"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """The tiny model's operations are so small that a second thread only adds waiting (badly so on a
-    shared, busy CPU); the previous setting comes back after this file."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def fit(tiny_model_dir, out: Path, learning_rate: float, *extra: str, monitor: dict | None = None,
@@ -46,25 +39,12 @@ def fit(tiny_model_dir, out: Path, learning_rate: float, *extra: str, monitor: d
         callbacks.insert(0, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                              "init_args": {"dirpath": str(out / "checkpoints"), "monitor": "val/loss",
                                            "save_top_k": -1, "save_on_train_epoch_end": False}})
-    out.mkdir(parents=True, exist_ok=True)
-    config = out / f"config-{version}.yaml"
-    config.write_text(yaml.safe_dump({
-        "seed_everything": 0,
-        "validate_before_fit": True,  # runs before the answers exist: the monitor must skip it
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_epochs": 1,
-                    "val_check_interval": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0,
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                    "default_root_dir": str(out),
-                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": str(out), "name": "tb", "version": version}},
-                    "callbacks": callbacks},
-        "model": {"model": str(tiny_model_dir), "loss": "ce", "learning_rate": learning_rate,
-                  "warmup_ratio": 0.0, "generate": False},
-        "data": {"task": {"class_path": "talr.tasks.MedCalc",
-                          "init_args": {"source": "synthetic", "num_synthetic": 16, "seed": 0,
-                                        "calculators": ["anion_gap", "map", "bmi", "due_date"]}},
-                 "max_length": 384, "val_size": 4, "batch_size": 4, "micro_batch_size": 4, "eval_batch_size": 4},
-    }))
+    config = tiny_fit_config(
+        tiny_model_dir, out, version, callbacks,
+        validate_before_fit=True,  # runs before the answers exist: the monitor must skip it
+        trainer={"val_check_interval": 1, "limit_val_batches": 1},
+        model={"loss": "ce", "learning_rate": learning_rate},
+    )
     return build_cli(["fit", "--config", str(config), *extra])
 
 

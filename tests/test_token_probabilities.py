@@ -11,26 +11,19 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from callbacks.token_probabilities import TokenProbabilityLogger
 from cli import build_cli
+from conftest import tiny_fit_config
 
 REPO = Path(__file__).resolve().parents[1]
 W_MIN = 0.36  # near exp(-1), the weight of a token whose loss equals tau: the random model's tokens fall on both sides
 CALLBACK = "callbacks.token_probabilities.TokenProbabilityLogger"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """The tiny model's operations are so small that a second thread only adds waiting (badly so on a
-    shared, busy CPU); the previous setting comes back after this file."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def fit(tiny_model_dir, out: Path, logger_options: dict, *extra: str, version: str = "run", checkpoints: bool = True):
@@ -41,25 +34,10 @@ def fit(tiny_model_dir, out: Path, logger_options: dict, *extra: str, version: s
         callbacks.insert(0, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                              "init_args": {"dirpath": str(out / "checkpoints"), "every_n_train_steps": 1,
                                            "save_top_k": -1, "save_last": True}})
-    config = out / f"config-{version}.yaml"
-    out.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump({
-        "seed_everything": 0,
-        "validate_before_fit": False,
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_epochs": 1,
-                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
-                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(out),
-                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": str(out), "name": "tb", "version": version}},
-                    "callbacks": callbacks},
-        "model": {"model": str(tiny_model_dir), "loss": "talr", "loss_options": {"w_min": W_MIN},
-                  "learning_rate": 1e-2, "warmup_ratio": 0.0, "generate": False},
-        "data": {"task": {"class_path": "talr.tasks.MedCalc",
-                          "init_args": {"source": "synthetic", "num_synthetic": 16, "seed": 0,
-                                        "calculators": ["anion_gap", "map", "bmi", "due_date"]}},
-                 # 384 tokens cut the target tails: enough target tokens at half the time
-                 "max_length": 384, "val_size": 4, "batch_size": 4, "micro_batch_size": 4, "eval_batch_size": 4},
-    }))
+    config = tiny_fit_config(
+        tiny_model_dir, out, version, callbacks, validate_before_fit=False, trainer={"limit_val_batches": 0},
+        model={"loss": "talr", "loss_options": {"w_min": W_MIN}, "learning_rate": 1e-2},
+    )
     return build_cli(["fit", "--config", str(config), *extra])
 
 
