@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from talr.data import prompt_text
-from talr.generation import stop_token_ids
-from talr.models import eval_mode, load_model, load_tokenizer
+from talr.generation import generate_texts
+from talr.models import load_model, load_tokenizer
 from talr.tasks.base import DataError, Row
 from talr.tasks.esci import ESCI, LABELS, accept_rationale
 
@@ -68,25 +68,13 @@ def sample_rationales(
     return rationales, accepted_at
 
 
-@torch.no_grad()
 def _sample(
     model: Any, tokenizer: Any, prompts: list[str], device: torch.device, max_new_tokens: int, temperature: float, top_p: float
 ) -> list[str]:
-    """One sampled continuation per prompt (left-padded batch), decoded without special tokens."""
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    batch = {key: value.to(device) for key, value in batch.items()}
-    with eval_mode(model):
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=None,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop_token_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    """One sampled continuation per prompt (a left-padded batch)."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+    return generate_texts(model, tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                          temperature=temperature, top_p=top_p)
 
 
 def acceptance_report(rows: list[Row], rationales: list[str | None]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Batched greedy generation from left-padded prompts (validation, test, callbacks)."""
+"""Batched generation from left-padded prompts: greedy for scoring, sampled for `talr cot`."""
 
 from __future__ import annotations
 
@@ -20,26 +20,32 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_generate(
+def generate_texts(
     model: nn.Module,
     tokenizer: Any,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
+    temperature: float | None = None,
+    top_p: float | None = None,
 ) -> list[str]:
-    """Greedy continuations of left-padded prompts, decoded without special tokens."""
+    """Continuations of left-padded prompts up to the end of the turn, decoded without special tokens.
+
+    Greedy by default (scoring); with a `temperature`, sampled (with `top_p` nucleus sampling if set).
+    The model's own generation_config defaults are overridden either way.
+    """
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature else {
+        "do_sample": False, "temperature": None, "top_p": None}
     with eval_mode(model):
         out = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
             top_k=None,
             eos_token_id=stop_token_ids(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
+            **sampling,
         )
     new_tokens = out[:, prompt_ids.shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
-from talr.generation import greedy_generate
+from talr.generation import generate_texts
 from talr.data import pad_examples
 from talr.losses import FLOW, Regularized, TokenBatch, build_loss, flow_weights
 from talr.models import TokenNLLModel, cache_dir, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype
@@ -379,7 +379,7 @@ class SFTModule(L.LightningModule):
         if not self.hparams.generate:
             return
         # Through the net: under FSDP2 its root hooks gather the embeddings and head for generate().
-        texts = greedy_generate(self.net, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.hparams.max_new_tokens)
+        texts = generate_texts(self.net, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.hparams.max_new_tokens)
         rows = self.trainer.datamodule.rows(self._split)
         task = self.trainer.datamodule.task_for(self._split)
         for index, text in zip(batch["row_index"].tolist(), texts):
