@@ -10,6 +10,7 @@ model's general behaviour, available long before benchmark accuracy moves.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,18 @@ class ForgettingMonitor(GuardsResults):
             write_atomic(out / CURVE_FILE, json.dumps(self.curve, indent=1))
         rank_zero_info(f"[forgetting] step {entry['step']}: NLL increase {entry['nll_increase']:+.4f} nats/token, "
                        f"KL {entry['kl']:.4f} on {entry['tokens']} answer tokens")
+
+    def summary_scores(self, best_step: int) -> dict[str, float]:
+        """The drift before training, at the run's best step and at its last validation (NaN where
+        not measured): what `RunSummary` puts in a sweep table."""
+        by_step = {entry["step"]: entry for entry in self.curve}
+        value = lambda entry, key: float(entry[key]) if entry else math.nan  # noqa: E731
+        out = {}
+        for key in ("kl", "nll_increase"):
+            out[f"forgetting_{key}_initial"] = value(by_step.get(0), key)
+            out[f"forgetting_{key}_best"] = value(by_step.get(best_step), key)
+            out[f"forgetting_{key}_last"] = value(self.curve[-1] if self.curve else None, key)
+        return out
 
     # -- the initial answers ----------------------------------------------------------------------
     @torch.no_grad()

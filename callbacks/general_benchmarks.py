@@ -263,9 +263,10 @@ class GeneralBenchmarks(GuardsResults):
     def state_key(self) -> str:
         return self._generate_state_key(tasks=self.tasks)
 
-    def general_scores(self) -> dict[str, Any]:
+    def summary_scores(self, best_step: int) -> dict[str, Any]:
         """The general score before training and at fit end (NaN where not measured or every task
-        was left out), and the tasks left out: what a run summary and a sweep table need."""
+        was left out), and the tasks left out: what `RunSummary` puts in a sweep table. The fit-end
+        score is already the best checkpoint's (the callback reloads it), so `best_step` is unused."""
         by_event = {e["event"]: e["general"] for e in self.events}
         value = lambda event: by_event[event]["score"] if by_event.get(event, {}).get("score") is not None else math.nan  # noqa: E731
         return {"general_initial": value("fit_start"), "general_best": value("fit_end"),

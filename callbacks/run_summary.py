@@ -22,27 +22,36 @@ class RunSummary(Callback):
     The summary holds `domain_initial` (before training, from validate-before-fit), `domain_best`
     and its `best_step` (the checkpoint the paper selects), `domain_last`, the general score of
     the initial model and of the best checkpoint when a `GeneralBenchmarks` callback ran, the
-    learning rate, loss and seed, and the run's history. `talr sweep` adds this callback to
-    every run.
+    learning rate, loss and seed, and the run's history. Every callback with a
+    `summary_scores(best_step)` method adds its numbers (GeneralBenchmarks: the general score;
+    ForgettingMonitor: the drift on general prompts at the best step). `talr sweep` adds this
+    callback to every run.
 
     Args:
         path: the JSON file; default `<log_dir>/summary.json`.
         monitor: the domain metric, as logged (`val/accuracy`, `val/balanced_accuracy`, ...).
         mode: `max` or `min` (for a loss).
+        record: more validation metrics to report before training, at the best step and at the
+            last validation, as `<metric>_initial|_best|_last` with `/` written `_`
+            (`val/loss` -> `val_loss_best`).
     """
 
-    def __init__(self, path: str | None = None, monitor: str = "val/accuracy", mode: Literal["max", "min"] = "max") -> None:
+    def __init__(self, path: str | None = None, monitor: str = "val/accuracy", mode: Literal["max", "min"] = "max",
+                 record: list[str] | None = None) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"RunSummary.mode must be 'max' or 'min', got {mode!r}")
         self.path = path
         self.monitor = monitor
         self.mode = mode
+        self.record = [name for name in (record or []) if name != monitor]
         self.history: list[dict[str, float]] = []
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
-        entry = {"step": trainer.global_step, self.monitor: float(trainer.callback_metrics[self.monitor])}
+        metrics = trainer.callback_metrics
+        entry = {"step": trainer.global_step, **{name: float(metrics[name]) for name in [self.monitor, *self.record]
+                                                 if name in metrics}}
         self.history = [e for e in self.history if e["step"] != entry["step"]] + [entry]  # a resumed step replaces
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -52,6 +61,10 @@ class RunSummary(Callback):
         if not self.history:
             raise ValueError(f"RunSummary: {self.monitor!r} was never logged; is the monitor name right "
                              f"(logged: {sorted(trainer.callback_metrics)})?")
+        never = [name for name in self.record if not any(name in entry for entry in self.history)]
+        if never:
+            raise ValueError(f"RunSummary: record metric(s) {never} were never logged at a validation "
+                             f"(logged: {sorted(trainer.callback_metrics)})")
         path = Path(self.path) if self.path else Path(log_dir or trainer.default_root_dir) / "summary.json"
         write_atomic(path, json.dumps(self.summary(trainer, pl_module, log_dir), indent=2))
         rank_zero_info(f"[talr] run summary: {path}")
@@ -79,10 +92,14 @@ class RunSummary(Callback):
             "config_file": str(Path(log_dir) / "config.yaml") if log_dir and (Path(log_dir) / "config.yaml").is_file() else None,
             "history": self.history,
         }
-        for callback in trainer.callbacks:  # the general score, when a GeneralBenchmarks callback ran
-            scores = getattr(callback, "general_scores", None)
+        for name in self.record:
+            column = name.replace("/", "_")
+            for when, entry in (("initial", initial[0] if initial else {}), ("best", best), ("last", trained[-1])):
+                out[f"{column}_{when}"] = entry.get(name, math.nan)
+        for callback in trainer.callbacks:  # general score, forgetting, ... from the callbacks that measure them
+            scores = getattr(callback, "summary_scores", None)
             if callable(scores):
-                out.update(scores())
+                out.update(scores(best["step"]))
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -20,8 +20,10 @@ from talr.results import write_atomic
 GROUP = ["loss", "learning_rate"]
 
 
-def trade_off_table(results: pd.DataFrame, x: str = "domain_best", y: str = "general_best") -> pd.DataFrame:
-    """Finished runs averaged over seeds: one row per (loss, learning rate), with mean, std and count."""
+def trade_off_table(results: pd.DataFrame, x: str = "domain_best", y: str = "general_best",
+                    x_lower_better: bool = False, y_lower_better: bool = False) -> pd.DataFrame:
+    """Finished runs averaged over seeds: one row per (loss, learning rate), with mean, std and count.
+    The Pareto flags treat a column as a loss (lower is better) when its `*_lower_better` is set."""
     missing = [c for c in (*GROUP, x, y, "status") if c not in results.columns]
     if missing:
         raise ValueError(f"the results table lacks column(s) {missing}; is it a `talr sweep` results.csv?")
@@ -34,7 +36,9 @@ def trade_off_table(results: pd.DataFrame, x: str = "domain_best", y: str = "gen
     table = done.groupby(GROUP, sort=True).agg(
         domain=(x, "mean"), domain_std=(x, "std"), general=(y, "mean"), general_std=(y, "std"), runs=(x, "size"),
     ).reset_index()
-    table["pareto"] = pareto_front(table["domain"].tolist(), table["general"].tolist())
+    sign = lambda lower: -1.0 if lower else 1.0  # noqa: E731  (a loss is negated, so higher is better)
+    table["pareto"] = pareto_front((sign(x_lower_better) * table["domain"]).tolist(),
+                                   (sign(y_lower_better) * table["general"]).tolist())
     return table
 
 
@@ -56,8 +60,10 @@ def initial_point(results: pd.DataFrame, x: str = "domain_initial", y: str = "ge
     return float(done[x].mean()), float(done[y].mean())
 
 
-def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, ylabel: str):
-    """The Pareto figure: one marker per strategy, learning rates as labels, the frontier as a line."""
+def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, ylabel: str,
+         x_lower_better: bool = False, y_lower_better: bool = False):
+    """The Pareto figure: one marker per strategy, learning rates as labels, the frontier as a line.
+    An axis whose column is a loss is reversed, so better is always to the right and up."""
     import matplotlib.pyplot as plt  # headless machines get the Agg backend by default
 
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
@@ -72,8 +78,12 @@ def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, 
     ax.plot(front["domain"], front["general"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
     if initial is not None:
         ax.scatter([initial[0]], [initial[1]], marker="*", s=220, color="black", zorder=5, label="initial model")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    if x_lower_better:
+        ax.invert_xaxis()
+    if y_lower_better:
+        ax.invert_yaxis()
+    ax.set_xlabel(xlabel + (" (lower is better, axis reversed)" if x_lower_better else ""))
+    ax.set_ylabel(ylabel + (" (lower is better, axis reversed)" if y_lower_better else ""))
     ax.set_title("Domain vs general performance (labels: learning rate)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -81,8 +91,8 @@ def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, 
     return fig
 
 
-def markdown(table: pd.DataFrame, initial: tuple[float, float] | None) -> str:
-    lines = ["| loss | learning rate | domain | general | runs | Pareto |", "|---|---|---|---|---|---|"]
+def markdown(table: pd.DataFrame, initial: tuple[float, float] | None, x: str = "domain", y: str = "general") -> str:
+    lines = [f"| loss | learning rate | {x} | {y} | runs | Pareto |", "|---|---|---|---|---|---|"]
     if initial is not None:
         lines.append(f"| initial model | - | {initial[0]:.4f} | {initial[1]:.4f} | - | |")
     for _, row in table.sort_values(["loss", "learning_rate"]).iterrows():
@@ -98,20 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output directory (default: beside the table)")
     parser.add_argument("--x", default="domain_best", help="domain column (default domain_best)")
     parser.add_argument("--y", default="general_best", help="general column (default general_best)")
+    parser.add_argument("--x-lower-better", action="store_true", help="the x column is a loss (val_loss_best, ...)")
+    parser.add_argument("--y-lower-better", action="store_true", help="the y column is a loss (forgetting_kl_best, ...)")
     args = parser.parse_args(argv)
 
     path = Path(args.results)
     if not path.is_file():
         raise FileNotFoundError(f"results table not found: {path}")
     results = pd.read_csv(path)
-    table = trade_off_table(results, args.x, args.y)
+    table = trade_off_table(results, args.x, args.y, args.x_lower_better, args.y_lower_better)
     initial = initial_point(results, args.x.replace("_best", "_initial"), args.y.replace("_best", "_initial"))
     out = Path(args.out) if args.out else path.parent
-    figure = plot(table, initial, f"domain ({args.x})", f"general ({args.y})")
+    figure = plot(table, initial, f"domain ({args.x})", f"general ({args.y})", args.x_lower_better, args.y_lower_better)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     png = write_atomic(out / "pareto.png", buffer.getvalue())
-    text = markdown(table, initial)
+    text = markdown(table, initial, args.x, args.y)
     write_atomic(out / "pareto.md", text)
     print(text)
     print(f"[report] {png}, {out / 'pareto.md'}")

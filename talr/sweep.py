@@ -47,6 +47,7 @@ class Sweep:
     out: str = "runs/sweep"
     monitor: str = "val/accuracy"
     mode: str = "max"
+    record: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> "Sweep":
@@ -54,9 +55,9 @@ class Sweep:
         if not path.is_file():
             raise FileNotFoundError(f"sweep file not found: {path}")
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        unknown = set(spec) - {"base", "grid", "args", "out", "monitor", "mode"}
+        unknown = set(spec) - {"base", "grid", "args", "out", "monitor", "mode", "record"}
         if unknown:
-            raise ValueError(f"{path}: unknown sweep key(s) {sorted(unknown)}; expected base, grid, args, out, monitor, mode")
+            raise ValueError(f"{path}: unknown sweep key(s) {sorted(unknown)}; expected base, grid, args, out, monitor, mode, record")
         base = spec.get("base") or []
         base = [base] if isinstance(base, str) else list(base)
         grid = spec.get("grid") or {}
@@ -70,7 +71,7 @@ class Sweep:
         # relative config paths are relative to the working directory, like `talr fit --config`
         return cls(base=base, grid=grid, args=[str(a) for a in spec.get("args") or []],
                    out=str(spec.get("out", cls.out)), monitor=spec.get("monitor", cls.monitor),
-                   mode=spec.get("mode", cls.mode))
+                   mode=spec.get("mode", cls.mode), record=list(spec.get("record") or []))
 
     def runs(self) -> list[dict[str, Any]]:
         """Every combination of the grid, in the grid's order (the last key varies fastest)."""
@@ -105,6 +106,8 @@ def fit_command(sweep: Sweep, values: dict[str, Any], run_dir: Path) -> list[str
         f"--trainer.callbacks.monitor={sweep.monitor}",
         f"--trainer.callbacks.mode={sweep.mode}",
     ]
+    if sweep.record:
+        command.append(f"--trainer.callbacks.record=[{', '.join(sweep.record)}]")
     return command
 
 

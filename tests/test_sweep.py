@@ -42,6 +42,7 @@ def sweep(tiny_model_dir, tmp_path_factory):
             "--trainer.callbacks.threshold=0.0",
         ],
         "out": str(root / "out"),
+        "record": ["val/loss"],
     }
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -59,10 +60,22 @@ def test_sweep_table_matches_each_runs_own_logs(sweep):
         run_dir = out / row["run"]
         (log_dir,) = {p.parent for p in run_dir.rglob("events.out.tfevents.*")}
         scalars = EventAccumulator(str(log_dir)).Reload()
-        accuracy = {e.step: e.value for e in scalars.Scalars("val/accuracy")}
-        trained = {step: v for step, v in accuracy.items() if step > 0}
+        # validations in the order they ran (Lightning labels a validation inside fit with the step
+        # count before the optimizer step that triggered it, so TensorBoard's step numbers repeat)
+        in_order = lambda tag: [e.value for e in sorted(scalars.Scalars(tag), key=lambda e: e.wall_time)]  # noqa: E731
+        accuracy, loss = in_order("val/accuracy"), in_order("val/loss")
+        assert len(accuracy) == len(loss) == 3  # before training, after step 1, after step 2
         assert row["domain_initial"] == pytest.approx(accuracy[0])
-        assert row["domain_best"] == pytest.approx(max(trained.values()))
+        assert row["domain_best"] == pytest.approx(max(accuracy[1:]))
+        best = 1 + accuracy[1:].index(max(accuracy[1:]))  # the earliest best; validation k follows step k
+        assert row["best_step"] == best
+        # a recorded metric and the forgetting drift, read at the same validations
+        assert (row["val_loss_initial"], row["val_loss_best"], row["val_loss_last"]) == pytest.approx((loss[0], loss[best], loss[-1]))
+        curve = {e["step"]: e for e in json.loads(next(run_dir.rglob("forgetting/curve.json")).read_text())}
+        assert sorted(curve) == [0, 1, 2]
+        assert row["forgetting_kl_best"] == pytest.approx(curve[best]["kl"])
+        assert row["forgetting_nll_increase_last"] == pytest.approx(curve[2]["nll_increase"])
+        assert row["forgetting_kl_initial"] == pytest.approx(curve[0]["kl"])
         general = json.loads(next(run_dir.rglob("general/fit_end.json")).read_text())
         start = json.loads(next(run_dir.rglob("general/fit_start.json")).read_text())
         assert row["general_best"] == pytest.approx(general["primary"]["talr_arc_easy"])
@@ -104,6 +117,23 @@ def test_report_draws_the_pareto_plot_and_table(sweep):
     assert "| initial model |" in markdown
 
 
+def test_report_with_a_loss_on_each_axis(sweep, tmp_path):
+    _, out, _ = sweep
+    done = talr("report", str(out / "results.csv"), "--x", "val_loss_best", "--x-lower-better",
+                "--y", "forgetting_kl_best", "--y-lower-better", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "pareto.png").is_file()
+    table = pd.read_csv(out / "results.csv")
+    points = {(r["loss"], r["learning_rate"]): (r["val_loss_best"], r["forgetting_kl_best"]) for _, r in table.iterrows()}
+    markdown = (tmp_path / "pareto.md").read_text()
+    for key, (x, y) in points.items():  # lower is better on both axes
+        dominated = any(xo <= x and yo <= y and (xo < x or yo < y) for other, (xo, yo) in points.items() if other != key)
+        line = next(line for line in markdown.splitlines() if line.startswith(f"| {key[0]} | {key[1]:g} |"))
+        assert line.endswith("| yes |") == (not dominated)
+    initial = next(line for line in markdown.splitlines() if line.startswith("| initial model |"))
+    assert f"{table['val_loss_initial'].mean():.4f}" in initial
+
+
 def test_pareto_notebook_executes_on_the_sweep(sweep, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
@@ -137,3 +167,17 @@ def test_pareto_front_by_brute_force():
     # (0.2, 0.8) appears twice: neither beats the other, both stay
     assert pareto_front(xs, ys) == [True, True, True, True, True]
     assert pareto_front([0.1, 0.2], [0.5, 0.6]) == [False, True]
+
+
+def test_run_summary_names_a_recorded_metric_that_was_never_logged(tiny_model_dir, tmp_path):
+    from conftest import tiny_fit_config
+
+    summary = {"class_path": "callbacks.run_summary.RunSummary",
+               "init_args": {"path": str(tmp_path / "summary.json"), "monitor": "val/loss", "mode": "min",
+                             "record": ["val/accuracy"]}}  # accuracy needs model.generate, which is off
+    config = tiny_fit_config(tiny_model_dir, tmp_path, "v0", [summary], trainer={"max_steps": 1},
+                             model={"loss": "ce"}, validate_before_fit=True)
+    done = talr("fit", "--config", str(config))
+    assert done.returncode != 0
+    assert "record metric(s) ['val/accuracy'] were never logged" in done.stderr
+    assert not (tmp_path / "summary.json").exists()
