@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
@@ -414,7 +415,13 @@ class SFTModule(L.LightningModule):
     def _eval_epoch_end(self) -> dict[str, float]:
         metrics = self._eval_metrics()
         prefix = "val" if self._split == "val" else "test"
-        self.log_dict({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, sync_dist=False)
+        logged = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            # Lightning puts a validation inside fit at the step count before the optimizer step that
+            # triggered it; a logged "step" sets the x-axis, so val/* lines up with the callbacks'
+            # numbers (forgetting, general benchmarks) and the checkpoint names, all at global_step.
+            logged["step"] = float(self.global_step)
+        self.log_dict(logged, sync_dist=False)
         return metrics
 
     @torch.no_grad()

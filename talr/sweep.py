@@ -2,7 +2,8 @@
 
 A sweep file names the base config(s), a grid over any `talr fit` option (a special key `config`
 stacks extra config files, for example one per strategy), fixed extra arguments, and where runs
-go. Every combination is one run in `<out>/<name>/`, started as its own `talr fit` process (its
+go; `monitor`/`mode` name the domain metric that picks each run's best checkpoint, and `record`
+lists more validation metrics to put in the table (before training, at the best step, last). Every combination is one run in `<out>/<name>/`, started as its own `talr fit` process (its
 output in `<name>/fit.log`). A finished run leaves `<name>/summary.json` (written by the
 `RunSummary` callback the sweep adds); the table `<out>/results.csv` and `.json` is rebuilt from
 those files after every run, so an interrupted sweep loses nothing. Restarting skips finished runs
