@@ -61,9 +61,11 @@ def initial_point(results: pd.DataFrame, x: str = "domain_initial", y: str = "ge
 
 
 def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, ylabel: str,
-         x_lower_better: bool = False, y_lower_better: bool = False):
+         x_lower_better: bool = False, y_lower_better: bool = False, y_log: bool = False):
     """The Pareto figure: one marker per strategy, learning rates as labels, the frontier as a line.
-    An axis whose column is a loss is reversed, so better is always to the right and up."""
+    An axis whose column is a loss is reversed, so better is always to the right and up. `y_log`
+    draws y on a symmetric log scale, linear below the smallest nonzero value, so a drift that
+    spans orders of magnitude stays readable and the initial model's zero stays on the plot."""
     import matplotlib.pyplot as plt  # headless machines get the Agg backend by default
 
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
@@ -78,6 +80,10 @@ def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, 
     ax.plot(front["domain"], front["general"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
     if initial is not None:
         ax.scatter([initial[0]], [initial[1]], marker="*", s=220, color="black", zorder=5, label="initial model")
+    if y_log:
+        values = pd.concat([table["general"], pd.Series([initial[1]] if initial else [], dtype=float)]).abs()
+        nonzero = values[values > 0]
+        ax.set_yscale("symlog", linthresh=float(nonzero.min()) if len(nonzero) else 1.0)
     if x_lower_better:
         ax.invert_xaxis()
     if y_lower_better:
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--y", default="general_best", help="general column (default general_best)")
     parser.add_argument("--x-lower-better", action="store_true", help="the x column is a loss (val_loss_best, ...)")
     parser.add_argument("--y-lower-better", action="store_true", help="the y column is a loss (forgetting_kl_best, ...)")
+    parser.add_argument("--y-log", action="store_true", help="y on a log scale (linear near zero), for a drift such as KL")
     args = parser.parse_args(argv)
 
     path = Path(args.results)
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     table = trade_off_table(results, args.x, args.y, args.x_lower_better, args.y_lower_better)
     initial = initial_point(results, args.x.replace("_best", "_initial"), args.y.replace("_best", "_initial"))
     out = Path(args.out) if args.out else path.parent
-    figure = plot(table, initial, f"domain ({args.x})", f"general ({args.y})", args.x_lower_better, args.y_lower_better)
+    figure = plot(table, initial, f"domain ({args.x})", f"general ({args.y})", args.x_lower_better, args.y_lower_better,
+                  args.y_log)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     png = write_atomic(out / "pareto.png", buffer.getvalue())

@@ -14,7 +14,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SHARED
-from talr.report import pareto_front
+from talr.report import pareto_front, plot, trade_off_table
 from talr.sweep import Sweep, run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_report_draws_the_pareto_plot_and_table(sweep):
 def test_report_with_a_loss_on_each_axis(sweep, tmp_path):
     _, out, _ = sweep
     done = talr("report", str(out / "results.csv"), "--x", "val_loss_best", "--x-lower-better",
-                "--y", "forgetting_kl_best", "--y-lower-better", "--out", str(tmp_path))
+                "--y", "forgetting_kl_best", "--y-lower-better", "--y-log", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "pareto.png").is_file()
     table = pd.read_csv(out / "results.csv")
@@ -131,6 +131,12 @@ def test_report_with_a_loss_on_each_axis(sweep, tmp_path):
         assert line.endswith("| yes |") == (not dominated)
     initial = next(line for line in markdown.splitlines() if line.startswith("| initial model |"))
     assert f"{table['val_loss_initial'].mean():.4f}" in initial
+    # the drift axis: symmetric log, linear below the smallest nonzero drift, reversed; the initial zero is inside
+    drift = trade_off_table(table, "val_loss_best", "forgetting_kl_best", True, True)
+    axes = plot(drift, (1.0, 0.0), "x", "y", True, True, y_log=True).axes[0]
+    low, high = sorted(axes.get_ylim())
+    assert axes.get_yscale() == "symlog" and axes.yaxis_inverted() and axes.xaxis_inverted()
+    assert low <= 0.0 <= high and low <= drift["general"].min() and drift["general"].max() <= high
 
 
 def test_pareto_notebook_executes_on_the_sweep(sweep, monkeypatch):
