@@ -8,6 +8,7 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.run_summary import RunSummary
 from talr.checkpoint_io import AtomicCheckpointIO, latest_logger_version
 from talr.data import SFTDataModule
 from talr.module import SFTModule
@@ -61,7 +62,10 @@ class TalrCLI(LightningCLI):
         # Checkpoints are written atomically unless the config brings its own plugins.
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, RunSummary) for c in trainer.callbacks):  # every run reports before / best / last
+            trainer.callbacks.append(RunSummary())
+        return trainer
 
     def before_fit(self) -> None:
         config = self.config.get(self.subcommand, {})

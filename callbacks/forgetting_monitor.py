@@ -21,11 +21,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
-from talr.data import Example, pad_examples
+from talr.data import Example
 from talr.general_prompts import GENERAL_PROMPTS, GeneralPrompt, load_prompts
 from talr.generation import stop_token_ids
 from talr.models import eval_mode
 from talr.results import GuardsResults, write_atomic
+from talr.scoring import score_examples
 from talr.token_loss import IGNORE_INDEX
 
 RESPONSES_FILE = "responses.jsonl"
@@ -139,7 +140,7 @@ class ForgettingMonitor(GuardsResults):
         # and a resumed run must find its stored answers before deciding to sample.
         out = self.output_dir(trainer)
         if trainer.ckpt_path is not None and not self.restored:
-            self.check_results(trainer)  # the checkpoint is not of a run with this callback: its files are not ours
+            self.guard_results(trainer, always=True)  # the checkpoint is not of a run with this callback: its files are not ours
         if not self.responses:
             if trainer.global_step > 0:
                 rank_zero_warn(
@@ -227,7 +228,6 @@ class ForgettingMonitor(GuardsResults):
                     })
         return responses
 
-    @torch.no_grad()
     def score_responses(self, pl_module: L.LightningModule) -> list[torch.Tensor]:
         """Each answer's per-token NLL under the current weights (float32, on the CPU)."""
         examples = [
@@ -235,16 +235,7 @@ class ForgettingMonitor(GuardsResults):
                     labels=[IGNORE_INDEX] * len(r["prompt_ids"]) + r["response_ids"])
             for i, r in enumerate(self.responses)
         ]
-        pad_id = pl_module.tokenizer.pad_token_id
-        scores: list[torch.Tensor] = []
-        with eval_mode(pl_module):
-            for start in range(0, len(examples), self.batch_size):
-                chunk = examples[start:start + self.batch_size]
-                batch = {k: v.to(pl_module.device) for k, v in pad_examples(chunk, pad_id).items()}
-                nll, seq_index = pl_module.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
-                nll, seq_index = nll.float().cpu(), seq_index.cpu()
-                scores += [nll[seq_index == i] for i in range(len(chunk))]
-        return scores
+        return score_examples(pl_module.net, examples, pl_module.tokenizer.pad_token_id, self.batch_size, pl_module.device)
 
     # -- the curve --------------------------------------------------------------------------------
     def curve_entry(self, trainer: L.Trainer, current: list[torch.Tensor]) -> dict[str, Any]:

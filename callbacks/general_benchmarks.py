@@ -28,9 +28,9 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.hf_export import lm_state_from_checkpoint
 from talr import lm_eval_tasks
-from talr.models import eval_mode, is_peft, load_model
+from talr.checkpoint_io import lm_state_from_checkpoint
+from talr.models import eval_mode, is_peft
 from talr.results import GuardsResults, write_atomic
 
 # The number each benchmark reports in the paper (lm-eval's key: "<metric>,<filter>").
@@ -310,12 +310,10 @@ class GeneralBenchmarks(GuardsResults):
             self._event(trainer, pl_module, "fit_start", pl_module.lm, "initial model")
             return
         # Resumed without this callback's state: the live weights are trained, so reload the initial model.
-        hp = pl_module.hparams
-        rank_zero_warn(f"GeneralBenchmarks: no baseline in the checkpoint; reloading the initial model {hp.model!r}")
-        initial = None
-        if trainer.is_global_zero:
-            initial = load_model(hp.model, hp.dtype, trust_remote_code=hp.trust_remote_code).to(pl_module.device)
-        self._event(trainer, pl_module, "fit_start", initial, f"initial model (reloaded from {hp.model})")
+        name = pl_module.hparams.model
+        rank_zero_warn(f"GeneralBenchmarks: no baseline in the checkpoint; reloading the initial model {name!r}")
+        initial = pl_module.load_initial_lm().to(pl_module.device) if trainer.is_global_zero else None
+        self._event(trainer, pl_module, "fit_start", initial, f"initial model (reloaded from {name})")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.every_n_validations:
@@ -340,13 +338,11 @@ class GeneralBenchmarks(GuardsResults):
             if trainer.is_global_zero:
                 if best:
                     model = copy.deepcopy(pl_module.lm)  # the live module keeps the weights training ended with
-                    model.load_state_dict(lm_state_from_checkpoint(best))
+                    model.load_state_dict(lm_state_from_checkpoint(best, pl_module.lm_prefix))
                 model.to(device)
             self._event(trainer, pl_module, "fit_end", model, source)
         finally:
             pl_module.lm.to(home)
-        for logger in trainer.loggers:
-            logger.finalize("success")  # the loggers were closed before on_fit_end; flush what was added
 
     # -- one evaluation ------------------------------------------------------------------------------
     def _event(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, model: torch.nn.Module | None, source: str) -> None:

@@ -7,53 +7,12 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import FSDPModule
 
+from talr.checkpoint_io import full_state_dict, lm_state_from_checkpoint
 from talr.models import export_pretrained, is_peft
 from talr.results import GuardsResults
-
-LM_PREFIX = "net.lm."
-
-
-def lm_state_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The causal LM's weights from a Lightning checkpoint of SFTModule (tensors only, no pickled code).
-
-    A directory is a distributed checkpoint (ModelParallelStrategy's default): its shards are
-    consolidated in this process, reading the model's tensors only (not the optimizer's).
-    """
-    if Path(path).is_dir():
-        return _lm_state_from_distributed_checkpoint(Path(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k[len(LM_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(LM_PREFIX)}
-    if not state:
-        raise ValueError(f"{path}: no '{LM_PREFIX}*' weights; is this a talr SFTModule checkpoint?")
-    return state
-
-
-def _lm_state_from_distributed_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-
-    reader = dcp.FileSystemReader(path)
-    prefix = "state_dict." + LM_PREFIX  # Lightning saves {"state_dict": ..., "optimizer_0": ...}, flattened
-    state = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in reader.read_metadata().state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(meta, dcp.TensorStorageMetadata)
-    }
-    if not state:
-        raise ValueError(f"{path}: no '{LM_PREFIX}*' weights; is this a talr SFTModule checkpoint?")
-    dcp.load(state, storage_reader=reader, no_dist=True)  # one process reads every shard
-    return {key[len(prefix):]: value for key, value in state.items()}
-
-
-def full_lm_state(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-    """The LM's full weights on CPU on rank 0 (empty elsewhere); a collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(pl_module.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
 
 class HFExport(GuardsResults):
     """At fit end, write `save_pretrained` output that `AutoModelForCausalLM.from_pretrained` loads.
@@ -91,11 +50,11 @@ class HFExport(GuardsResults):
             if is_peft(pl_module.lm) and self.merge_lora:
                 raise NotImplementedError("HFExport: merging LoRA adapters of an FSDP2 run is not supported; set merge_lora: false")
             use_best = self.which == "best" and bool(best)
-            state = {} if use_best else full_lm_state(pl_module)  # the gather runs on every rank
+            state = {} if use_best else full_state_dict(pl_module.lm)  # the gather runs on every rank
             if not trainer.is_global_zero:
                 return
             if use_best:
-                state = lm_state_from_checkpoint(best)
+                state = lm_state_from_checkpoint(best, pl_module.lm_prefix)
             self.exported_to = export_pretrained(pl_module.lm, pl_module.tokenizer, out, self.merge_lora, state_dict=state)
             rank_zero_info(f"[talr] exported {f'best checkpoint {best}' if use_best else 'final weights'} to {out} "
                            "(AutoModelForCausalLM.from_pretrained loads it)")
@@ -106,7 +65,7 @@ class HFExport(GuardsResults):
         source = "final weights"
         if self.which == "best" and best:
             lm = copy.deepcopy(lm)  # leave the live module's weights as training ended
-            lm.load_state_dict(lm_state_from_checkpoint(best))
+            lm.load_state_dict(lm_state_from_checkpoint(best, pl_module.lm_prefix))
             source = f"best checkpoint {best}"
         self.exported_to = export_pretrained(lm, pl_module.tokenizer, out, merge_lora=self.merge_lora)
         rank_zero_info(f"[talr] exported {source} to {out} (AutoModelForCausalLM.from_pretrained loads it)")

@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.hf_export import lm_state_from_checkpoint
-from talr.models import export_pretrained, load_model
+from talr.checkpoint_io import lm_state_from_checkpoint
+from talr.models import export_pretrained
 from talr.results import GuardsResults, write_atomic
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -126,7 +126,7 @@ class WiSEFT(GuardsResults):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if self.source == "best":
             if best:
-                theta, origin = lm_state_from_checkpoint(best), f"best checkpoint {best}"
+                theta, origin = lm_state_from_checkpoint(best, pl_module.lm_prefix), f"best checkpoint {best}"
             else:
                 origin += " (source=best, but no best checkpoint was saved)"
         theta0 = self._initial_state(pl_module)
@@ -156,11 +156,10 @@ class WiSEFT(GuardsResults):
         trainer.strategy.barrier("wiseft")
         rank_zero_info(self._table(origin, out))
 
-    def _initial_state(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _initial_state(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         """Reload theta_0 rather than keep a copy through training: no memory held, resume-safe."""
-        hp = pl_module.hparams
-        model = load_model(hp.model, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in pl_module.load_initial_lm().state_dict().items()}
 
     def _choose(self) -> dict[str, Any]:
         """The best result on `select`; a NaN metric ranks last."""
@@ -181,8 +180,6 @@ class WiSEFT(GuardsResults):
             for name, value in result["metrics"].items():
                 writer.add_scalar(f"wiseft/{name}", value, global_step=step)
         writer.add_text("wiseft/alphas", f"alphas (x axis in percent): {self.alphas}; chosen: {self.chosen_alpha}")
-        # The logger was finalized (writer closed) before on_fit_end; this reopened it.
-        writer.close()
 
     def _plot(self) -> bytes:
         # The object API renders with Agg without touching pyplot's global backend.

@@ -1,5 +1,5 @@
-"""One JSON per run with what a sweep table needs: the domain score and the general score, before
-and at the best checkpoint, the run's options and where its config and logs are."""
+"""The run's validation history and summary: before / best / last in the log, and one JSON with what a
+sweep table needs (domain and general scores before and at the best checkpoint, the run's options)."""
 
 from __future__ import annotations
 
@@ -13,74 +13,110 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.contracts import ContributesScores
 from talr.results import write_atomic
 
 
 class RunSummary(Callback):
-    """Record `monitor` at every validation (the initial model's too) and write `path` at fit end.
+    """The run's validation history, its before / best / last summary in the log, and `path` at fit end.
 
-    The summary holds `domain_initial` (before training, from validate-before-fit), `domain_best`
-    and its `best_step` (the checkpoint the paper selects), `domain_last`, the general score of
-    the initial model and of the best checkpoint when a `GeneralBenchmarks` callback ran, the
-    learning rate, loss and seed, and the run's history. Every callback with a
-    `summary_scores(best_step)` method adds its numbers (GeneralBenchmarks: the general score;
-    ForgettingMonitor: the drift on general prompts at the best step). `talr sweep` adds this
-    callback to every run.
+    Every validation's `val/*` metrics (the initial model's too, from validate-before-fit) go into the
+    history. At fit end the log gets the target NLL and, where the task scores generations, the
+    domain accuracy before fine-tuning, at the best step and at the last validation, and `path` gets
+    one JSON with what a sweep table needs: `domain_initial` / `domain_best` (the checkpoint the paper
+    selects) with its `best_step` / `domain_last` on `monitor`, the options that define the run, and
+    the numbers of every callback that provides `summary_scores(best_step)` (`ContributesScores`:
+    GeneralBenchmarks' general score, ForgettingMonitor's drift at the best step, ...). `talr fit`
+    adds one to every run that has none.
 
     Args:
         path: the JSON file; default `<log_dir>/summary.json`.
-        monitor: the domain metric, as logged (`val/accuracy`, `val/balanced_accuracy`, ...).
-        mode: `max` or `min` (for a loss).
+        monitor: the domain metric, as logged (`val/accuracy`, `val/balanced_accuracy`, ...); None:
+            the ModelCheckpoint's monitor, else `val/loss`.
+        mode: `max` or `min` (for a loss); None: the ModelCheckpoint's mode, else `min`.
         record: more validation metrics to report before training, at the best step and at the
             last validation, as `<metric>_initial|_best|_last` with `/` written `_`
             (`val/loss` -> `val_loss_best`).
     """
 
-    def __init__(self, path: str | None = None, monitor: str = "val/accuracy", mode: Literal["max", "min"] = "max",
+    def __init__(self, path: str | None = None, monitor: str | None = None, mode: Literal["max", "min"] | None = None,
                  record: list[str] | None = None) -> None:
-        if mode not in ("max", "min"):
+        if mode not in ("max", "min", None):
             raise ValueError(f"RunSummary.mode must be 'max' or 'min', got {mode!r}")
         self.path = path
+        self.explicit = monitor is not None  # a run that never validates has no summary unless one was asked for
         self.monitor = monitor
         self.mode = mode
-        self.record = [name for name in (record or []) if name != monitor]
+        self.record = list(record or [])
         self.history: list[dict[str, float]] = []
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        checkpoint = trainer.checkpoint_callback
+        followed = getattr(checkpoint, "monitor", None)
+        if self.monitor is None:
+            self.monitor = followed or "val/loss"
+        if self.mode is None:
+            self.mode = checkpoint.mode if followed == self.monitor else ("min" if "loss" in self.monitor else "max")
+        self.record = [name for name in self.record if name != self.monitor]
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+        if trainer.sanity_checking:
             return
-        metrics = trainer.callback_metrics
-        entry = {"step": trainer.global_step, **{name: float(metrics[name]) for name in [self.monitor, *self.record]
-                                                 if name in metrics}}
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+        if not metrics:
+            return
+        entry = {"step": trainer.global_step, **metrics}
         self.history = [e for e in self.history if e["step"] != entry["step"]] + [entry]  # a resumed step replaces
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
         if not trainer.is_global_zero:
             return
-        if not self.history:
+        if not any(self.monitor in entry for entry in self.history):
+            if not self.explicit:
+                return
             raise ValueError(f"RunSummary: {self.monitor!r} was never logged; is the monitor name right "
                              f"(logged: {sorted(trainer.callback_metrics)})?")
         never = [name for name in self.record if not any(name in entry for entry in self.history)]
         if never:
             raise ValueError(f"RunSummary: record metric(s) {never} were never logged at a validation "
                              f"(logged: {sorted(trainer.callback_metrics)})")
+        rank_zero_info(self.describe())
         path = Path(self.path) if self.path else Path(log_dir or trainer.default_root_dir) / "summary.json"
         write_atomic(path, json.dumps(self.summary(trainer, pl_module, log_dir), indent=2))
         rank_zero_info(f"[talr] run summary: {path}")
 
-    def summary(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> dict[str, Any]:
-        initial = [e for e in self.history if e["step"] == 0]
-        trained = [e for e in self.history if e["step"] > 0] or self.history
+    def _initial_best_last(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """The entries before training (empty if not measured), at the best step, and last."""
+        scored = [e for e in self.history if self.monitor in e]
+        initial = next((e for e in scored if e["step"] == 0), {})
+        trained = [e for e in scored if e["step"] > 0] or scored
         pick = max if self.mode == "max" else min
         best = pick(trained, key=lambda e: e[self.monitor])  # the earliest best, as ModelCheckpoint keeps it
+        return initial, best, trained[-1]
+
+    def describe(self) -> str:
+        """The fit's before / best / last lines for the log."""
+        initial, best, last = self._initial_best_last()
+        nll = lambda e: f"{e['val/loss']:.4f}" if "val/loss" in e else "-"  # noqa: E731
+        lines = [f"[talr] validation target NLL before fine-tuning {nll(initial)}, at the best step {nll(best)}, "
+                 f"last {nll(last)}; best step {int(best['step'])} on {self.monitor}"]
+        if "val/accuracy" in last:
+            accuracy = lambda e: (f"{e['val/accuracy']:.3f} (unparsed {int(e['val/unparsed'])}/{int(e['val/count'])})"  # noqa: E731
+                                  if "val/accuracy" in e else "-")
+            lines.append(f"[talr] domain accuracy before fine-tuning {accuracy(initial)}; at the best step "
+                         f"{accuracy(best)}; last {accuracy(last)}")
+        return "\n".join(lines)
+
+    def summary(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> dict[str, Any]:
+        initial, best, last = self._initial_best_last()
         hparams = pl_module.hparams
         out: dict[str, Any] = {
             "monitor": self.monitor,
-            "domain_initial": initial[0][self.monitor] if initial else math.nan,
+            "domain_initial": initial.get(self.monitor, math.nan),
             "domain_best": best[self.monitor],
             "best_step": best["step"],
-            "domain_last": trained[-1][self.monitor],
+            "domain_last": last[self.monitor],
             "general_initial": math.nan,
             "general_best": math.nan,
             "learning_rate": hparams.get("learning_rate"),
@@ -94,12 +130,11 @@ class RunSummary(Callback):
         }
         for name in self.record:
             column = name.replace("/", "_")
-            for when, entry in (("initial", initial[0] if initial else {}), ("best", best), ("last", trained[-1])):
+            for when, entry in (("initial", initial), ("best", best), ("last", last)):
                 out[f"{column}_{when}"] = entry.get(name, math.nan)
         for callback in trainer.callbacks:  # general score, forgetting, ... from the callbacks that measure them
-            scores = getattr(callback, "summary_scores", None)
-            if callable(scores):
-                out.update(scores(best["step"]))
+            if isinstance(callback, ContributesScores):
+                out.update(callback.summary_scores(best["step"]))
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,12 +21,11 @@ import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from tqdm.auto import tqdm
 
-from talr.data import Example, pad_examples
+from talr.data import Example
 from talr.losses import TALR, Regularized, TokenBatch, build_loss
-from talr.models import eval_mode
 from talr.results import GuardsResults, write_atomic
+from talr.scoring import score_examples
 from talr.token_loss import shift_targets
 
 QUANTILES = (10, 25, 50, 75, 90)
@@ -143,7 +142,7 @@ class TokenProbabilityLogger(GuardsResults):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_start, not on_fit_start: some strategies restore callback state after on_fit_start.
         if trainer.ckpt_path is not None and not self.restored:
-            self.check_results(trainer)  # the checkpoint is not of a run with this callback: its files are not ours
+            self.guard_results(trainer, always=True)  # the checkpoint is not of a run with this callback: its files are not ours
         if not self.probe_rows:
             self.probe_rows = self.choose_probe_rows(trainer)
         self.probe_examples(trainer)  # a resumed run with other data fails here, before training
@@ -181,37 +180,25 @@ class TokenProbabilityLogger(GuardsResults):
         return [by_row[r] for r in self.probe_rows]
 
     # -- one logging event -----------------------------------------------------------------------
-    @torch.no_grad()
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
         """Every probe target token's probability and TALR weight under the current weights."""
         examples = self.probe_examples(trainer)
-        size = trainer.datamodule.eval_batch_size
-        pad_id = pl_module.tokenizer.pad_token_id
-        nll_parts, seq_parts, row_parts, position_parts, token_parts = [], [], [], [], []
-        with eval_mode(pl_module):
-            chunks = range(0, len(examples), size)
-            for start in tqdm(chunks, desc="token probabilities", leave=False, disable=not trainer.is_global_zero):
-                chunk = examples[start:start + size]
-                batch = {k: v.to(pl_module.device) for k, v in pad_examples(chunk, pad_id).items()}
-                nll, seq_index = pl_module.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
-                # the same mask orders target_token_nll's outputs: row-major over (row, position)
-                mask, targets = shift_targets(batch["labels"])
-                _, predicting = mask.nonzero(as_tuple=True)
-                nll_parts.append(nll.float().cpu())
-                seq_parts.append(seq_index.cpu() + start)
-                row_parts.append(torch.tensor([e.row_index for e in chunk])[seq_index.cpu()])
-                position_parts.append(predicting.cpu() + 1)  # position t predicts the token at t + 1
-                token_parts.append(targets.cpu())
-        nll = torch.cat(nll_parts)
-        seq_index = torch.cat(seq_parts)
+        per_row = score_examples(pl_module.net, examples, pl_module.tokenizer.pad_token_id,
+                                 trainer.datamodule.eval_batch_size, pl_module.device,
+                                 desc="token probabilities" if trainer.is_global_zero else None)
+        nll = torch.cat(per_row)
+        seq_index = torch.cat([torch.full((len(row),), i) for i, row in enumerate(per_row)])
+        # shift_targets orders a row's target tokens by position, as the scores are
+        mask, targets = zip(*(shift_targets(torch.tensor([e.labels])) for e in examples))
+        positions = [m[0].nonzero().flatten() + 1 for m in mask]  # position t predicts the token at t + 1
         talr = talr_strategy(pl_module, self.talr_options)
         # The strategy itself decides tau (fixed, or the median of the rows' mean losses) ...
         tau = talr(TokenBatch(nll, seq_index, len(examples))).metrics["tau"]
         weights = talr.weights(nll, tau)  # ... and the weight floor, exactly as in training
         return {
-            "row_index": torch.cat(row_parts).numpy().astype(np.int64),
-            "position": torch.cat(position_parts).numpy().astype(np.int64),
-            "token_id": torch.cat(token_parts).numpy().astype(np.int64),
+            "row_index": np.repeat([e.row_index for e in examples], [len(row) for row in per_row]).astype(np.int64),
+            "position": torch.cat(positions).numpy().astype(np.int64),
+            "token_id": torch.cat(targets).numpy().astype(np.int64),
             "probability": torch.exp(-nll).numpy().astype(np.float32),
             "nll": nll.numpy().astype(np.float32),
             "talr_weight": weights.numpy().astype(np.float32),

@@ -1,7 +1,9 @@
-"""Checkpoints written atomically and read without unpickling code.
+"""Checkpoints: written atomically, read without unpickling code, and the one place that reads them.
 
 A crash during a write leaves the previous file usable; a checkpoint that carries pickled objects
-(anything beyond tensors and plain containers) is refused instead of executed.
+(anything beyond tensors and plain containers) is refused instead of executed. Callbacks read a
+model's weights from a checkpoint here, given the prefix under which the module keeps its causal
+LM (`SFTModule.lm_prefix`), so no callback knows the module's attribute layout.
 """
 
 from __future__ import annotations
@@ -58,3 +60,56 @@ def latest_logger_version(save_dir: str | Path, name: str | None) -> str | None:
             stamp = (candidate.stat().st_mtime, candidate.parent.parent.name)
             newest = max(newest, stamp) if newest else stamp
     return newest[1] if newest else None
+
+
+def lm_state_from_checkpoint(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The causal LM's weights (keys without `prefix`) from a Lightning checkpoint, tensors only.
+
+    A directory is a distributed checkpoint (ModelParallelStrategy's default): its shards are
+    consolidated in this process, reading the model's tensors only (not the optimizer's).
+    """
+    if Path(path).is_dir():
+        return _lm_state_from_distributed_checkpoint(Path(path), prefix)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path}: no '{prefix}*' weights; is this a talr SFTModule checkpoint?")
+    return state
+
+
+def _lm_state_from_distributed_checkpoint(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(path)
+    flat = "state_dict." + prefix  # Lightning saves {"state_dict": ..., "optimizer_0": ...}, flattened
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(flat) and isinstance(meta, dcp.TensorStorageMetadata)
+    }
+    if not state:
+        raise ValueError(f"{path}: no '{prefix}*' weights; is this a talr SFTModule checkpoint?")
+    dcp.load(state, storage_reader=reader, no_dist=True)  # one process reads every shard
+    return {key[len(flat):]: value for key, value in state.items()}
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A (possibly sharded) model's full weights on CPU on rank 0 (empty elsewhere); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def check_checkpoint_fits(mine: dict[str, torch.Tensor], checkpoint: dict[str, Any], model_name: str) -> None:
+    """Refuse a checkpoint of another model before any weight is touched, naming both models."""
+    theirs = checkpoint.get("state_dict", {})
+    source = checkpoint.get("hyper_parameters", {}).get("model", "an unknown model")
+    missing = sorted(set(mine) - set(theirs))
+    shapes = [k for k in mine if k in theirs and tuple(theirs[k].shape) != tuple(mine[k].shape)]
+    if missing or shapes:
+        detail = (f"tensor {shapes[0]} has shape {tuple(theirs[shapes[0]].shape)} there, "
+                  f"{tuple(mine[shapes[0]].shape)} here" if shapes else f"it lacks {missing[0]}")
+        raise ValueError(
+            f"the checkpoint was trained from {source!r} and does not fit model.model={model_name!r}: "
+            f"{detail} ({len(missing)} missing, {len(shapes)} of another shape)"
+        )

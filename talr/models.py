@@ -227,3 +227,24 @@ def export_pretrained(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def shard_fsdp2(net: TokenNLLModel, mesh: Any, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: one parameter group per decoder layer, then the root (embeddings, final norm, head).
+
+    Per-layer groups let each layer's weights be gathered just before it runs and freed after;
+    gradient checkpointing set by `load_model` still applies (transformers checkpoints the layer's
+    forward inside FSDP's hooks). `generate` is registered as a forward method of the root, so the
+    root's weights are gathered for `lm.generate`, which bypasses `net.forward`.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    layer_names = set(getattr(net.lm, "_no_split_modules", None) or [])
+    layers = [m for m in net.lm.modules() if type(m).__name__ in layer_names][::-1]  # innermost first
+    if not layers:
+        raise ValueError(f"FSDP2: {type(net.lm).__name__} names no decoder layer class (_no_split_modules)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(net, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(net, "generate")

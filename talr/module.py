@@ -8,10 +8,6 @@ of micro-batches instead, which weighs tokens of short micro-batches more (trans
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
-import os
 import math
 from collections import defaultdict
 from functools import partial
@@ -21,18 +17,18 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from tqdm.auto import tqdm
+from lightning.pytorch.utilities import rank_zero_info
 
-from talr.generation import generate_texts
-from talr.data import pad_examples
+from talr.checkpoint_io import check_checkpoint_fits
+from talr.evaluation import DomainEvaluation, write_generations
+from talr.flow_prepass import initial_sequence_losses
 from talr.losses import FLOW, Regularized, TokenBatch, build_loss, flow_weights
-from talr.models import TokenNLLModel, cache_dir, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype
-from talr.results import refuse_to_overwrite, resumes_its_own_run, write_atomic
-from talr.tasks.base import Verdict
+from talr.nonfinite import NonFiniteSteps, gradient_norm
+from talr.models import TokenNLLModel, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype, shard_fsdp2
+from talr.results import ResultGuard
+from talr.schedule import schedule_length, warmup_cosine
 from talr.token_loss import sequence_mean_losses
 
 
@@ -113,12 +109,10 @@ class SFTModule(L.LightningModule):
         self._reference: list[TokenNLLModel] = []  # KL's frozen initial model (none with LoRA)
         self._anchors: list[torch.Tensor] = []  # L2's theta_0, one per trainable parameter
         self.flow_weights: torch.Tensor | None = None  # FLOW's static weight of each training row
-        self.bad_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
-        self._bad_in_row = 0
-        self.val_history: list[dict[str, float]] = []
-        self._eval_records: list[tuple[int, Verdict, str]] = []
-        self._eval_nll = [0.0, 0]  # summed NLL, target tokens
-        self._results_checked = False
+        self.nonfinite = NonFiniteSteps(max_bad_steps)
+        self._evaluation = DomainEvaluation()
+        self._split = "val"
+        self._generations_guard = ResultGuard("model.overwrite_results")
 
     # -- model ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -127,11 +121,10 @@ class SFTModule(L.LightningModule):
 
     def refuse_earlier_results(self) -> None:
         """Stop a new run that would write over an earlier run's generation files (checked once)."""
-        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
-        if self._results_checked or self.hparams.overwrite_results or resumes_its_own_run(self.trainer) or log_dir is None:
+        if self.hparams.overwrite_results:
             return
-        refuse_to_overwrite([Path(log_dir) / "generations"], "model.overwrite_results")
-        self._results_checked = True
+        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
+        self._generations_guard.check(self.trainer, lambda: [Path(log_dir) / "generations"] if log_dir else [])
 
     def configure_model(self) -> None:
         if self.net is not None:
@@ -139,7 +132,7 @@ class SFTModule(L.LightningModule):
         hp = self.hparams
         lm = load_model(hp.model, hp.dtype, hp.gradient_checkpointing, hp.trust_remote_code, hp.attn_implementation, hp.lora)
         if self.loss_fn.needs_reference and not is_peft(lm):
-            reference = TokenNLLModel(copy.deepcopy(lm), hp.loss_chunk_size).eval().requires_grad_(False)
+            reference = TokenNLLModel(self.load_initial_lm(), hp.loss_chunk_size).eval().requires_grad_(False)
             self._reference = [reference]
         lm.train()  # from_pretrained returns eval mode; dropout-bearing models must train in train mode
         self.net = TokenNLLModel(lm, hp.loss_chunk_size)
@@ -161,6 +154,23 @@ class SFTModule(L.LightningModule):
         assert self.net is not None, "configure_model() has not run"
         return self.net.lm
 
+    @property
+    def bad_steps(self) -> int:
+        """Optimizer steps skipped so far for a non-finite loss or gradient."""
+        return self.nonfinite.skipped
+
+    @property
+    def lm_prefix(self) -> str:
+        """Where the causal LM's weights sit in this module's state dict (for reading checkpoints)."""
+        return "net.lm."
+
+    def load_initial_lm(self) -> torch.nn.Module:
+        """The initial model, freshly loaded as `model.model` names it (without adapters), on the CPU:
+        the one way to get theta_0 (KL's reference, WiSE-FT, a resumed run's benchmark baseline)."""
+        hp = self.hparams
+        return load_model(hp.model, hp.dtype, trust_remote_code=hp.trust_remote_code,
+                          attn_implementation=hp.attn_implementation)
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         # Decay matrices only: decaying norms and biases hurts and is not what the paper's AdamW runs do.
@@ -169,86 +179,28 @@ class SFTModule(L.LightningModule):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas))
-        total = self.total_optimizer_steps()
+        total = schedule_length(self.trainer)
         warmup = math.ceil(self.hparams.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, warmup=warmup, total=total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def total_optimizer_steps(self) -> int:
-        """Optimizer steps of the whole run, for the schedule.
-
-        Computed from the data rather than with `trainer.estimated_stepping_batches`, which builds
-        the training iterator before a checkpoint's loop state is restored and so defeats the
-        mid-epoch resume of the training loader.
-        """
-        trainer = self.trainer
-        rows = len(trainer.datamodule.datasets["train"])
-        per_epoch = math.ceil(math.ceil(rows / trainer.world_size) / trainer.datamodule.batch_size)
-        limit = trainer.limit_train_batches
-        if isinstance(limit, float):
-            per_epoch = int(per_epoch * limit) if limit < 1.0 else per_epoch
-        elif limit is not None:
-            per_epoch = min(per_epoch, int(limit))
-        total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
-        if trainer.max_steps and trainer.max_steps > 0:
-            total = min(total, trainer.max_steps)
-        if total == math.inf:
-            raise ValueError("set trainer.max_epochs or trainer.max_steps: the learning-rate schedule needs a length")
-        return max(1, int(total))
-
-    # -- FLOW's pre-pass ---------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self.refuse_earlier_results()  # trainer.ckpt_path is known from here on: a resumed run keeps its files
         if self.loss_fn.needs_sequence_weights and self.flow_weights is None:  # a resumed run has them
-            self.flow_weights = self.sequence_weight_prepass()
+            self.flow_weights = self.flow_sequence_weights()
 
-    @torch.no_grad()
-    def sequence_weight_prepass(self) -> torch.Tensor:
-        """FLOW's static weights: one pass of the initial model over the training set.
-
-        Each rank scores its shard and the results are gathered; the per-sequence losses are
-        cached on disk keyed by the model and the exact token ids, so a rerun skips the pass.
-        """
-        datamodule = self.trainer.datamodule
-        examples = datamodule.datasets["train"].examples
-        digest = hashlib.sha256(f"{self.hparams.model}|{self.hparams.dtype}|{self.hparams.lora}".encode())
-        for e in examples:
-            digest.update(repr((e.input_ids, e.prompt_len)).encode())
-        path = cache_dir() / "flow" / f"{digest.hexdigest()[:24]}.pt"
-        if path.is_file():
-            losses = torch.load(path, map_location="cpu", weights_only=True)
-            rank_zero_info(f"[flow] sequence losses of the initial model loaded from {path}")
-        else:
-            losses = self._score_sequences(examples)
-            if self.trainer.is_global_zero:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save(losses, tmp)
-                os.replace(tmp, path)
+    def flow_sequence_weights(self) -> torch.Tensor:
+        """FLOW's static weight of every training row, from one pass of the initial model (cached)."""
+        datamodule, hp = self.trainer.datamodule, self.hparams
+        losses = initial_sequence_losses(
+            self.net, datamodule.datasets["train"].examples, len(datamodule.rows("train")), self.tokenizer.pad_token_id,
+            datamodule.eval_batch_size, self.device, f"{hp.model}|{hp.dtype}|{hp.lora}", self.trainer.is_global_zero,
+        )
         strategy = self.loss_fn.base if isinstance(self.loss_fn, Regularized) else self.loss_fn
         assert isinstance(strategy, FLOW)
         weights, tau = flow_weights(losses, strategy.tau)
         rank_zero_info(f"[flow] tau = {float(tau):.4f}, mean weight {float(weights.mean()):.4f} over {len(weights)} sequences")
         return weights
-
-    def _score_sequences(self, examples: list) -> torch.Tensor:
-        rank, world = self.global_rank, self.trainer.world_size
-        mine = list(range(rank, len(examples), world))
-        size = self.trainer.datamodule.eval_batch_size
-        pad_id = self.tokenizer.pad_token_id
-        scored: list[tuple[int, float]] = []
-        with eval_mode(self):
-            for start in tqdm(range(0, len(mine), size), desc="flow: initial-model losses", disable=rank != 0):
-                chunk = mine[start:start + size]
-                batch = {k: v.to(self.device) for k, v in pad_examples([examples[i] for i in chunk], pad_id).items()}
-                nll, seq_index = self.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
-                rows = [examples[i].row_index for i in chunk]  # weights are looked up by row, not position
-                scored += zip(rows, sequence_mean_losses(nll, seq_index, len(chunk)).tolist())
-        scored = [pair for part in all_gather_objects(scored) for pair in part]
-        losses = torch.full((len(self.trainer.datamodule.rows("train")),), float("nan"))  # NaN: dropped row
-        for index, loss in scored:
-            losses[index] = loss
-        return losses
 
     # -- training --------------------------------------------------------------------------------
     def global_token_count(self, local: int) -> torch.Tensor:
@@ -327,11 +279,16 @@ class SFTModule(L.LightningModule):
             params = [p for p in self.net.parameters() if p.requires_grad]
             for key, value in self.loss_fn.add_anchor_gradients(params, self._anchors).items():
                 strategy_metrics[key].append(value)
-        if not self.gradients_are_finite():
+        grad_norm = gradient_norm(self.net.parameters())
+        if grad_norm is not None and not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
-            self.skip_bad_step(batch_idx, weighted_sum)
+            where = f"epoch {self.current_epoch}, batch {batch_idx} (optimizer step {self.global_step})"
+            self.nonfinite.skip(where, float(weighted_sum))
+            self.log("train/skipped_steps", float(self.nonfinite.skipped))
             return weighted_sum
-        self._bad_in_row = 0
+        self.nonfinite.passed()
+        if grad_norm is not None:
+            self.log("train/grad_norm", grad_norm)  # before clipping: what goes wrong shows here first
         if self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -348,74 +305,34 @@ class SFTModule(L.LightningModule):
             self.log(f"train/{self.hparams.loss}/{key}", torch.stack(values).float().mean())
         return loss
 
-    def gradients_are_finite(self) -> bool:
-        """One flag for all ranks: gradients are already averaged, so a NaN anywhere shows everywhere."""
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        norm = torch.nn.utils.get_total_norm(grads)
-        if isinstance(norm, DTensor):  # FSDP2: each rank holds a shard; the norm of the whole
-            norm = norm.full_tensor()
-        return bool(torch.isfinite(norm))
-
-    def skip_bad_step(self, batch_idx: int, weighted_sum: torch.Tensor) -> None:
-        """Skip an optimizer step whose loss or gradients are not finite; stop after too many in a row."""
-        self.bad_steps += 1
-        self._bad_in_row += 1
-        self.log("train/skipped_steps", float(self.bad_steps))
-        where = f"epoch {self.current_epoch}, batch {batch_idx} (optimizer step {self.global_step})"
-        message = f"non-finite loss or gradient at {where}: loss sum {float(weighted_sum)}; step skipped"
-        if self._bad_in_row >= self.hparams.max_bad_steps:
-            raise FloatingPointError(
-                f"{self._bad_in_row} optimizer steps in a row had a non-finite loss or gradient, the last at {where}; "
-                f"stopping (model.max_bad_steps={self.hparams.max_bad_steps}). Lower the learning rate or check that batch."
-            )
-        rank_zero_warn(message)
-
     # -- validation and test ---------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any]) -> None:
-        nll, _ = self.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self._eval_nll[0] += float(nll.sum())
-        self._eval_nll[1] += int(nll.numel())
-        if not self.hparams.generate:
-            return
-        # Through the net: under FSDP2 its root hooks gather the embeddings and head for generate().
-        texts = generate_texts(self.net, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.hparams.max_new_tokens)
-        rows = self.trainer.datamodule.rows(self._split)
-        task = self.trainer.datamodule.task_for(self._split)
-        for index, text in zip(batch["row_index"].tolist(), texts):
-            self._eval_records.append((index, task.score(text, rows[index]), text))
+        datamodule = self.trainer.datamodule
+        max_new_tokens = self.hparams.max_new_tokens if self.hparams.generate else None
+        self._evaluation.add(self.net, self.tokenizer, batch, datamodule.task_for(self._split),
+                             datamodule.rows(self._split), max_new_tokens)
 
-    def _gather(self) -> tuple[list[tuple[int, Verdict, str]], float, int]:
-        gathered = all_gather_objects((self._eval_records, *self._eval_nll))
-        # A distributed sampler pads with repeats: score each row once.
-        records = list({r[0]: r for part in gathered for r in part[0]}.values())
-        return records, sum(p[1] for p in gathered), sum(p[2] for p in gathered)
-
-    def _eval_metrics(self, tag: str | None = None) -> dict[str, float]:
-        """Metrics of the records collected since the last reset; resets them. `tag` names the
-        generations file (default: the split and step)."""
-        records, nll_sum, count = self._gather()
-        metrics = {"loss": nll_sum / max(count, 1)}
-        if records:
-            records.sort(key=lambda r: r[0])
-            rows = self.trainer.datamodule.rows(self._split)
-            task = self.trainer.datamodule.task_for(self._split)
-            verdicts, scored_rows = [r[1] for r in records], [rows[r[0]] for r in records]
-            metrics.update(task.summarize(verdicts, scored_rows))
-            # The task's figures (ESCI: confusion matrix) go to TensorBoard; drawn only when they can be logged.
+    def _finish_evaluation(self, tag: str | None = None) -> dict[str, float]:
+        """Metrics of this pass over the split; its figures to TensorBoard and its generations to
+        `<log_dir>/generations/<tag>.jsonl` (default tag: the split and step)."""
+        datamodule = self.trainer.datamodule
+        task, rows = datamodule.task_for(self._split), datamodule.rows(self._split)
+        metrics, records = self._evaluation.finish(task, rows)
+        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
+        if records and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             logger = self.trainer.logger
-            if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            if isinstance(logger, TensorBoardLogger):  # the task's figures (ESCI: confusion matrix)
+                verdicts, scored_rows = [r.verdict for r in records], [rows[r.row_index] for r in records]
                 for name, figure in task.figures(verdicts, scored_rows).items():
-                    logger.experiment.add_figure(f"{'val' if self._split == 'val' else 'test'}/{name}", figure, self.global_step)
-            self._write_generations(records, rows, tag or f"{self._split}_step{self.global_step:06d}")
-        self._eval_records, self._eval_nll = [], [0.0, 0]
+                    logger.experiment.add_figure(f"{self._split}/{name}", figure, self.global_step)
+            if log_dir is not None:
+                write_generations(Path(log_dir) / "generations" / f"{tag or f'{self._split}_step{self.global_step:06d}'}.jsonl",
+                                  records)
         return metrics
 
-    def _eval_epoch_end(self) -> dict[str, float]:
-        metrics = self._eval_metrics()
-        prefix = "val" if self._split == "val" else "test"
-        logged = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+    def _log_evaluation(self) -> dict[str, float]:
+        metrics = self._finish_evaluation()
+        logged = {f"{self._split}/{k}": float(v) for k, v in metrics.items()}
         if self.trainer.state.fn == TrainerFn.FITTING:
             # Lightning puts a validation inside fit at the step count before the optimizer step that
             # triggered it; a logged "step" sets the x-axis, so val/* lines up with the callbacks'
@@ -428,139 +345,61 @@ class SFTModule(L.LightningModule):
     def evaluate(self, split: str = "val", tag: str | None = None) -> dict[str, float]:
         """Score the current weights on a split outside Lightning's loops (for callbacks such as
         model averaging): target NLL plus generation accuracy, as validation computes them."""
-        self._split, self._eval_records, self._eval_nll = split, [], [0.0, 0]
+        self._split = split
+        self._evaluation.reset()
         datamodule = self.trainer.datamodule
         loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
         with eval_mode(self):
             for batch in loader:
                 self._eval_step(self.transfer_batch_to_device(batch, self.device, 0))
-            return self._eval_metrics(tag)
-
-    def _write_generations(self, records: list[tuple[int, Verdict, str]], rows: list[dict], tag: str) -> None:
-        """Every scored generation as JSONL beside the logs: what the model said, not just the score."""
-        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero or log_dir is None:
-            return
-        lines = [json.dumps({"row_index": index, "correct": verdict.correct, "parsed": verdict.parsed,
-                             "answer": verdict.answer, "generation": text}) + "\n" for index, verdict, text in records]
-        write_atomic(Path(log_dir) / "generations" / f"{tag}.jsonl", "".join(lines))
+            return self._finish_evaluation(tag)
 
     def on_validation_epoch_start(self) -> None:
         self._split = "val"
-        self._eval_records, self._eval_nll = [], [0.0, 0]
+        self._evaluation.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self._eval_epoch_end()
-        if self.trainer.sanity_checking:
-            return
-        entry = {"step": float(self.global_step), "loss": metrics["loss"]}
-        if "accuracy" in metrics:
-            entry.update(accuracy=metrics["accuracy"], unparsed=metrics["unparsed"], count=metrics["count"])
-        self.val_history.append(entry)
-        rank_zero_info(f"[validation] step {self.global_step}: " + _describe(entry))
+        metrics = self._log_evaluation()
+        if not self.trainer.sanity_checking:
+            rank_zero_info(f"[validation] step {self.global_step}: " + describe_metrics(metrics))
 
     def on_test_epoch_start(self) -> None:
         self._split = "test"
-        self._eval_records, self._eval_nll = [], [0.0, 0]
+        self._evaluation.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
-        metrics = self._eval_epoch_end()
-        rank_zero_info("[test] " + _describe(metrics))
+        rank_zero_info("[test] " + describe_metrics(self._log_evaluation()))
 
     def on_fit_end(self) -> None:
-        if len(self.val_history) >= 2:
-            first, after = self.val_history[0], self.val_history[1:]
-            lines = [f"[talr] validation target NLL before fine-tuning {first['loss']:.4f}, "
-                     f"after {after[-1]['loss']:.4f} (best {min(e['loss'] for e in after):.4f})"]
-            if "accuracy" in first:
-                best = max(after, key=lambda e: e["accuracy"])  # the earliest best, as ModelCheckpoint keeps it
-                lines.append(
-                    f"[talr] domain accuracy before fine-tuning {first['accuracy']:.3f} "
-                    f"(unparsed {int(first['unparsed'])}/{int(first['count'])}); best after {best['accuracy']:.3f} "
-                    f"at step {int(best['step'])}; last {after[-1]['accuracy']:.3f} "
-                    f"(unparsed {int(after[-1]['unparsed'])}/{int(after[-1]['count'])})"
-                )
-            rank_zero_info("\n".join(lines))
+        # Lightning closes the loggers before on_fit_end; callbacks' fit-end numbers (benchmarks,
+        # WiSE-FT) reopened them. The module's hook runs after every callback's: flush once, here.
+        for logger in self.trainer.loggers:
+            logger.finalize("success")
         if self.trainer.logger is not None and self.trainer.log_dir:
             rank_zero_info(f"[talr] logs, checkpoints and generations: {self.trainer.log_dir} "
                            f"(tensorboard --logdir {self.trainer.log_dir})")
 
-    def check_checkpoint_matches(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another model before any weight is touched, naming both."""
-        # A sharded checkpoint (FSDP2) has no "state_dict" here: the strategy loaded it already, strictly.
-        if self.net is None or "state_dict" not in checkpoint:
-            return
-        mine = self.state_dict()
-        theirs = checkpoint.get("state_dict", {})
-        source = checkpoint.get("hyper_parameters", {}).get("model", "an unknown model")
-        missing = sorted(set(mine) - set(theirs))
-        shapes = [k for k in mine if k in theirs and tuple(theirs[k].shape) != tuple(mine[k].shape)]
-        if missing or shapes:
-            detail = (f"tensor {shapes[0]} has shape {tuple(theirs[shapes[0]].shape)} there, "
-                      f"{tuple(mine[shapes[0]].shape)} here" if shapes else f"it lacks {missing[0]}")
-            raise ValueError(
-                f"the checkpoint was trained from {source!r} and does not fit model.model={self.hparams.model!r}: "
-                f"{detail} ({len(missing)} missing, {len(shapes)} of another shape)"
-            )
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["talr_val_history"] = self.val_history
-        checkpoint["talr_bad_steps"] = self.bad_steps
+        checkpoint["talr_bad_steps"] = self.nonfinite.skipped
         if self.flow_weights is not None:
             checkpoint["talr_flow_weights"] = self.flow_weights
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_checkpoint_matches(checkpoint)
-        self.val_history = list(checkpoint.get("talr_val_history", []))
-        self.bad_steps = int(checkpoint.get("talr_bad_steps", 0))
+        # A sharded checkpoint (FSDP2) has no "state_dict" here: the strategy loaded it already, strictly.
+        if self.net is not None and "state_dict" in checkpoint:
+            check_checkpoint_fits(self.state_dict(), checkpoint, self.hparams.model)
+        self.nonfinite.skipped = int(checkpoint.get("talr_bad_steps", 0))
         self.flow_weights = checkpoint.get("talr_flow_weights", self.flow_weights)
 
 
-def shard_fsdp2(net: TokenNLLModel, mesh: Any, param_dtype: torch.dtype | None = None) -> None:
-    """FSDP2: one parameter group per decoder layer, then the root (embeddings, final norm, head).
-
-    Per-layer groups let each layer's weights be gathered just before it runs and freed after;
-    gradient checkpointing set by `load_model` still applies (transformers checkpoints the layer's
-    forward inside FSDP's hooks). `generate` is registered as a forward method of the root, so the
-    root's weights are gathered for `lm.generate`, which bypasses `net.forward`.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    layer_names = set(getattr(net.lm, "_no_split_modules", None) or [])
-    layers = [m for m in net.lm.modules() if type(m).__name__ in layer_names][::-1]  # innermost first
-    if not layers:
-        raise ValueError(f"FSDP2: {type(net.lm).__name__} names no decoder layer class (_no_split_modules)")
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(net, mesh=mesh, mp_policy=policy)
-    register_fsdp_forward_method(net, "generate")
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    """`obj` from every rank (a one-item list without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: linear warmup that starts above zero (the first step learns), then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _describe(metrics: dict[str, float]) -> str:
+def describe_metrics(metrics: dict[str, float]) -> str:
+    """One line for the log: accuracy with its counts where the task scores generations, and target NLL."""
     parts = []
     if "accuracy" in metrics:
         n = int(metrics["count"])

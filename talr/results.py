@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from lightning.pytorch.callbacks import Callback
 
@@ -47,18 +47,48 @@ def resumes_its_own_run(trainer) -> bool:
     return trainer.ckpt_path is not None and trainer.state.fn == "fit"
 
 
+class ResultGuard:
+    """Before a run's first write, its result files must not hold an earlier run's results.
+
+    Checked once per run: at the first call that is not a fit resuming its own checkpoint (a resumed
+    run continues, and may rewrite, its own files). With `overwrite`, `clear` runs instead of the
+    refusal, so old and new files never mix.
+    """
+
+    def __init__(self, option: str) -> None:
+        self.option = option  # the setting that allows replacing, named in the error
+        self.done = False
+
+    def check(self, trainer, paths: Callable[[], Iterable[str | Path]], overwrite: bool = False,
+              clear: Callable[[], None] | None = None, always: bool = False) -> None:
+        """`always`: check even when resuming (the checkpoint is not of a run that wrote these files)."""
+        if not always and (self.done or resumes_its_own_run(trainer)):
+            return
+        found = list(paths())  # every rank asks: log_dir is a broadcast
+        if overwrite:
+            if clear is not None:
+                clear()
+        else:
+            refuse_to_overwrite(found, self.option)
+        self.done = True
+
+
 class GuardsResults(Callback):
     """Base of callbacks that write result files: a new run never writes over an earlier run's.
 
-    Before this run's first write, the files named by `result_paths` must not exist, unless
-    `overwrite` (then `clear_results` may remove them so old and new never mix). The check runs at
-    the first setup of a validate or test (so before the CLI's validate-before-fit writes) or at fit
-    start, the first hook where Lightning knows whether the fit resumes its own checkpoint, which
-    continues and may rewrite its own files.
+    The files named by `result_paths` are checked (see `ResultGuard`) at the first setup of a
+    validate or test (so before the CLI's validate-before-fit writes) or at fit start, the first
+    hook where Lightning knows whether the fit resumes its own checkpoint. With `overwrite`,
+    `clear_results` may remove them instead.
     """
 
     overwrite: bool = False
-    _results_guarded: bool = False
+
+    @property
+    def result_guard(self) -> ResultGuard:
+        if "_result_guard" not in self.__dict__:
+            self._result_guard = ResultGuard(f"{type(self).__name__}.overwrite")
+        return self._result_guard
 
     def result_paths(self, trainer) -> list[Path]:
         raise NotImplementedError
@@ -73,15 +103,7 @@ class GuardsResults(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.guard_results(trainer)
 
-    def guard_results(self, trainer) -> None:
-        if not self._results_guarded and not resumes_its_own_run(trainer):
-            self.check_results(trainer)
-        self._results_guarded = self._results_guarded or not resumes_its_own_run(trainer)
-
-    def check_results(self, trainer) -> None:
-        """Refuse the earlier files, or clear them with `overwrite`."""
-        paths = self.result_paths(trainer)  # every rank asks: log_dir is a broadcast
-        if self.overwrite:
-            self.clear_results(trainer)
-        else:
-            refuse_to_overwrite(paths, f"{type(self).__name__}.overwrite")
+    def guard_results(self, trainer, always: bool = False) -> None:
+        """`always`: also when resuming a checkpoint that is not of a run with this callback."""
+        self.result_guard.check(trainer, lambda: self.result_paths(trainer), self.overwrite,
+                                lambda: self.clear_results(trainer), always)

@@ -78,3 +78,12 @@ def tiny_fit_config(tiny_model_dir: Path, out: Path, version: str, callbacks: li
                  "max_length": 384, "val_size": 4, "batch_size": 4, "micro_batch_size": 4, "eval_batch_size": 4},
     }))
     return config
+
+
+def validation_history(trainer) -> list[dict[str, float]]:
+    """The run's validations as RunSummary recorded them, keys without the `val/` prefix
+    (step, loss, accuracy, ...)."""
+    from callbacks.run_summary import RunSummary
+
+    summary = next(c for c in trainer.callbacks if isinstance(c, RunSummary))
+    return [{k.removeprefix("val/"): v for k, v in entry.items()} for entry in summary.history]

@@ -174,12 +174,12 @@ def test_flow_prepass_weights_equal_an_independent_pass_and_are_cached(tiny_mode
     assert cli.trainer.global_step == 2
 
     # a second run loads the cached losses instead of running the pass again
-    import talr.module as module_file
+    import talr.flow_prepass
 
     def fail(*args, **kwargs):
         raise AssertionError("the pre-pass ran again")
 
-    monkeypatch.setattr(module_file.SFTModule, "_score_sequences", fail)
+    monkeypatch.setattr(talr.flow_prepass, "score_examples", fail)
     again = fit(tiny_model_dir, tmp_path / "b", "--model.loss", "flow", "--model.loss_options", "{}")
     torch.testing.assert_close(again.model.flow_weights, weights)
 

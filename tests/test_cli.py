@@ -11,7 +11,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from cli import build_cli
-from conftest import MEDCALC_CSV
+from conftest import MEDCALC_CSV, validation_history
+from talr.schedule import schedule_length
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,13 +52,13 @@ def test_fit_writes_tensorboard_checkpoints_export_and_generations(fitted):
             "train/talr/cutoff_share", "val/accuracy", "val/loss"} <= tags
     assert len(events.Scalars("train/loss")) == 4  # 16 training rows, 4 per optimizer step
     # the schedule's length, computed from the data, is what Lightning estimates
-    assert cli.model.total_optimizer_steps() == cli.trainer.estimated_stepping_batches == 4
+    assert schedule_length(cli.trainer) == cli.trainer.estimated_stepping_batches == 4
     # validation before fine-tuning (step 0), after step 2, and at the end of the epoch
-    assert [int(e["step"]) for e in cli.model.val_history] == [0, 2, 4]
+    assert [int(e["step"]) for e in validation_history(cli.trainer)] == [0, 2, 4]
 
     checkpoint = cli.trainer.checkpoint_callback
     assert Path(checkpoint.best_model_path).is_file() and (log_dir / "checkpoints" / "last.ckpt").is_file()
-    best = max(cli.model.val_history[1:], key=lambda e: e["accuracy"])  # first best after training wins ties
+    best = max(validation_history(cli.trainer)[1:], key=lambda e: e["accuracy"])  # first best after training wins ties
     assert checkpoint.best_model_score.item() == pytest.approx(best["accuracy"])
 
     export = log_dir / "export"

@@ -10,9 +10,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
-from callbacks.hf_export import lm_state_from_checkpoint
 from callbacks.model_averaging import WiSEFT, interpolate_state
 from cli import build_cli
+from conftest import validation_history
+from talr.checkpoint_io import lm_state_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -138,9 +139,9 @@ def test_fit_sweeps_alphas_and_keeps_the_fine_tuned_weights(fitted):
     cli, log_dir, results = fitted
     assert [r["alpha"] for r in results] == [0.0, 0.5, 1.0]
     assert all({"loss", "accuracy", "unparsed", "count"} <= set(r["metrics"]) for r in results)
-    assert [int(e["step"]) for e in cli.model.val_history] == [0, 1, 2]
+    assert [int(e["step"]) for e in validation_history(cli.trainer)] == [0, 1, 2]
     final = next(c for c in cli.trainer.callbacks if isinstance(c, FinalWeights)).state
-    best = lm_state_from_checkpoint(cli.trainer.checkpoint_callback.best_model_path)
+    best = lm_state_from_checkpoint(cli.trainer.checkpoint_callback.best_model_path, "net.lm.")
     assert any(not torch.equal(best[k], final[k]) for k in final), "best == last: the test cannot tell them apart"
     live = cli.model.lm.state_dict()
     assert live.keys() == final.keys() and all(torch.equal(live[k], final[k]) for k in final)
@@ -151,13 +152,13 @@ def test_fit_sweeps_alphas_and_keeps_the_fine_tuned_weights(fitted):
 def test_endpoints_score_like_the_initial_and_the_best_model(fitted):
     cli, _, results = fitted
     metrics = by_alpha(results)
-    before = cli.model.val_history[0]
+    before = validation_history(cli.trainer)[0]
     assert metrics[0.0]["loss"] == pytest.approx(before["loss"], abs=1e-5)
     assert metrics[0.0]["accuracy"] == before["accuracy"] and metrics[0.0]["unparsed"] == before["unparsed"]
 
     model = cli.model
     live = {k: v.clone() for k, v in model.lm.state_dict().items()}
-    model.lm.load_state_dict(lm_state_from_checkpoint(cli.trainer.checkpoint_callback.best_model_path))
+    model.lm.load_state_dict(lm_state_from_checkpoint(cli.trainer.checkpoint_callback.best_model_path, "net.lm."))
     try:
         fine_tuned = model.evaluate("val", tag="check_best")
     finally:
@@ -169,7 +170,7 @@ def test_endpoints_score_like_the_initial_and_the_best_model(fitted):
 
 def assert_export_is_the_mix(export: Path, tiny_model_dir: Path, best_path: str, alpha: float) -> None:
     theta0 = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    theta = lm_state_from_checkpoint(best_path)
+    theta = lm_state_from_checkpoint(best_path, "net.lm.")
     exported = AutoModelForCausalLM.from_pretrained(export).state_dict()
     assert exported.keys() == theta0.keys()
     for key, tensor in exported.items():

@@ -1,0 +1,37 @@
+"""The learning-rate schedule: linear warmup, then cosine decay to zero, over the run's optimizer steps."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warmup that starts above zero (the first step learns), then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def schedule_length(trainer: "L.Trainer") -> int:
+    """Optimizer steps of the whole run, for the schedule.
+
+    Computed from the data rather than with `trainer.estimated_stepping_batches`, which builds
+    the training iterator before a checkpoint's loop state is restored and so defeats the
+    mid-epoch resume of the training loader.
+    """
+    rows = len(trainer.datamodule.datasets["train"])
+    per_epoch = math.ceil(math.ceil(rows / trainer.world_size) / trainer.datamodule.batch_size)
+    limit = trainer.limit_train_batches
+    if isinstance(limit, float):
+        per_epoch = int(per_epoch * limit) if limit < 1.0 else per_epoch
+    elif limit is not None:
+        per_epoch = min(per_epoch, int(limit))
+    total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+    if trainer.max_steps and trainer.max_steps > 0:
+        total = min(total, trainer.max_steps)
+    if total == math.inf:
+        raise ValueError("set trainer.max_epochs or trainer.max_steps: the learning-rate schedule needs a length")
+    return max(1, int(total))

@@ -1,0 +1,88 @@
+"""Per-token NLL of examples under the current weights: no grad, length-batched, gathered across ranks.
+
+The one scoring path of the project: validation, the FLOW pre-pass, ForgettingMonitor and
+TokenProbabilityLogger all score examples through `score_batch` / `score_examples`, so a fix or a
+new per-token statistic lands everywhere at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from talr.data import Example, pad_examples
+from talr.models import eval_mode
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """`obj` from every rank (a one-item list without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def split_by_sequence(values: torch.Tensor, seq_index: torch.Tensor, num_seqs: int) -> list[torch.Tensor]:
+    """Per-token values (row-major over the batch) as one tensor per sequence."""
+    counts = torch.bincount(seq_index, minlength=num_seqs).tolist()
+    return list(torch.split(values, counts))
+
+
+@torch.no_grad()
+def score_batch(net: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Each row's target-token NLL (float32, on the CPU) for a right-padded batch already on the device.
+
+    `net` is a `talr.models.TokenNLLModel`: only target positions reach the vocabulary projection.
+    """
+    nll, seq_index = net(batch["input_ids"], batch["attention_mask"], batch["labels"])[:2]
+    return split_by_sequence(nll.float().cpu(), seq_index.cpu(), batch["input_ids"].shape[0])
+
+
+@torch.no_grad()
+def score_examples(
+    net: nn.Module,
+    examples: Sequence[Example],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device | str,
+    *,
+    shard: bool = False,
+    desc: str | None = None,
+) -> list[torch.Tensor]:
+    """Target-token NLL of every example (float32, CPU), in the order given.
+
+    Examples are batched by length (longest first), so little compute goes to padding. With `shard`,
+    each rank scores an equal share (the last ranks repeat an example rather than run fewer batches:
+    a sharded model needs every rank in every forward) and every rank gets all results; without it,
+    every rank scores everything (the same numbers on every rank).
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
+    rank, world = _rank_and_world()
+    if shard and world > 1 and order:
+        per_rank = -(-len(order) // world)
+        padded = order + order[: per_rank * world - len(order)]
+        mine = padded[rank::world]
+    else:
+        mine = order
+    results: dict[int, torch.Tensor] = {}
+    with eval_mode(net):
+        starts = range(0, len(mine), batch_size)
+        for start in tqdm(starts, desc=desc, leave=False, disable=desc is None or rank != 0):
+            indices = mine[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in pad_examples([examples[i] for i in indices], pad_id).items()}
+            results.update(zip(indices, score_batch(net, batch)))
+    if shard and world > 1:
+        for part in all_gather_objects(results):
+            results.update(part)
+    return [results[i] for i in range(len(examples))]
