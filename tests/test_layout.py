@@ -78,6 +78,15 @@ def test_imports_run_the_documented_way():
     assert [v for p in files for v in violations(dotted(p), p.read_text(encoding="utf-8"))] == []
 
 
+def test_the_synthetic_generator_needs_only_the_standard_library():
+    # it is the embedded default data: it must run wherever Python does, with nothing installed
+    files = sources("talr/tasks/medcalc_synth")
+    assert {dotted(p) for p in files} >= {"talr.tasks.medcalc_synth.formulas", "talr.tasks.medcalc_synth.prose"}
+    outside = {f"{dotted(p)}: {name}" for p in files for name in imported_modules(p.read_text(encoding="utf-8"), dotted(p))
+               if name.split(".")[0] not in sys.stdlib_module_names and not within(name, "talr.tasks.medcalc_synth")}
+    assert outside == set()
+
+
 def test_the_import_reader_sees_every_form(tmp_path):
     source = textwrap.dedent("""
         import os, lightning.pytorch as pl
