@@ -1,11 +1,13 @@
 """The house rules of /work/shared/design/ARCHITECTURE.md, checked on the source: which way imports
-run (read from each file's syntax tree, imports inside functions included), and that the experiment
-commands answer `--help` without importing torch, lightning or transformers."""
+run (read from each file's syntax tree, imports inside functions included), that the experiment
+commands answer `--help` without importing torch, lightning or transformers, and that the README's
+Layout names what the tree holds."""
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -147,3 +149,36 @@ def test_help_imports_no_torch_lightning_or_transformers(command):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: talr {command}")
     assert result.stdout.rstrip().endswith("HEAVY="), result.stdout[-300:]
+
+
+def readme_layout() -> list[tuple[str, str]]:
+    """(path, description) per entry of the README's Layout block; continuation lines join the entry above."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    entries: list[tuple[str, str]] = []
+    for line in block.strip("\n").splitlines():
+        if line.startswith(" "):
+            path, description = entries[-1]
+            entries[-1] = (path, f"{description} {line.strip()}")
+        else:
+            path, _, description = line.partition(" ")
+            entries.append((path, description.strip()))
+    return entries
+
+
+def test_readme_layout_matches_the_tree():
+    entries = dict(readme_layout())
+    missing = [path for path in entries if not (REPO / path).exists()]
+    assert missing == []
+    # files named inside a directory's entry ("sweep.py, report.py") are in that directory
+    for path, description in entries.items():
+        if path.endswith("/"):
+            named = re.findall(r"\b[\w.]+\.(?:py|md|yaml)\b", description)
+            assert [n for n in named if not (REPO / path / n).exists()] == [], path
+    # and every module and package of the library, and every callback, has its entry
+    library = {p.relative_to(REPO).as_posix() + ("/" if p.is_dir() else "") for p in (REPO / "talr").iterdir()
+               if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+    listed = set(entries) | {f"{p}/" for p in entries}
+    assert sorted(library - listed) == []
+    callbacks = {p.stem for p in (REPO / "callbacks").glob("*.py") if p.name != "__init__.py"}
+    assert sorted(c for c in callbacks if c not in entries["callbacks/"]) == []
