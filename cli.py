@@ -80,7 +80,7 @@ def build_cli(args: list[str] | None = None) -> TalrCLI:
 
 # Plain subcommands beside LightningCLI's fit/validate/test: name -> "module:function", where the
 # function takes the remaining arguments and returns the exit status.
-EXTRA_COMMANDS = {"cot": "talr.cot:main", "sweep": "talr.sweep:main", "report": "talr.report:main"}
+EXTRA_COMMANDS = {"cot": "talr.experiments.cot:main", "sweep": "talr.experiments.sweep:main", "report": "talr.experiments.report:main"}
 
 
 def main(argv: list[str] | None = None) -> None:

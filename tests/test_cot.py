@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cli
-import talr.cot as cot
+import talr.experiments.cot as cot
 from conftest import SHARED
 from talr.tasks import ESCI
 from talr.tasks.esci import LABELS

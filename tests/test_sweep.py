@@ -14,8 +14,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SHARED
-from talr.report import pareto_front, plot, trade_off_table
-from talr.sweep import Sweep, run_name
+from talr.experiments.report import pareto_front, plot, trade_off_table
+from talr.experiments.sweep import Sweep, run_name
 
 REPO = Path(__file__).resolve().parents[1]
 TALR = str(Path(sys.executable).with_name("talr"))

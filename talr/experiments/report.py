@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from talr.results import write_atomic
-
 GROUP = ["loss", "learning_rate"]
 
 
@@ -118,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--y-lower-better", action="store_true", help="the y column is a loss (forgetting_kl_best, ...)")
     parser.add_argument("--y-log", action="store_true", help="y on a log scale (linear near zero), for a drift such as KL")
     args = parser.parse_args(argv)
+    from talr.results import write_atomic  # here, not at the top: talr.results imports lightning, `--help` need not wait
 
     path = Path(args.results)
     if not path.is_file():

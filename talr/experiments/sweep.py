@@ -32,9 +32,6 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from talr.checkpoint_io import latest_logger_version
-from talr.results import write_atomic
-
 SUMMARY = "summary.json"
 
 
@@ -118,6 +115,8 @@ def has_last_checkpoint(run_dir: Path) -> bool:
 
 def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     """One row per run of the grid: its grid values, status, scores and config; written as CSV and JSON."""
+    from talr.results import write_atomic  # here, not at the top: talr.results imports lightning, `--help` need not wait
+
     rows = []
     for values in sweep.runs():
         name = run_name(values)

@@ -18,16 +18,18 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
-from talr.data import prompt_text
-from talr.generation import generate_texts
-from talr.models import load_model, load_tokenizer
 from talr.tasks.base import DataError, Row
 from talr.tasks.esci import ESCI, LABELS, accept_rationale
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, lightning and transformers (through talr.data, talr.generation, talr.models) are imported
+# inside the functions that run the teacher, so that `talr cot --help` answers at once.
 
 OUTPUT_TYPES = (".csv", ".jsonl")
 
@@ -47,6 +49,8 @@ def sample_rationales(
 
     Sampling uses torch's global generator: seed it before calling for a repeatable run.
     """
+    from talr.data import prompt_text
+
     prompts = [prompt_text(tokenizer, task, row) for row in rows]
     rationales: list[str | None] = [None] * len(rows)
     accepted_at = [0] * len(rows)
@@ -72,6 +76,8 @@ def _sample(
     model: Any, tokenizer: Any, prompts: list[str], device: torch.device, max_new_tokens: int, temperature: float, top_p: float
 ) -> list[str]:
     """One sampled continuation per prompt (a left-padded batch)."""
+    from talr.generation import generate_texts
+
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
     return generate_texts(model, tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens,
                           temperature=temperature, top_p=top_p)
@@ -161,6 +167,9 @@ def generate_rationales(
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     if tries < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("--tries, --batch_size and --max_new_tokens must be at least 1")
+    import torch
+
+    from talr.models import load_model, load_tokenizer
 
     task = ESCI(source=source, split=split, locale=locale, small_version=small_version, num_rows=num_rows,
                 limit=limit, seed=seed, cot=True, rationale_column=None)  # the CoT prompt, no rationale needed
