@@ -30,7 +30,7 @@ class RunSummary(Callback):
     adds one to every run that has none.
 
     Args:
-        path: the JSON file; default `<log_dir>/summary.json`.
+        path: the JSON file; default `<log_dir>/summary.json`, written when a fit finishes.
         monitor: the domain metric, as logged (`val/accuracy`, `val/balanced_accuracy`, ...); None:
             the ModelCheckpoint's monitor, else `val/loss`.
         mode: `max` or `min` (for a loss); None: the ModelCheckpoint's mode, else `min`.
@@ -68,7 +68,14 @@ class RunSummary(Callback):
         entry = {"step": trainer.global_step, **metrics}
         self.history = [e for e in self.history if e["step"] != entry["step"]] + [entry]  # a resumed step replaces
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # After every callback's on_fit_end: the fit-end numbers (benchmarks of the best checkpoint,
+        # WiSE-FT) exist by now, whatever the order of the callbacks.
+        if stage == "fit" and not trainer.interrupted:
+            self.write(trainer, pl_module)
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the before / best / last lines and write the summary JSON (rank zero)."""
         log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
         if not trainer.is_global_zero:
             return
