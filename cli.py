@@ -8,7 +8,9 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.plain_progress import plain_progress_without_terminal
 from callbacks.run_summary import RunSummary
+from callbacks.throughput import Throughput
 from talr.checkpoint_io import AtomicCheckpointIO, latest_logger_version
 from talr.data import SFTDataModule
 from talr.module import SFTModule
@@ -62,9 +64,13 @@ class TalrCLI(LightningCLI):
         # Checkpoints are written atomically unless the config brings its own plugins.
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        configured = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])  # Trainer extends this list
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, RunSummary) for c in trainer.callbacks):  # every run reports before / best / last
             trainer.callbacks.append(RunSummary())
+        if not any(isinstance(c, Throughput) for c in trainer.callbacks):  # first: its step time ends before others' work
+            trainer.callbacks.insert(0, Throughput())
+        plain_progress_without_terminal(trainer, configured)
         return trainer
 
     def before_fit(self) -> None:

@@ -19,12 +19,12 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from tqdm.auto import tqdm
 
 from talr.data import Example
 from talr.general_prompts import GENERAL_PROMPTS, GeneralPrompt, load_prompts
 from talr.generation import stop_token_ids
 from talr.models import eval_mode
+from talr.progress import track
 from talr.results import GuardsResults, write_atomic
 from talr.scoring import score_examples
 from talr.token_loss import IGNORE_INDEX
@@ -205,7 +205,8 @@ class ForgettingMonitor(GuardsResults):
             "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
         with torch.random.fork_rng(devices=devices), eval_mode(lm):
             torch.manual_seed(self.seed)
-            for start in tqdm(range(0, len(texts), self.batch_size), desc="forgetting: initial answers", leave=False):
+            for start in track(range(0, len(texts), self.batch_size), "forgetting: initial answers",
+                               enabled=pl_module.global_rank == 0):
                 batch = tokenizer(texts[start:start + self.batch_size], add_special_tokens=False, padding=True,
                                   padding_side="left", return_tensors="pt").to(pl_module.device)
                 generated = pl_module.net.generate(  # through the net: FSDP2 gathers its root weights there

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from talr import lm_eval_tasks
 from talr.checkpoint_io import lm_state_from_checkpoint
 from talr.models import eval_mode, is_peft
+from talr.progress import format_duration
 from talr.results import GuardsResults, write_atomic
 
 # The number each benchmark reports in the paper (lm-eval's key: "<metric>,<filter>").
@@ -349,6 +350,7 @@ class GeneralBenchmarks(GuardsResults):
         out = self.output_dir(trainer)
         record, failure = None, None
         if trainer.is_global_zero:
+            started = time.monotonic()
             try:
                 rank_zero_info(f"[general] {name} (step {trainer.global_step}, {source}): {', '.join(self.tasks)}")
                 with eval_mode(model):
@@ -360,6 +362,9 @@ class GeneralBenchmarks(GuardsResults):
                 record = self._record(name, trainer.global_step, source, evaluation, out / f"{name}.json")
                 write_atomic(out / f"{name}.json", json.dumps(record, indent=1))
                 self._log(trainer, record)
+                documents = sum(int(n.get("effective", 0)) for n in record["n_samples"].values() if isinstance(n, dict))
+                rank_zero_info(f"[general] {name} done: {len(self.tasks)} task(s), {documents} documents "
+                               f"in {format_duration(time.monotonic() - started)}")
             except Exception as error:
                 failure = error
         # The other ranks wait here; they learn of a failure too, instead of waiting for a timeout.

@@ -10,12 +10,21 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import FSDPModule
 
+from callbacks.run_summary import RunSummary
 from talr.checkpoint_io import full_state_dict, lm_state_from_checkpoint
+from talr.model_card import describe_run, scores_from_summary, write_model_card
 from talr.models import export_pretrained, is_peft
 from talr.results import GuardsResults
 
+
 class HFExport(GuardsResults):
-    """At fit end, write `save_pretrained` output that `AutoModelForCausalLM.from_pretrained` loads.
+    """At fit end, write `save_pretrained` output that `AutoModelForCausalLM.from_pretrained` loads,
+    and a model card (`README.md`, talr.model_card) beside it.
+
+    The card is written at teardown, after every callback's fit end, from the run summary
+    (`RunSummary.summary`; `talr fit` adds a RunSummary to every run): the base model, the data, the
+    strategy and its options, and the domain, general and drift numbers before fine-tuning and of
+    the exported weights (the summary's best step for `which: best`, its last validation for `last`).
 
     Args:
         dirpath: output directory; default `<log_dir>/export`.
@@ -34,6 +43,7 @@ class HFExport(GuardsResults):
         self.merge_lora = merge_lora
         self.overwrite = overwrite
         self.exported_to: Path | None = None
+        self.exported_which: str | None = None  # best or last: what the export holds
 
     def output_dir(self, trainer: L.Trainer) -> Path:
         # trainer.log_dir broadcasts from rank 0: every rank must ask for it
@@ -55,6 +65,7 @@ class HFExport(GuardsResults):
                 return
             if use_best:
                 state = lm_state_from_checkpoint(best, pl_module.lm_prefix)
+            self.exported_which = "best" if use_best else "last"
             self.exported_to = export_pretrained(pl_module.lm, pl_module.tokenizer, out, self.merge_lora, state_dict=state)
             rank_zero_info(f"[talr] exported {f'best checkpoint {best}' if use_best else 'final weights'} to {out} "
                            "(AutoModelForCausalLM.from_pretrained loads it)")
@@ -62,10 +73,27 @@ class HFExport(GuardsResults):
         if not trainer.is_global_zero:
             return
         lm = pl_module.lm
-        source = "final weights"
+        source, self.exported_which = "final weights", "last"
         if self.which == "best" and best:
             lm = copy.deepcopy(lm)  # leave the live module's weights as training ended
             lm.load_state_dict(lm_state_from_checkpoint(best, pl_module.lm_prefix))
-            source = f"best checkpoint {best}"
+            source, self.exported_which = f"best checkpoint {best}", "best"
         self.exported_to = export_pretrained(lm, pl_module.tokenizer, out, merge_lora=self.merge_lora)
         rank_zero_info(f"[talr] exported {source} to {out} (AutoModelForCausalLM.from_pretrained loads it)")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # After every callback's on_fit_end, whatever their order: the summary's fit-end numbers exist.
+        if stage != "fit" or self.exported_to is None or trainer.interrupted:
+            return
+        summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
+        scores, notes = [], []
+        if summary is not None and any(summary.monitor in entry for entry in summary.history):
+            numbers = summary.summary(trainer, pl_module, None)
+            scores = scores_from_summary(numbers, self.exported_which)
+            notes.append(f"Selection: best step {numbers['best_step']} of {numbers['steps']} on `{numbers['monitor']}`"
+                         f"; this export holds the {'best' if self.exported_which == 'best' else 'last'} weights.")
+            followed = getattr(trainer.checkpoint_callback, "monitor", None)
+            if self.exported_which == "best" and followed != summary.monitor:
+                notes.append(f"The exported checkpoint was kept as best on `{followed}`, the numbers' best step on "
+                             f"`{summary.monitor}`: they may differ.")
+        write_model_card(self.exported_to, describe_run(trainer, pl_module), scores, notes)

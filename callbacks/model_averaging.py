@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from talr.checkpoint_io import lm_state_from_checkpoint
+from talr.model_card import CardScore, describe_run, write_model_card
 from talr.models import export_pretrained
 from talr.results import GuardsResults, write_atomic
 
@@ -61,7 +62,8 @@ class WiSEFT(GuardsResults):
     """At fit end, score theta(alpha) for each alpha on the validation split and export the best.
 
     Writes `wiseft.json` (alpha and metrics per point), `wiseft.png` (accuracy and target NLL vs
-    alpha) and `wiseft_export/` (the chosen alpha's model) under `dirpath`, and logs the curve to
+    alpha) and `wiseft_export/` (the chosen alpha's model, with a model card at teardown) under
+    `dirpath`, and logs the curve to
     TensorBoard as `wiseft/<metric>` with alpha in percent on the step axis. The live module gets
     its fine-tuned weights back afterwards, so later callbacks see the trained model.
 
@@ -155,6 +157,20 @@ class WiSEFT(GuardsResults):
             pl_module.to(home)
         trainer.strategy.barrier("wiseft")
         rank_zero_info(self._table(origin, out))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The card at teardown, as HFExport's: after every callback's fit-end numbers.
+        if stage != "fit" or self.exported_to is None or trainer.interrupted:
+            return
+        chosen = next(r for r in self.results if r["alpha"] == self.chosen_alpha)["metrics"]
+        initial = next((r["metrics"] for r in self.results if r["alpha"] == 0.0), {})  # alpha 0 is theta_0
+        scores = [CardScore(f"val_{name}", f"val/{name} of the mix", initial.get(name, math.nan), value)
+                  for name, value in chosen.items()]
+        note = (f"WiSE-FT: (1 - alpha) theta_0 + alpha theta with alpha {self.chosen_alpha:g}, selected on "
+                f"`{self.select}` over alphas {self.alphas}; theta: the `{self.source}` weights of the fine-tuning. "
+                "Before fine-tuning is alpha 0 (the initial model). The run's general and drift numbers were "
+                "measured on theta, not on this mix.")
+        write_model_card(self.exported_to, describe_run(trainer, pl_module), scores, [note], tags=["wise-ft"])
 
     @staticmethod
     def _initial_state(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:

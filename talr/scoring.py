@@ -12,10 +12,10 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from talr.data import Example, pad_examples
 from talr.models import eval_mode
+from talr.progress import track
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -78,7 +78,7 @@ def score_examples(
     results: dict[int, torch.Tensor] = {}
     with eval_mode(net):
         starts = range(0, len(mine), batch_size)
-        for start in tqdm(starts, desc=desc, leave=False, disable=desc is None or rank != 0):
+        for start in track(starts, desc or "scoring", enabled=desc is not None and rank == 0):
             indices = mine[start:start + batch_size]
             batch = {k: v.to(device) for k, v in pad_examples([examples[i] for i in indices], pad_id).items()}
             results.update(zip(indices, score_batch(net, batch)))

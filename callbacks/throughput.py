@@ -1,0 +1,157 @@
+"""Training speed: tokens per second and model FLOPs utilization (MFU) of every optimizer step."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+CPU_PEAK_MATMUL_SIZE = 2048
+CPU_PEAK_REPEATS = 3
+
+
+def measure_cpu_peak_flops(size: int = CPU_PEAK_MATMUL_SIZE, repeats: int = CPU_PEAK_REPEATS) -> float:
+    """FLOP/s of the best of `repeats` float32 `size` x `size` matmuls on this CPU (its usable peak, with
+    torch's current thread count): 2 size^3 FLOPs each, after one untimed warm-up."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up: thread pool, allocator
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def lm_parameter_counts(lm: torch.nn.Module) -> tuple[int, int]:
+    """(decoder-body parameters, lm-head parameters): the body without the input embeddings (a lookup,
+    no matmul); a head tied to the embeddings counts once, as the head."""
+    head = lm.get_output_embeddings()
+    embeddings = lm.get_input_embeddings()
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    skip = head_ids | {id(p) for p in embeddings.parameters()}
+    seen: set[int] = set()
+    body = 0
+    for p in lm.parameters():
+        if id(p) not in skip and id(p) not in seen:
+            seen.add(id(p))
+            body += p.numel()
+    return body, sum(p.numel() for p in head.parameters()) if head is not None else 0
+
+
+def compute_dtype(trainer: L.Trainer, lm: torch.nn.Module) -> torch.dtype:
+    """The dtype the matmuls run in: the autocast dtype of a mixed precision, else the weights' dtype."""
+    precision = str(trainer.precision)
+    if "bf16" in precision:
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return next(p.dtype for p in lm.parameters() if p.is_floating_point())
+
+
+class Throughput(Callback):
+    """Logs each optimizer step's speed to every logger, at the step the module logs `train/loss` at.
+
+    - `train/tokens_per_s`: the step's non-padding tokens (prompt and target, every micro-batch, every
+      rank) over the step's wall time, from `on_train_batch_start` to `on_train_batch_end` (CUDA
+      synchronized at both ends): the forward and backward passes, the optimizer step and any extra
+      pass a strategy makes (TALR's tau pre-pass, KL's reference), but not data loading, validation
+      or other callbacks' batch-end work.
+    - `train/target_tokens_per_s`: the same for the supervised (target) tokens only.
+    - `train/mfu`: model FLOPs per second over the devices' peak. Model FLOPs of a step:
+      6 x (decoder-body parameters) x (all tokens) + 6 x (lm-head parameters) x (target tokens), the
+      forward (2) and backward (4) FLOPs per parameter and token; the input embeddings are a lookup
+      and count nothing, and only target tokens reach the vocabulary projection in talr
+      (`talr.token_loss`). Attention's sequence-length term is left out, as is every pass beyond the
+      one forward and backward (TALR's no-grad tau pass with several micro-batches, KL's reference
+      forward, activation recomputation under gradient checkpointing): they show as a lower mfu.
+      Under LoRA no weight gradients of the frozen base are computed, so the count is up to a third
+      too high there.
+
+    The peak is `peak_flops` if given, per device; else on a GPU the dense figure for the compute
+    dtype from Lightning's table (`get_available_flops`; no mfu for a GPU it does not know), and on
+    a CPU measured once at train start with `measure_cpu_peak_flops` (float32 matmuls). It is printed
+    with the parameter counts. `train/mfu` is not logged without a peak.
+
+    `talr fit` adds one to every run that has none; the plain progress lines (`PlainProgress`) show
+    its numbers.
+
+    Args:
+        peak_flops: the per-device peak in FLOP/s to divide by (for a GPU missing from Lightning's
+            table, or to compare runs on different CPUs against one figure).
+    """
+
+    def __init__(self, peak_flops: float | None = None) -> None:
+        if peak_flops is not None and not peak_flops > 0:
+            raise ValueError(f"Throughput.peak_flops must be positive FLOP/s, got {peak_flops}")
+        self.peak_flops = peak_flops
+        self.peak_source = "given" if peak_flops else None
+        self.body_params = 0
+        self.head_params = 0
+        self.latest: dict[str, float] = {}  # the last step: tokens, target_tokens, seconds, flops and the rates
+        self.totals = {"steps": 0, "tokens": 0, "target_tokens": 0, "seconds": 0.0, "flops": 0.0}
+        self._started = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.body_params, self.head_params = lm_parameter_counts(pl_module.lm)
+        device = trainer.strategy.root_device
+        if self.peak_source != "given":
+            dtype = compute_dtype(trainer, pl_module.lm)
+            if device.type == "cpu":
+                self.peak_flops = measure_cpu_peak_flops()
+                self.peak_source = (f"measured: best of {CPU_PEAK_REPEATS} float32 {CPU_PEAK_MATMUL_SIZE}^2 matmuls, "
+                                    f"{torch.get_num_threads()} threads")
+            else:
+                self.peak_flops = get_available_flops(device, dtype)
+                self.peak_source = f"Lightning's table for {dtype}" if self.peak_flops else None
+        peak = f"{self.peak_flops / 1e9:,.1f} GFLOP/s per device ({self.peak_source})" if self.peak_flops else \
+            "unknown (no train/mfu; set Throughput.peak_flops)"
+        rank_zero_info(f"[throughput] peak {peak}; model FLOPs per step = 6 x {self.body_params:,} body parameters x "
+                       f"tokens + 6 x {self.head_params:,} lm-head parameters x target tokens")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        _synchronize(trainer.strategy.root_device)
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        device = trainer.strategy.root_device
+        _synchronize(device)
+        seconds = time.perf_counter() - self._started
+        tokens = sum(int(micro["attention_mask"].sum()) for micro in batch["micro_batches"])
+        counts = torch.tensor([tokens, int(batch["num_target_tokens"])], dtype=torch.float64, device=device)
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        tokens, target = (int(c) for c in counts.tolist())
+        flops = 6.0 * (self.body_params * tokens + self.head_params * target)
+        self.latest = {"tokens": tokens, "target_tokens": target, "seconds": seconds, "flops": flops,
+                       "tokens_per_s": tokens / seconds, "target_tokens_per_s": target / seconds}
+        metrics = {"train/tokens_per_s": tokens / seconds, "train/target_tokens_per_s": target / seconds}
+        if self.peak_flops:
+            self.latest["mfu"] = metrics["train/mfu"] = flops / seconds / (self.peak_flops * trainer.world_size)
+        for key, value in (("steps", 1), ("tokens", tokens), ("target_tokens", target), ("seconds", seconds),
+                           ("flops", flops)):
+            self.totals[key] += value
+        # Lightning logs the step's train/* metrics when the step count it logs at, plus one, is a
+        # multiple of log_every_n_steps; these lines go to the same step of the same plots.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        every = trainer.log_every_n_steps
+        if every and ((step + 1) % every == 0 or trainer.should_stop):
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": dict(self.totals)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.totals.update(state_dict.get("totals", {}))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA runs ahead of the host: time the work, not its launch
