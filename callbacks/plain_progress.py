@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar
 
 from callbacks.throughput import Throughput
-from talr.progress import PLAIN_INTERVAL_S, format_duration, on_terminal, peak_memory, plain_line
+from talr.progress import PLAIN_INTERVAL_S, counted, format_duration, on_terminal, peak_memory, plain_line
 
 
 class PlainProgress(ProgressBar):
@@ -135,7 +135,7 @@ class PlainProgress(ProgressBar):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._enabled:
-            plain_line(f"[train] done: {trainer.global_step - self._first_step} steps in "
+            plain_line(f"[train] done: {counted(trainer.global_step - self._first_step, 'step')} in "
                        f"{format_duration(time.monotonic() - self._train_started)} | "
                        f"{peak_memory(trainer.strategy.root_device)}")
 
@@ -167,7 +167,7 @@ class PlainProgress(ProgressBar):
         self._eval_started = self._eval_line_at = time.monotonic()
         self._eval_batches = 0
         if self._enabled:
-            plain_line(f"[{name}] step {trainer.global_step}: started, {_count(total)} batches")
+            plain_line(f"[{name}] step {trainer.global_step}: started, {counted(total, 'batch')}")
 
     def _eval_batch(self, name: str, total: int | float) -> None:
         self._eval_batches += 1
@@ -178,21 +178,17 @@ class PlainProgress(ProgressBar):
         elapsed = now - self._eval_started
         left = f", ~{format_duration(elapsed / self._eval_batches * (total - self._eval_batches))} left" \
             if math.isfinite(total) else ""
-        plain_line(f"[{name}] {self._eval_batches}/{_count(total)} batches, {format_duration(elapsed)} elapsed{left}")
+        plain_line(f"[{name}] {self._eval_batches}/{counted(total, 'batch')}, {format_duration(elapsed)} elapsed{left}")
 
     def _eval_end(self, name: str, trainer: L.Trainer) -> None:
         if self._enabled:
-            plain_line(f"[{name}] step {trainer.global_step}: done, {self._eval_batches} batches in "
+            plain_line(f"[{name}] step {trainer.global_step}: done, {counted(self._eval_batches, 'batch')} in "
                        f"{format_duration(time.monotonic() - self._eval_started)}")
 
 
 def _total(batches: int | float | list[int | float]) -> int | float:
     """Batches of a pass over every dataloader (Lightning keeps one count per dataloader)."""
     return sum(batches) if isinstance(batches, list) else batches
-
-
-def _count(total: int | float) -> str:
-    return str(int(total)) if math.isfinite(total) else "?"
 
 
 def plain_progress_without_terminal(trainer: L.Trainer, configured: Iterable[Callback]) -> None:

@@ -11,6 +11,9 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from talr.progress import counted
+
+SPEED_METRICS = ("train/tokens_per_s", "train/target_tokens_per_s", "train/mfu")  # what the callback logs
 CPU_PEAK_MATMUL_SIZE = 2048
 CPU_PEAK_REPEATS = 3
 
@@ -105,7 +108,7 @@ class Throughput(Callback):
             if device.type == "cpu":
                 self.peak_flops = measure_cpu_peak_flops()
                 self.peak_source = (f"measured: best of {CPU_PEAK_REPEATS} float32 {CPU_PEAK_MATMUL_SIZE}^2 matmuls, "
-                                    f"{torch.get_num_threads()} threads")
+                                    f"{counted(torch.get_num_threads(), 'thread')}")
             else:
                 self.peak_flops = get_available_flops(device, dtype)
                 self.peak_source = f"Lightning's table for {dtype}" if self.peak_flops else None

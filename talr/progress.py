@@ -8,6 +8,7 @@ when they end (counts and durations); on a terminal they keep tqdm's live bar.
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -50,12 +51,23 @@ def peak_memory(device: torch.device) -> str:
     return f"peak mem {gib:.2f} GiB (RSS)"
 
 
-def track(items: Iterable[T], desc: str, unit: str = "batches", total: int | None = None, enabled: bool = True,
+def counted(n: int | float | None, noun: str) -> str:
+    """`1 batch`, `3 batches`, `? batches` (unknown)."""
+    if n is None or (isinstance(n, float) and not math.isfinite(n)):
+        return f"? {_plural(noun)}"
+    return f"{int(n)} {noun if n == 1 else _plural(noun)}"
+
+
+def _plural(noun: str) -> str:
+    return noun + "es" if noun.endswith(("ch", "sh", "s", "x")) else noun + "s"
+
+
+def track(items: Iterable[T], desc: str, unit: str = "batch", total: int | None = None, enabled: bool = True,
           interval_s: float = PLAIN_INTERVAL_S) -> Iterator[T]:
     """Iterate `items` with progress: tqdm's bar on a terminal; otherwise plain lines on stdout.
 
     The plain lines read `[desc] started: 4 batches`, `[desc] 2/4 batches, 1m02s elapsed, ~1m02s left`
-    (every `interval_s` seconds) and `[desc] done: 4 batches in 2m04s`; `unit` is the plural noun.
+    (every `interval_s` seconds) and `[desc] done: 4 batches in 2m04s`.
     `enabled` False (other ranks, an unnamed loop) iterates silently.
     """
     if total is None and isinstance(items, Sized):
@@ -66,7 +78,7 @@ def track(items: Iterable[T], desc: str, unit: str = "batches", total: int | Non
     if not enabled:
         yield from items
         return
-    plain_line(f"[{desc}] started: {total if total is not None else 'an unknown number of'} {unit}")
+    plain_line(f"[{desc}] started: {counted(total, unit)}")
     start = last = time.monotonic()
     done = 0
     for item in items:
@@ -76,6 +88,5 @@ def track(items: Iterable[T], desc: str, unit: str = "batches", total: int | Non
         if now - last >= interval_s and (total is None or done < total):
             last = now
             left = f", ~{format_duration((now - start) / done * (total - done))} left" if total else ""
-            plain_line(f"[{desc}] {done}/{total if total is not None else '?'} {unit}, "
-                       f"{format_duration(now - start)} elapsed{left}")
-    plain_line(f"[{desc}] done: {done} {unit} in {format_duration(time.monotonic() - start)}")
+            plain_line(f"[{desc}] {done}/{counted(total, unit)}, {format_duration(now - start)} elapsed{left}")
+    plain_line(f"[{desc}] done: {counted(done, unit)} in {format_duration(time.monotonic() - start)}")
