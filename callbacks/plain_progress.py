@@ -18,9 +18,9 @@ class PlainProgress(ProgressBar):
     """One plain line on stdout every `interval_s` seconds of training (or every `every_n_steps`
     optimizer steps), plus start / periodic / end lines for validation and test passes.
 
-    A training line, for example (numbers from a run)::
+    A training line, for example (configs/quickstart.yaml on a busy, shared 2-core CPU)::
 
-        [train] step 3/12 (25%) | loss 1.2043 | tau 1.061, weight_mean 0.3622, cutoff_share 0 | 4,120 tokens/s (1,790 target) | mfu 0.241 | 36s elapsed, ~1m48s left | peak mem 5.91 GiB (RSS)
+        [train] step 1/4 (25%) | loss 0.1464 | tau 0.9262, weight_mean 0.6359, cutoff_share 0.05137 | 21 tokens/s (7 target) | mfu 0.344 | 3m16s elapsed, ~9m48s left | peak mem 8.37 GiB (RSS)
 
     - loss: `train/loss` of the step; then the strategy's own metrics (`train/<loss>/<name>`, for
       TALR its tau, mean weight and share of tokens at the floor);
@@ -56,6 +56,7 @@ class PlainProgress(ProgressBar):
         self._throughput: Throughput | None = None
         self._train_started = 0.0
         self._first_step = 0  # the global step this process started training at (a resumed run starts later)
+        self._total_steps: int | float = math.inf
         self._last_line = -math.inf
         self._since_line = {"tokens": 0, "target_tokens": 0, "seconds": 0.0, "flops": 0.0}
         self._eval_started = self._eval_line_at = 0.0
@@ -76,6 +77,7 @@ class PlainProgress(ProgressBar):
         self._throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
         self._train_started = time.monotonic()
         self._first_step = trainer.global_step
+        self._total_steps = trainer.estimated_stepping_batches
         self._last_line = -math.inf
         self._snapshot()
 
@@ -83,7 +85,7 @@ class PlainProgress(ProgressBar):
                            batch_idx: int) -> None:
         if not self._enabled:
             return
-        step, total = trainer.global_step, trainer.estimated_stepping_batches
+        step, total = trainer.global_step, self._total_steps
         now = time.monotonic()
         if self.every_n_steps:
             due = step % self.every_n_steps == 0

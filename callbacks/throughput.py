@@ -97,7 +97,7 @@ class Throughput(Callback):
         self.body_params = 0
         self.head_params = 0
         self.latest: dict[str, float] = {}  # the last step: tokens, target_tokens, seconds, flops and the rates
-        self.totals = {"steps": 0, "tokens": 0, "target_tokens": 0, "seconds": 0.0, "flops": 0.0}
+        self.totals = {"tokens": 0, "target_tokens": 0, "seconds": 0.0, "flops": 0.0}  # in this process
         self._started = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -137,7 +137,7 @@ class Throughput(Callback):
         metrics = {"train/tokens_per_s": tokens / seconds, "train/target_tokens_per_s": target / seconds}
         if self.peak_flops:
             self.latest["mfu"] = metrics["train/mfu"] = flops / seconds / (self.peak_flops * trainer.world_size)
-        for key, value in (("steps", 1), ("tokens", tokens), ("target_tokens", target), ("seconds", seconds),
+        for key, value in (("tokens", tokens), ("target_tokens", target), ("seconds", seconds),
                            ("flops", flops)):
             self.totals[key] += value
         # Lightning logs the step's train/* metrics when the step count it logs at, plus one, is a
@@ -147,12 +147,6 @@ class Throughput(Callback):
         if every and ((step + 1) % every == 0 or trainer.should_stop):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"totals": dict(self.totals)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.totals.update(state_dict.get("totals", {}))
 
 
 def _synchronize(device: torch.device) -> None:

@@ -15,9 +15,9 @@ from typing import Any, Iterator, Literal, Sequence
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from talr.models import load_tokenizer
+from talr.progress import track
 from talr.tasks.base import DataError, Row, Task
 from talr.token_loss import IGNORE_INDEX
 
@@ -300,7 +300,7 @@ class SFTDataModule(L.LightningDataModule):
     def encode(self, task: Task, rows: list[Row], split: str) -> ExampleDataset:
         end_text = turn_end_text(self.tokenizer)
         examples, dropped, truncated = [], 0, 0
-        for i, row in enumerate(tqdm(rows, desc=f"tokenizing {task.name}/{split}", leave=False)):
+        for i, row in enumerate(track(rows, f"tokenizing {task.name}/{split}", unit="row")):
             source = self.source_rows[split][i] if split in self.source_rows else i
             where = f"{task.name}/{split}: row {source + 1} of the source"
             ex = encode_example(self.tokenizer, task, row, i, self.max_length, self.overlength, end_text, where)

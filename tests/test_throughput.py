@@ -71,7 +71,8 @@ def test_tokens_per_second_are_the_steps_tokens_over_the_steps_time(run):
         # one clock for both: their ratio is the ratio of the counts, whatever the step's time
         assert target_per_s / tokens_per_s == pytest.approx(mine["target"] / mine["tokens"], rel=1e-5)
         # the time behind the rate is the step's, as the test's own clock measured it
-        assert mine["tokens"] / tokens_per_s == pytest.approx(mine["seconds"], rel=0.1)
+        # (the two intervals differ by the hooks between them, and by whatever preempts a busy machine)
+        assert mine["tokens"] / tokens_per_s == pytest.approx(mine["seconds"], rel=0.1, abs=0.05)
 
 
 def test_mfu_is_six_flops_per_parameter_and_token_over_the_peak(run):
