@@ -118,17 +118,14 @@ class PlainProgress(ProgressBar):
         if self._throughput is None:
             return []
         totals, previous = self._throughput.totals, self._since_line
-        seconds = totals["seconds"] - previous["seconds"]
+        counts = {key: totals[key] - previous[key] for key in previous}
         self._snapshot()
-        if seconds <= 0:
+        if counts["seconds"] <= 0:
             return []
-        tokens = (totals["tokens"] - previous["tokens"]) / seconds
-        target = (totals["target_tokens"] - previous["target_tokens"]) / seconds
-        parts = [f"{tokens:,.0f} tokens/s ({target:,.0f} target)"]
-        peak = self._throughput.peak_flops
-        if peak:
-            world = self.trainer.world_size
-            parts.append(f"mfu {(totals['flops'] - previous['flops']) / seconds / (peak * world):.3g}")
+        rates = self._throughput.rates(counts, self.trainer.world_size)
+        parts = [f"{rates['train/tokens_per_s']:,.0f} tokens/s ({rates['train/target_tokens_per_s']:,.0f} target)"]
+        if "train/mfu" in rates:
+            parts.append(f"mfu {rates['train/mfu']:.3g}")
         return parts
 
     def _snapshot(self) -> None:

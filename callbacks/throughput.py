@@ -96,8 +96,7 @@ class Throughput(Callback):
         self.peak_source = "given" if peak_flops else None
         self.body_params = 0
         self.head_params = 0
-        self.latest: dict[str, float] = {}  # the last step: tokens, target_tokens, seconds, flops and the rates
-        self.totals = {"tokens": 0, "target_tokens": 0, "seconds": 0.0, "flops": 0.0}  # in this process
+        self.totals = {"tokens": 0, "target_tokens": 0, "seconds": 0.0, "flops": 0.0}  # this process's steps, summed
         self._started = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -131,15 +130,11 @@ class Throughput(Callback):
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
         tokens, target = (int(c) for c in counts.tolist())
-        flops = 6.0 * (self.body_params * tokens + self.head_params * target)
-        self.latest = {"tokens": tokens, "target_tokens": target, "seconds": seconds, "flops": flops,
-                       "tokens_per_s": tokens / seconds, "target_tokens_per_s": target / seconds}
-        metrics = {"train/tokens_per_s": tokens / seconds, "train/target_tokens_per_s": target / seconds}
-        if self.peak_flops:
-            self.latest["mfu"] = metrics["train/mfu"] = flops / seconds / (self.peak_flops * trainer.world_size)
-        for key, value in (("tokens", tokens), ("target_tokens", target), ("seconds", seconds),
-                           ("flops", flops)):
+        step_counts = {"tokens": tokens, "target_tokens": target, "seconds": seconds,
+                       "flops": 6.0 * (self.body_params * tokens + self.head_params * target)}
+        for key, value in step_counts.items():
             self.totals[key] += value
+        metrics = self.rates(step_counts, trainer.world_size)
         # Lightning logs the step's train/* metrics when the step count it logs at, plus one, is a
         # multiple of log_every_n_steps; these lines go to the same step of the same plots.
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -147,6 +142,16 @@ class Throughput(Callback):
         if every and ((step + 1) % every == 0 or trainer.should_stop):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    def rates(self, counts: dict[str, float], world_size: int) -> dict[str, float]:
+        """`train/tokens_per_s`, `train/target_tokens_per_s` and, with a peak, `train/mfu` of `counts`
+        (tokens, target_tokens, seconds, flops: one step's, or the difference of two `totals`)."""
+        seconds = counts["seconds"]
+        rates = {"train/tokens_per_s": counts["tokens"] / seconds,
+                 "train/target_tokens_per_s": counts["target_tokens"] / seconds}
+        if self.peak_flops:
+            rates["train/mfu"] = counts["flops"] / seconds / (self.peak_flops * world_size)
+        return rates
 
 
 def _synchronize(device: torch.device) -> None:
