@@ -183,9 +183,9 @@ class TokenProbabilityLogger(GuardsResults):
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
         """Every probe target token's probability and TALR weight under the current weights."""
         examples = self.probe_examples(trainer)
-        per_row = score_examples(pl_module.net, examples, pl_module.tokenizer.pad_token_id,
-                                 trainer.datamodule.eval_batch_size, pl_module.device,
-                                 desc="token probabilities" if trainer.is_global_zero else None)
+        per_row = [scores.nll for scores in score_examples(
+            pl_module.net, examples, pl_module.tokenizer.pad_token_id, trainer.datamodule.eval_batch_size,
+            pl_module.device, desc="token probabilities" if trainer.is_global_zero else None)]
         nll = torch.cat(per_row)
         seq_index = torch.cat([torch.full((len(row),), i) for i, row in enumerate(per_row)])
         # shift_targets orders a row's target tokens by position, as the scores are

