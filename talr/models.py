@@ -88,11 +88,41 @@ def _convert_embedded(target: Path) -> None:
     export_pretrained(model, tokenizer, target)  # atomic: a crash never leaves a half-written cache
 
 
+def check_model_name(name_or_path: str) -> None:
+    """Raise unless `name_or_path` is the embedded alias, a model directory, or could be a hub id.
+
+    Hub ids follow huggingface_hub's rule (`name` or `org/name`, letters, digits, `-`, `_`, `.`), so
+    a missing path (`/x`, `./x`, `~/x`, `a/b/c`) is named as such here, where transformers would
+    report a malformed repo id. A name shaped like a hub id is left to the hub (or its cache).
+    """
+    if name_or_path == EMBEDDED_ALIAS:
+        return
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise NotADirectoryError(
+            f"{name_or_path}: a file, not a model directory (a model is a directory with config.json, "
+            f"a hub id such as org/name, or {EMBEDDED_ALIAS})"
+        )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{name_or_path}: no such directory, and not a hub id (hub ids look like org/name)"
+        ) from None
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """The embedded alias becomes its cached directory; anything else is passed to from_pretrained."""
+    """The embedded alias becomes its cached directory, a directory its path (`~` expanded); a hub
+    id stays as it is for from_pretrained. Raises for a name that is none of these (check_model_name)."""
+    check_model_name(name_or_path)
     if name_or_path == EMBEDDED_ALIAS:
         return str(embedded_model_dir())
-    return name_or_path
+    path = Path(name_or_path).expanduser()
+    return str(path) if path.is_dir() else name_or_path
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:

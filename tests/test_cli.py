@@ -1,8 +1,10 @@
 """`talr fit|validate|test` end to end with a tiny random Llama (real SmolLM2 tokenizer)."""
 
+import configparser
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,66 @@ def test_large_learning_rate_config_stacks_on_any_strategy(tmp_path):
     )
     printed = yaml.safe_load(out.stdout)
     assert printed["model"]["learning_rate"] == 5e-6 and printed["model"]["loss"] == "kl"
+
+
+# ------------------------------------------------------------------ the first session: help, version
+
+
+def talr_startup(*args: str) -> tuple[subprocess.CompletedProcess, float, set[str]]:
+    """Run `python -X importtime -m cli ARGS`; the result, its wall time and the top-level modules it imported."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    seconds = time.perf_counter() - start
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    return done, seconds, imported
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--version"]])
+def test_help_and_version_answer_without_torch(args):
+    done, seconds, imported = talr_startup(*args)
+    assert done.returncode == 0
+    assert "talr" in imported and not imported & {"torch", "lightning", "transformers", "jsonargparse"}
+    assert seconds < 5, f"talr {args[0]} took {seconds:.1f} s"  # it took 13-15 s with Lightning imported
+
+
+def test_version_is_the_package_version():
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    done, _, _ = talr_startup("--version")
+    assert done.stdout == f"talr {config['metadata']['version']}\n"
+
+
+def test_help_lists_every_command_on_one_line_and_no_predict():
+    import cli
+    from talr.lightning_cli import TalrCLI
+
+    done, _, _ = talr_startup("--help")
+    listed = {}
+    for line in done.stdout.split("commands", 1)[1].split("\noptions:")[0].splitlines()[1:]:
+        if line.strip():
+            name, summary = line.split(maxsplit=1)
+            listed[name] = summary
+    assert list(listed) == ["fit", "validate", "test", "cot", "sweep", "report"]
+    assert all(len(summary) > 20 for summary in listed.values())
+    assert "grid of `talr fit` runs" in listed["sweep"]  # the first line of talr/sweep.py's docstring
+    assert set(TalrCLI.subcommands()) == set(cli.LIGHTNING_COMMANDS) == {"fit", "validate", "test"}
+    assert "predict" not in done.stdout
+
+
+def test_predict_is_not_a_command():
+    done, _, imported = talr_startup("predict")
+    assert done.returncode == 2 and "torch" not in imported
+    assert done.stderr.strip().splitlines()[-1].startswith("talr: error: 'predict' is not a talr command")
+    with pytest.raises(SystemExit) as info:  # nor does the Lightning parser offer it
+        build_cli(["predict"])
+    assert info.value.code == 2
+
+
+def test_fit_help_shows_model_and_data_before_the_trainer(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_cli(["fit", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.index("--model.model") < out.index("--data.task") < out.index("--trainer.accelerator")
