@@ -26,7 +26,7 @@ from talr.evaluation import DomainEvaluation, write_generations
 from talr.flow_prepass import initial_sequence_losses
 from talr.losses import FLOW, Regularized, TokenBatch, build_loss, flow_weights
 from talr.nonfinite import NonFiniteSteps, gradient_norm
-from talr.models import TokenNLLModel, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype, shard_fsdp2
+from talr.models import TokenNLLModel, check_model_name, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype, shard_fsdp2
 from talr.results import ResultGuard
 from talr.schedule import schedule_length, warmup_cosine
 from talr.token_loss import sequence_mean_losses
@@ -91,6 +91,7 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
         if max_bad_steps < 1:
             raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
+        check_model_name(model)  # a mistyped directory fails here, before Lightning starts
         if fsdp_param_dtype is not None:
             resolve_dtype(fsdp_param_dtype)  # fails before any model is loaded
         if anchor_device not in ("same", "cpu"):
