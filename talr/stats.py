@@ -11,8 +11,10 @@ Which method, when:
   interval (`compare_binary`). Only the discordant items count: b (right before, wrong after) and
   c (wrong before, right after); the difference is (c - b) / n.
 - **other scores** (an item holding several 0/1 scores, such as IFEval's instructions per prompt;
-  fractional scores; a mean over several tasks, such as the general score): a paired bootstrap
-  percentile interval and a sign-flip permutation test (`compare_paired`).
+  fractional scores): a paired bootstrap percentile interval and a sign-flip permutation test
+  (`compare_paired`).
+- **a mean over tasks** (the general score): the sign-flip test over all tasks' items, and the
+  tasks' own intervals combined by MOVER (`compare_paired` with several tasks).
 - **several replicates** (seeds) of the same comparison: a t-interval and t-test across the
   replicates' differences (`compare_replicates`).
 """
@@ -66,6 +68,10 @@ class PairedComparison:
         counts = f" (b {self.b}, c {self.c})" if self.b is not None else ""
         return (f"{name}: {self.delta:+.3f} [{self.low:+.3f}, {self.high:+.3f}], n {self.n}{counts}, "
                 f"{self.test} p {self.p:.3g}: {self.verdict(alpha)}")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.low, self.high
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,15 +191,17 @@ def mean_score(values: Sequence[Any]) -> float:
 
 def compare_paired(tasks: Sequence[PairedItems], confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
                    seed: int = SEED) -> PairedComparison:
-    """The difference of the mean over `tasks` of each task's score, after minus before.
+    """The change of the mean over `tasks` of each task's score (after minus before), on paired items.
 
-    One task with one 0/1 score per item: `compare_binary`. Otherwise the interval is a paired
-    bootstrap percentile interval, resampling items within each task (a stratified bootstrap: each
-    task keeps its size, as the general score weighs tasks equally), and the p-value is a sign-flip
-    permutation test: under no change the before and after scores of an item are exchangeable, so
-    swapping them item by item gives the null distribution of the difference (scipy's
-    permutation_test with paired samples; exact when 2^n is below `resamples`). Both resample whole
-    items, so an item's several scores (IFEval) stay together.
+    One task with one 0/1 score per item: `compare_binary` (exact McNemar, Tango's interval).
+    Otherwise the p-value is a sign-flip permutation test (`sign_flip_p`): under no change an
+    item's two scorings are exchangeable; on 0/1 items of one task this is exactly McNemar's
+    conditional test, and over several tasks it weighs each item as the general score does. The
+    interval combines each task's own interval (Tango's for 0/1 items, else a paired bootstrap
+    percentile interval) by MOVER (Zou & Donner 2008; Newcombe 2011): for the mean of T independent
+    task changes d_t with intervals [l_t, u_t], the bounds are d -/+ sqrt(sum ((d_t - l_t) / T)^2)
+    and sqrt(sum ((u_t - d_t) / T)^2). It keeps Tango's asymmetry and its width where few items
+    change; a bootstrap over all tasks' items would collapse to a point when none changed.
     """
     tasks = [t for t in tasks if len(t.counts)]
     if not tasks:
@@ -201,17 +209,27 @@ def compare_paired(tasks: Sequence[PairedItems], confidence: float = CONFIDENCE,
                                 confidence=confidence)
     if len(tasks) == 1 and tasks[0].binary:
         return compare_binary(tasks[0].before, tasks[0].after, confidence)
-    # Item i of task t enters the mean of task scores with weight 1 / (T * count_t): the difference is
+    deltas, lows, highs = [], [], []
+    for task in tasks:
+        delta = task.score(task.after) - task.score(task.before)
+        if task.binary:
+            low, high = compare_binary(task.before, task.after, confidence).interval
+        else:
+            low, high = paired_bootstrap_interval(task, confidence, resamples, seed)
+        deltas.append(delta), lows.append(low), highs.append(high)
+    deltas_, lows_, highs_ = np.asarray(deltas), np.asarray(lows), np.asarray(highs)
+    delta = float(deltas_.mean())
+    low = delta - math.sqrt(float(np.sum(((deltas_ - lows_) / len(tasks)) ** 2)))
+    high = delta + math.sqrt(float(np.sum(((highs_ - deltas_) / len(tasks)) ** 2)))
+    # Item i of task t enters the mean of task scores with weight 1 / (T * count_t): the change is
     # then sum_i w_i (after_i - before_i), and a swap flips the sign of item i's term.
     weights = np.concatenate([np.full(len(t.counts), 1.0 / (len(tasks) * t.counts.sum())) for t in tasks])
     x = np.concatenate([t.before for t in tasks]) * weights
     y = np.concatenate([t.after for t in tasks]) * weights
-    low, high = paired_bootstrap_interval(tasks, confidence, resamples, seed)
     before = float(np.mean([t.score(t.before) for t in tasks]))
-    after = float(np.mean([t.score(t.after) for t in tasks]))
-    return PairedComparison(n=int(sum(len(t.counts) for t in tasks)), before=before, after=after, delta=after - before,
-                            low=low, high=high, p=sign_flip_p(x, y, resamples, seed),
-                            test="sign-flip permutation (bootstrap interval)", confidence=confidence)
+    return PairedComparison(n=int(sum(len(t.counts) for t in tasks)), before=before, after=before + delta, delta=delta,
+                            low=max(low, -1.0), high=min(high, 1.0), p=sign_flip_p(x, y, resamples, seed),
+                            test="sign-flip", confidence=confidence)
 
 
 def sign_flip_p(before: np.ndarray, after: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED) -> float:
@@ -219,7 +237,7 @@ def sign_flip_p(before: np.ndarray, after: np.ndarray, resamples: int = RESAMPLE
     (scipy's permutation_test, paired samples; exact when 2^items <= `resamples`)."""
     changed = before != after  # an item scored the same twice adds nothing, swapped or not: leave it out (faster)
     x, y = before[changed], after[changed]
-    if not len(x):
+    if len(x) < 2:  # none, or one item: its two signs give the observed |difference| both ways
         return 1.0
     result = stats.permutation_test((x, y), lambda u, v, axis: np.sum(v - u, axis=axis), permutation_type="samples",
                                     vectorized=True, n_resamples=resamples, alternative="two-sided",
@@ -227,25 +245,24 @@ def sign_flip_p(before: np.ndarray, after: np.ndarray, resamples: int = RESAMPLE
     return float(min(1.0, result.pvalue))
 
 
-def paired_bootstrap_interval(tasks: Sequence[PairedItems], confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
+def paired_bootstrap_interval(task: PairedItems, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
                               seed: int = SEED) -> tuple[float, float]:
-    """Percentile interval of the mean over tasks of (after - before) task scores, items resampled
-    with replacement within each task, the same items for before and after (paired).
+    """Percentile interval of the task's change (after - before score), items resampled with
+    replacement, the same items for before and after (paired); an item's several scores stay together.
 
-    scipy.stats.bootstrap resamples one sample as a whole; the general score needs each task
-    resampled on its own (strata), so the resampling is written here: a few lines of numpy.
+    Written out rather than scipy.stats.bootstrap because the score is a ratio (sum of scores over
+    sum of counts) and the resamples must not hold a large task's (items x resamples) array at once.
     """
     rng = np.random.default_rng(seed)
-    deltas = np.zeros(resamples)
-    for task in tasks:
-        n = len(task.counts)
-        chunk = max(1, 2_000_000 // n)  # bounds memory for large tasks (MMLU: 14k items)
-        for start in range(0, resamples, chunk):
-            picks = rng.integers(0, n, size=(min(chunk, resamples - start), n))
-            diff = (task.after - task.before)[picks].sum(axis=1) / task.counts[picks].sum(axis=1)
-            deltas[start:start + len(picks)] += diff / len(tasks)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(deltas, [tail, 100 - tail])
+    n = len(task.counts)
+    differences = task.after - task.before
+    deltas = np.empty(resamples)
+    chunk = max(1, 2_000_000 // n)  # bounds memory for large tasks (MMLU: 14k items)
+    for start in range(0, resamples, chunk):
+        picks = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        deltas[start:start + len(picks)] = differences[picks].sum(axis=1) / task.counts[picks].sum(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(deltas, [tail, 1 - tail])
     return float(low), float(high)
 
 

@@ -130,31 +130,43 @@ def test_bootstrap_interval_by_its_definition():
     for picks in rng.integers(0, len(before), size=(2000, len(before))):
         deltas.append((sums_after[picks].sum() - sums_before[picks].sum()) / counts[picks].sum())
     expected = np.quantile(deltas, [0.025, 0.975])
-    assert paired_bootstrap_interval([items], resamples=2000, seed=7) == pytest.approx(tuple(expected), abs=1e-12)
+    assert paired_bootstrap_interval(items, resamples=2000, seed=7) == pytest.approx(tuple(expected), abs=1e-12)
 
     # another generator and more resamples: the same interval up to Monte Carlo error
     loop = np.random.default_rng(12345)
     n = len(before)
     more = [(sums_after[p].sum() - sums_before[p].sum()) / counts[p].sum() for p in loop.integers(0, n, size=(20000, n))]
-    low, high = paired_bootstrap_interval([items], resamples=20000, seed=0)
+    low, high = paired_bootstrap_interval(items, resamples=20000, seed=0)
     assert low == pytest.approx(np.quantile(more, 0.025), abs=0.01) and high == pytest.approx(np.quantile(more, 0.975), abs=0.01)
 
 
-def test_stratified_bootstrap_resamples_each_task_on_its_own():
-    """The general score: the mean over tasks of each task's difference; each task's items are
-    resampled within the task (tasks in order, each drawing its own (resamples, items) indices)."""
-    one = PairedItems.from_values([1, 0, 1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 1, 1, 0])
-    two = PairedItems.from_values([1, 1, 0, 1, 1, 0], [0, 1, 0, 0, 1, 0])
-    rng = np.random.default_rng(3)
-    totals = np.zeros(500)
-    for task in (one, two):
-        picks = rng.integers(0, len(task.counts), size=(500, len(task.counts)))
-        totals += ((task.after[picks] - task.before[picks]).sum(axis=1) / task.counts[picks].sum(axis=1)) / 2
-    assert paired_bootstrap_interval([one, two], resamples=500, seed=3) == pytest.approx(
-        tuple(np.quantile(totals, [0.025, 0.975])), abs=1e-12)
-    comparison = compare_paired([one, two])
-    assert comparison.delta == pytest.approx(((5 / 8 - 4 / 8) + (2 / 6 - 4 / 6)) / 2)
-    assert comparison.n == 14 and comparison.b is None
+def test_a_mean_over_tasks_combines_the_tasks_intervals_by_mover():
+    """The general score's change: the mean of the tasks' changes; its bounds by MOVER from each
+    task's own interval (Tango's for 0/1 tasks, here from the quartic's roots; the bootstrap's for
+    a task with several scores per item); its p-value a sign-flip test over all items, each weighed
+    1 / (tasks x the task's score count), here enumerated in full."""
+    one = PairedItems.from_values([1, 0, 1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 1, 1, 0])  # b 1, c 2
+    two = PairedItems.from_values([1, 1, 0, 1, 1, 0], [0, 1, 0, 0, 1, 0])              # b 2, c 0
+    three = PairedItems.from_values([[1, 0], [1, 1], 1, [0, 0, 1]], [[1, 1], [0, 1], 1, [1, 0, 1]])
+    deltas = [(5 - 4) / 8, (2 - 4) / 6, (6 - 5) / 8]  # three: 5 of 8 instructions before, 6 after
+    bounds = [yang_sun_hardin_quartic_roots(8, 1, 2)[[0, -1]], yang_sun_hardin_quartic_roots(6, 2, 0)[[0, -1]],
+              np.array(paired_bootstrap_interval(three))]
+    mean = sum(deltas) / 3
+    low = mean - math.sqrt(sum(((d - b[0]) / 3) ** 2 for d, b in zip(deltas, bounds)))
+    high = mean + math.sqrt(sum(((b[1] - d) / 3) ** 2 for d, b in zip(deltas, bounds)))
+    comparison = compare_paired([one, two, three])
+    assert (comparison.delta, comparison.low, comparison.high) == pytest.approx((mean, low, high), abs=1e-9)
+    assert comparison.n == 18 and comparison.b is None and comparison.test == "sign-flip"
+
+    terms = []  # each item's weighed change
+    for task, total in ((one, 8), (two, 6), (three, 8)):
+        terms += [(a - b) / (3 * total) for a, b in zip(task.after, task.before) if a != b]
+    observed = abs(sum(terms))
+    flips = [abs(sum(s * t for s, t in zip(signs, terms))) for signs in itertools.product((1, -1), repeat=len(terms))]
+    assert comparison.p == pytest.approx(sum(f >= observed - 1e-12 for f in flips) / len(flips), abs=1e-12)
+
+    nothing = compare_paired([one, PairedItems.from_values([1, 0], [1, 0])])  # a task without change keeps a width
+    assert nothing.low < nothing.delta < nothing.high
 
 
 def test_sign_flip_p_value_by_full_enumeration():
@@ -166,6 +178,7 @@ def test_sign_flip_p_value_by_full_enumeration():
     flips = [abs(np.dot(signs, diffs)) for signs in itertools.product((1, -1), repeat=len(diffs))]
     by_hand = sum(f >= observed - 1e-12 for f in flips) / len(flips)
     assert sign_flip_p(before, after) == pytest.approx(by_hand, abs=1e-12)
+    assert sign_flip_p(np.array([0.5, 1.0]), np.array([0.5, 0.0])) == 1.0  # one changed item: both signs as extreme
     # non-binary scores go through compare_paired: the same p and the bootstrap interval
     items = PairedItems.from_values(list(before), list(after))
     comparison = compare_paired([items])
