@@ -347,7 +347,8 @@ class GeneralBenchmarks(GuardsResults):
         score is already the best checkpoint's (the callback reloads it), so `best_step` is unused.
 
         With them, the paired change from the initial model at fit end: `general_delta` with its 95%
-        interval `general_delta_low` / `_high`, `general_p` and `general_n` (documents paired), per
+        interval `general_delta_low` / `_high`, `general_p`, `general_n` (documents paired) and
+        `general_test` (the test, or `none: <why>`), per
         task under `general_paired`, and where the two events' records are (`general_file_initial`,
         `general_file_best`, relative to the log directory), for comparing runs document by document."""
         by_event = {e["event"]: e["general"] for e in self.events}
@@ -358,6 +359,7 @@ class GeneralBenchmarks(GuardsResults):
         paired = fit_end.get("general_paired", {})
         out.update({f"general_{key}": paired.get(field, math.nan) for key, field in
                     (("delta", "delta"), ("delta_low", "low"), ("delta_high", "high"), ("p", "p"), ("n", "n"))})
+        out["general_test"] = paired.get("test") or f"none: {paired.get('unavailable', 'no fit-end event')}"
         out["general_paired"] = fit_end.get("paired", {})  # per task: the summary JSON's, not the table's
         for when, event in (("initial", "fit_start"), ("best", "fit_end")):
             record = next((e for e in self.events if e["event"] == event), None)
