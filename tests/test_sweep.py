@@ -82,6 +82,16 @@ def test_sweep_table_matches_each_runs_own_logs(sweep):
         start = json.loads(next(run_dir.rglob("general/fit_start.json")).read_text())
         assert row["general_best"] == pytest.approx(general["primary"]["talr_arc_easy"])
         assert row["general_initial"] == pytest.approx(start["primary"]["talr_arc_easy"])
+        # the paired changes from the initial model: domain over the held-out rows, general over the documents
+        def correct(step):
+            lines = next(run_dir.rglob(f"generations/val_step{step:06d}.jsonl")).read_text().splitlines()
+            return {r["row_index"]: int(r["correct"]) for r in map(json.loads, lines)}
+        before, after = correct(0), correct(best)
+        b, c, p = mcnemar_by_hand([before[i] for i in sorted(after)], [after[i] for i in sorted(after)])
+        assert (row["domain_n"], row["domain_delta"], row["domain_p"]) == pytest.approx((len(after), (c - b) / len(after), p))
+        assert row["general_delta"] == pytest.approx(row["general_best"] - row["general_initial"])
+        assert row["general_delta_low"] <= row["general_delta"] <= row["general_delta_high"] and row["general_n"] == 8
+        assert row["general_file_best"] == str(next(run_dir.rglob("general/fit_end.json")).resolve())
         config = yaml.safe_load(Path(row["config"]).read_text())  # the run's full config is in the table
         assert config["model"]["loss"] == row["loss"] and config["model"]["learning_rate"] == row["learning_rate"]
         # all three measurement callbacks ran in every run (quickstart.yaml has two, the sweep adds lm-eval)
@@ -117,6 +127,7 @@ def test_report_draws_the_pareto_plot_and_table(sweep):
         line = next(line for line in markdown.splitlines() if line.startswith(f"| {loss} | {lr:g} |"))
         assert line.endswith("| yes |") == (not dominated)
     assert "| initial model |" in markdown
+    assert "## Significance" in markdown and "| 0.03 | ce | talr | 1 |" in markdown  # strategies at one learning rate
 
 
 def test_report_with_a_loss_on_each_axis(sweep, tmp_path):

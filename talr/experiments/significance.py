@@ -122,7 +122,7 @@ def outcome_from_row(row: pd.Series, side: str) -> Outcome:
     """A sweep-table row's paired change from the initial model on `side` (`<side>_delta`, ... columns)."""
     if not isinstance(row.get(f"{side}_delta"), float) or math.isnan(row[f"{side}_delta"]):
         test = row.get(f"{side}_test")
-        return test.removeprefix("none: ") if isinstance(test, str) else "no paired records in the table"
+        return test.removeprefix("none: ") if isinstance(test, str) else "no paired records in the table (a sweep from before they were kept)"
     return PairedComparison(n=int(row[f"{side}_n"]), before=float(row.get(f"{side}_initial", math.nan)),
                             after=float(row.get(f"{side}_best", math.nan)), delta=float(row[f"{side}_delta"]),
                             low=float(row[f"{side}_delta_low"]), high=float(row[f"{side}_delta_high"]),
