@@ -32,7 +32,7 @@ from talr import lm_eval_tasks
 from talr.checkpoint_io import lm_state_from_checkpoint
 from talr.models import eval_mode, is_peft
 from talr.results import GuardsResults, write_atomic
-from talr.stats import PairedComparison, PairedItems, compare_paired, mean_score, pair_by_id
+from talr.stats import PairedComparison, compare_paired, mean_score, pair_by_id
 
 # The number each benchmark reports in the paper (lm-eval's key: "<metric>,<filter>").
 PRIMARY_METRICS: dict[str, str] = {
@@ -163,11 +163,6 @@ def _plain_score(value: Any) -> Any:
     return int(number) if number in (0.0, 1.0) else number
 
 
-def paired_scores(before: Mapping[str, Any], after: Mapping[str, Any]) -> PairedItems:
-    """Two per-document records of one task (`per_document_scores`), paired on the documents both hold."""
-    return pair_by_id(before["doc_ids"], before["values"], after["doc_ids"], after["values"])
-
-
 def _compare_documents(tasks: list[str], initial: Mapping[str, Any] | None, current: Mapping[str, Any]) -> dict[str, Any]:
     """`current` against `initial` on the documents both scored: one task (its primary metric) or
     the mean over several (the general score's tasks); a PairedComparison's fields, or why not."""
@@ -179,7 +174,8 @@ def _compare_documents(tasks: list[str], initial: Mapping[str, Any] | None, curr
     if missing:
         reasons = {(initial.get(t) or current.get(t) or {}).get("unavailable", "no per-document scores") for t in missing}
         return {"unavailable": f"{', '.join(missing)}: {'; '.join(sorted(reasons))}"}
-    return compare_paired([paired_scores(initial[t], current[t]) for t in tasks]).as_dict()
+    pairs = [pair_by_id(initial[t]["doc_ids"], initial[t]["values"], current[t]["doc_ids"], current[t]["values"]) for t in tasks]
+    return compare_paired(pairs).as_dict()
 
 
 def _is_score(key: str) -> bool:
@@ -348,9 +344,9 @@ class GeneralBenchmarks(GuardsResults):
 
         With them, the paired change from the initial model at fit end: `general_delta` with its 95%
         interval `general_delta_low` / `_high`, `general_p`, `general_n` (documents paired) and
-        `general_test` (the test, or `none: <why>`), per
-        task under `general_paired`, and where the two events' records are (`general_file_initial`,
-        `general_file_best`, relative to the log directory), for comparing runs document by document."""
+        `general_test` (the test, or `none: <why>`); per task under `general_paired`; and where the
+        two events' records are (`general_file_initial`, `general_file_best`, relative to the log
+        directory), for comparing runs document by document."""
         by_event = {e["event"]: e["general"] for e in self.events}
         value = lambda event: by_event[event]["score"] if by_event.get(event, {}).get("score") is not None else math.nan  # noqa: E731
         out: dict[str, Any] = {"general_initial": value("fit_start"), "general_best": value("fit_end"),
