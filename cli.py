@@ -28,7 +28,7 @@ class TalrCLI(LightningCLI):
         if args is None or isinstance(args, (list, tuple)):
             error = loss_config_error(raw_model_section(sys.argv[1:] if args is None else args))
             if error:
-                parser.error(error)
+                raise ValueError(error)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
