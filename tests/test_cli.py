@@ -161,4 +161,4 @@ def test_large_learning_rate_config_stacks_on_any_strategy(tmp_path):
         capture_output=True, text=True, check=True,
     )
     printed = yaml.safe_load(out.stdout)
-    assert printed["model"]["learning_rate"] == 5e-6 and printed["model"]["loss"] == "kl"
+    assert printed["model"]["learning_rate"] == 5e-6 and printed["model"]["loss"]["class_path"] == "talr.losses.KLToInitial"
