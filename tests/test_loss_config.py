@@ -180,3 +180,17 @@ def test_sweep_grids_over_model_loss_print_commands_talr_fit_accepts(sweep, caps
         assert parsed["class_path"] == f"talr.losses.{grid_value}"
         if parsed["class_path"] == base["class_path"]:  # the base config's options stay with its own class
             assert base.get("init_args", {}).items() <= parsed["init_args"].items()
+
+
+def test_the_readme_strategies_table_lists_every_option_of_each_class():
+    import talr.losses
+
+    rows = [line.split(" | ") for line in (REPO / "README.md").read_text().splitlines()
+            if re.match(r"\| `(\w+)` \(`\w+`\) \|", line)]
+    assert sorted(re.match(r"\| `(\w+)`", row[0]).group(1) for row in rows) == sorted(STRATEGIES)
+    for row in rows:
+        cls = getattr(talr.losses, re.match(r"\| `(\w+)`", row[0]).group(1))
+        short = re.search(r"\(`(\w+)`\)", row[0]).group(1)
+        listed = set() if row[2] == "none" else {re.match(r"`(\w+)`", item).group(1) for item in row[2].split(", ")}
+        assert listed == set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}, cls.__name__
+        assert short == cls.name  # the name in logged keys and in the sweep table
