@@ -95,6 +95,8 @@ class TokenProbabilityLogger(GuardsResults):
             raise ValueError(f"TokenProbabilityLogger.every_n_steps must be at least 1 (or null: every epoch), got {every_n_steps}")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"TokenProbabilityLogger.threshold must be in (0, 1), got {threshold}")
+        if talr is not None and not isinstance(talr, TALR):
+            raise TypeError(f"TokenProbabilityLogger.talr must be a talr.losses.TALR such as TALR(w_min=0.05), got {talr!r}")
         self.num_examples = num_examples
         self.seed = seed
         self.every_n_steps = every_n_steps

@@ -166,8 +166,8 @@ def test_bad_options_fail_at_construction():
         TokenProbabilityLogger(every_n_steps=0)
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
         TokenProbabilityLogger(threshold=1.5)
-    with pytest.raises(ValueError, match="has no option"):
-        TokenProbabilityLogger(talr_options={"wmin": 0.1})
+    with pytest.raises(TypeError, match="talr must be a talr.losses.TALR"):
+        TokenProbabilityLogger(talr={"w_min": 0.1})
 
 
 def test_notebook_executes_on_a_run(run, monkeypatch):
