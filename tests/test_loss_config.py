@@ -194,3 +194,17 @@ def test_the_readme_strategies_table_lists_every_option_of_each_class():
         listed = set() if row[2] == "none" else {re.match(r"`(\w+)`", item).group(1) for item in row[2].split(", ")}
         assert listed == set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}, cls.__name__
         assert short == cls.name  # the name in logged keys and in the sweep table
+
+
+def test_the_token_probability_logger_reports_the_runs_own_talr_also_when_wrapped():
+    from types import SimpleNamespace
+
+    from callbacks.token_probabilities import talr_strategy
+
+    own = TALR(w_min=0.2, tau=0.5)
+    assert talr_strategy(SimpleNamespace(loss_fn=own), None) is own
+    assert talr_strategy(SimpleNamespace(loss_fn=KLToInitial(base=own)), None) is own
+    named = TALR(w_min=0.05)
+    assert talr_strategy(SimpleNamespace(loss_fn=KLToInitial(base=own)), named) is named  # an explicit one wins
+    default = talr_strategy(SimpleNamespace(loss_fn=KLToInitial(base=CrossEntropy())), None)
+    assert (default.w_min, default.tau, default.tau_scope) == (0.01, None, "global")  # TALR's documented defaults
