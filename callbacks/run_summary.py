@@ -129,7 +129,7 @@ class RunSummary(Callback):
             "general_initial": math.nan,
             "general_best": math.nan,
             "learning_rate": hparams.get("learning_rate"),
-            "loss": hparams.get("loss"),
+            "loss": pl_module.loss_fn.name,  # the short name (ce, talr, kl, ...), not its options
             "model": hparams.get("model"),
             "seed": _seed(),
             "steps": trainer.global_step,

@@ -7,6 +7,7 @@ Imported by cli.py only when one of these commands runs, so that `talr --help` a
 from __future__ import annotations
 
 import os
+import sys
 import re
 from typing import Any, NoReturn, Sequence
 
@@ -15,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from talr.checkpoint_io import AtomicCheckpointIO, latest_logger_version
+from talr.config_migration import loss_config_error, raw_model_section
 from talr.data import SFTDataModule
 from talr.module import SFTModule
 
@@ -86,6 +88,14 @@ class TalrCLI(LightningCLI):
             "--validate_before_fit", type=bool, default=True,
             help="Score the initial model on the validation set before training (the 'before' number).",
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        # An old-form loss (`loss: talr` + loss_options) gets one error with the new form, not the parser's.
+        if args is None or isinstance(args, (list, tuple)):
+            error = loss_config_error(raw_model_section(sys.argv[1:] if args is None else args))
+            if error:
+                raise ValueError(error)
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning replaces the model's options with the checkpoint's. Say so where the config set

@@ -74,7 +74,7 @@ def test_fit_writes_tensorboard_checkpoints_export_and_generations(fitted):
     records = [json.loads(line) for line in generations[-1].read_text().splitlines()]
     assert len(records) == 4 and {"correct", "parsed", "generation", "row_index"} <= set(records[0])
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
-    assert saved["model"]["loss"] == "talr" and saved["data"]["task"]["init_args"]["num_synthetic"] == 20
+    assert saved["model"]["loss"]["class_path"] == "talr.losses.TALR" and saved["data"]["task"]["init_args"]["num_synthetic"] == 20
 
 
 def test_validate_and_test_from_a_checkpoint(fitted, tiny_model_dir, tmp_path):
@@ -113,6 +113,16 @@ def test_every_strategy_has_a_config():
     assert {p.stem for p in STRATEGY_CONFIGS} >= {"ce", "talr", "l2", "kl", "flow", "dft", "lora", "wise-ft"}
 
 
+def assert_written_in(written: dict, stored: dict) -> None:
+    """Every option a config writes for the strategy (nested `base` too) is what the checkpoint stores."""
+    assert stored["class_path"] == written["class_path"]
+    for key, value in (written.get("init_args") or {}).items():
+        if isinstance(value, dict):
+            assert_written_in(value, stored["init_args"][key])
+        else:
+            assert stored["init_args"][key] == value, key
+
+
 @pytest.mark.parametrize("config", STRATEGY_CONFIGS, ids=lambda p: p.stem)
 def test_medcalc_configs_run_on_a_local_csv(config, tiny_model_dir, tmp_path):
     """The paper-setup configs (hub source by default) run end to end on a local MedCalc-Bench CSV."""
@@ -126,7 +136,7 @@ def test_medcalc_configs_run_on_a_local_csv(config, tiny_model_dir, tmp_path):
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
     ])
     assert cli.trainer.global_step == 2
-    assert cli.model.hparams.loss == yaml.safe_load(config.read_text())["model"]["loss"]
+    assert_written_in(yaml.safe_load(config.read_text())["model"]["loss"], cli.model.hparams.loss)
     assert cli.model.hparams.learning_rate == 1e-6  # the paper's small learning rate
     assert (Path(cli.trainer.log_dir) / "export" / "model.safetensors").is_file()
 
@@ -154,7 +164,7 @@ def test_large_learning_rate_config_stacks_on_any_strategy(tmp_path):
         capture_output=True, text=True, check=True,
     )
     printed = yaml.safe_load(out.stdout)
-    assert printed["model"]["learning_rate"] == 5e-6 and printed["model"]["loss"] == "kl"
+    assert printed["model"]["learning_rate"] == 5e-6 and printed["model"]["loss"]["class_path"] == "talr.losses.KLToInitial"
 
 
 # ------------------------------------------------------------------ the first session: help, version

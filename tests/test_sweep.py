@@ -34,9 +34,8 @@ def sweep(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     spec = {
         "base": [str(REPO / "configs" / "quickstart.yaml")],
-        "grid": {"model.loss": ["ce", "talr"], "model.learning_rate": [1.0e-4, 3.0e-2]},
+        "grid": {"model.loss": ["CrossEntropy", "TALR"], "model.learning_rate": [1.0e-4, 3.0e-2]},
         "args": [
-            "--model.loss_options={}",  # the base config's TALR options would not fit ce
             f"--model.model={tiny_model_dir}", "--model.max_new_tokens=4",
             "--data.task.init_args.num_synthetic=12", "--data.val_size=4", "--data.batch_size=4",
             "--data.micro_batch_size=4", "--trainer.max_steps=2", "--trainer.val_check_interval=1",
@@ -93,7 +92,8 @@ def test_sweep_table_matches_each_runs_own_logs(sweep):
         assert row["general_delta_low"] <= row["general_delta"] <= row["general_delta_high"] and row["general_n"] == 8
         assert row["general_file_best"] == str(next(run_dir.rglob("general/fit_end.json")).resolve())
         config = yaml.safe_load(Path(row["config"]).read_text())  # the run's full config is in the table
-        assert config["model"]["loss"] == row["loss"] and config["model"]["learning_rate"] == row["learning_rate"]
+        assert config["model"]["loss"]["class_path"] == {"ce": "talr.losses.CrossEntropy", "talr": "talr.losses.TALR"}[row["loss"]]
+        assert config["model"]["learning_rate"] == row["learning_rate"]
         # all three measurement callbacks ran in every run (quickstart.yaml has two, the sweep adds lm-eval)
         assert "general/score" in scalars.Tags()["scalars"] and "forgetting/nll_increase" in scalars.Tags()["scalars"]
         assert any(tag.startswith("token_probs/") for tag in scalars.Tags()["histograms"])
@@ -198,7 +198,7 @@ def test_run_summary_names_a_recorded_metric_that_was_never_logged(tiny_model_di
                "init_args": {"path": str(tmp_path / "summary.json"), "monitor": "val/loss", "mode": "min",
                              "record": ["val/accuracy"]}}  # accuracy needs model.generate, which is off
     config = tiny_fit_config(tiny_model_dir, tmp_path, "v0", [summary], trainer={"max_steps": 1},
-                             model={"loss": "ce"}, validate_before_fit=True)
+                             model={"loss": "CrossEntropy"}, validate_before_fit=True)
     done = talr("fit", "--config", str(config))
     assert done.returncode != 0
     assert "record metric(s) ['val/accuracy'] were never logged" in done.stderr
@@ -306,7 +306,7 @@ def test_pareto_plot_draws_the_paired_intervals_as_error_bars(synthetic_sweep):
             else:  # two seeds: the t-interval of the seeds' changes, around the mean level
                 def t_bar(side):
                     deltas = runs[f"{side}_delta"].tolist()
-                    mean, sd = sum(deltas) / 2, abs(deltas[0] - deltas[1]) / math.sqrt(2)
+                    sd = abs(deltas[0] - deltas[1]) / math.sqrt(2)  # two seeds
                     half = scipy_stats.t.ppf(0.975, 1) * sd / math.sqrt(2)
                     level = runs[f"{side}_best"].mean()
                     return level - half, level + half
