@@ -1,102 +1,113 @@
-"""`talr fit|validate|test --config ...`: LightningCLI over SFTModule and SFTDataModule."""
+"""`talr <command>`: fit/validate/test through LightningCLI (talr/lightning_cli.py), and plain commands.
+
+A dispatcher, thin on purpose: `talr --help` and `talr --version` answer before torch and
+Lightning load (about 10 s on a CPU machine), and a user error ends in one line (talr/errors.py).
+"""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import talr
+from talr.errors import DEBUG_ENV, EXIT_STATUS, user_errors_in_one_line
 
-from callbacks.plain_progress import plain_progress_without_terminal
-from callbacks.run_summary import RunSummary
-from callbacks.throughput import Throughput
-from talr.checkpoint_io import AtomicCheckpointIO, latest_logger_version
-from talr.data import SFTDataModule
-from talr.module import SFTModule
+if TYPE_CHECKING:
+    from talr.lightning_cli import TalrCLI
 
+USAGE = "usage: talr <command> [options]"
 
-class TalrCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        # The data's chat template and the model must come from the same checkpoint.
-        parser.link_arguments("model.model", "data.tokenizer")
-        parser.add_argument(
-            "--validate_before_fit", type=bool, default=True,
-            help="Score the initial model on the validation set before training (the 'before' number).",
-        )
-
-    def _parse_ckpt_path(self) -> None:
-        # Lightning replaces the model's options with the checkpoint's. Say so where the config set
-        # them, and refuse outright when the checkpoint comes from another model than the one asked for.
-        subcommand = self.config.get("subcommand")
-        section = self.config.get(subcommand) if subcommand else None
-        if section is None or section.get("model") is None:
-            return super()._parse_ckpt_path()
-        asked = section.model.clone()
-        defaults = self._subcommand_parsers[subcommand].get_defaults().model
-        super()._parse_ckpt_path()
-        used = self.config[subcommand].model
-        set_here = {k for k in vars(used) if asked.get(k) != defaults.get(k)}
-        if "model" in set_here and asked.get("model") != used.get("model"):
-            raise ValueError(
-                f"--ckpt_path {section.ckpt_path} was trained from model.model={used.get('model')!r}, "
-                f"but the config asks for {asked.get('model')!r}; use a checkpoint of that model or drop model.model"
-            )
-        for key in sorted(set_here):
-            if asked.get(key) != used.get(key):
-                rank_zero_warn(f"model.{key}: using the checkpoint's {used.get(key)!r}, not {asked.get(key)!r} from the config")
-
-    def before_instantiate_classes(self) -> None:
-        # `--ckpt_path last` with a versioned logger: continue in the version that holds the newest
-        # last.ckpt, where Lightning then finds it (it only looks in the new run's directory).
-        config = self.config.get(self.subcommand, {})
-        logger = config.get("trainer", {}).get("logger")
-        if config.get("ckpt_path") != "last" or not getattr(logger, "init_args", None):
-            return
-        args = logger.init_args
-        if args.get("version") is None and args.get("save_dir"):
-            version = latest_logger_version(args.save_dir, args.get("name"))
-            if version is not None:
-                args.version = version
-                rank_zero_info(f"[talr] --ckpt_path last: resuming the run in {args.save_dir}/{args.get('name') or ''}/{version}")
-
-    def instantiate_trainer(self, **kwargs):
-        # Checkpoints are written atomically unless the config brings its own plugins.
-        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
-            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-        configured = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])  # Trainer extends this list
-        trainer = super().instantiate_trainer(**kwargs)
-        if not any(isinstance(c, RunSummary) for c in trainer.callbacks):  # every run reports before / best / last
-            trainer.callbacks.append(RunSummary())
-        if not any(isinstance(c, Throughput) for c in trainer.callbacks):  # first: its step time ends before others' work
-            trainer.callbacks.insert(0, Throughput())
-        plain_progress_without_terminal(trainer, configured)
-        return trainer
-
-    def before_fit(self) -> None:
-        config = self.config.get(self.subcommand, {})
-        if config.get("validate_before_fit") and not config.get("ckpt_path"):
-            self.trainer.validate(self.model, datamodule=self.datamodule)
-
-
-def build_cli(args: list[str] | None = None) -> TalrCLI:
-    """Parse `args` (default: sys.argv) and run the subcommand; returns the CLI for inspection."""
-    return TalrCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True})
-
+# LightningCLI's commands, as talr --help lists them (TalrCLI.subcommands() has the same names).
+LIGHTNING_COMMANDS = {
+    "fit": "train a model on a task's rows (validates before and during training)",
+    "validate": "score a model or a checkpoint on the validation rows",
+    "test": "score a model or a checkpoint on the test task",
+}
 
 # Plain subcommands beside LightningCLI's fit/validate/test: name -> "module:function", where the
 # function takes the remaining arguments and returns the exit status.
 EXTRA_COMMANDS = {"cot": "talr.experiments.cot:main", "sweep": "talr.experiments.sweep:main", "report": "talr.experiments.report:main"}
 
 
+def build_cli(args: list[str] | None = None) -> TalrCLI:
+    """Parse `args` (default: sys.argv) and run the subcommand; returns the CLI for inspection."""
+    from callbacks.plain_progress import PlainProgress  # torch and Lightning load here, not for --help
+    from callbacks.run_summary import RunSummary
+    from callbacks.throughput import Throughput
+    from talr.lightning_cli import TalrCLI
+
+    # every run logs its speed, reports its before / best / last numbers and writes summary.json;
+    # with stdout in a file, progress comes as plain lines
+    return TalrCLI(args=args, default_callbacks=[Throughput, RunSummary], log_progress_bar=PlainProgress)
+
+
+def talr_version() -> str:
+    """The installed package's version (setup.cfg's, through the package metadata)."""
+    try:
+        return version("talr")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH that pip never installed
+        return talr.__version__
+
+
+def command_summary(target: str) -> str:
+    """The first line of a command module's docstring, read without importing the module (or torch)."""
+    spec = importlib.util.find_spec(target.split(":")[0])
+    if spec is None or spec.origin is None:
+        return ""
+    with open(spec.origin, encoding="utf-8") as f:
+        docstring = ast.get_docstring(ast.parse(f.read())) or ""
+    first = docstring.strip().splitlines()[0] if docstring.strip() else ""
+    return first.split("`: ", 1)[-1].rstrip(".")  # "`talr sweep --config ...`: a grid of ..." -> "a grid of ..."
+
+
+def help_text() -> str:
+    commands = {**LIGHTNING_COMMANDS, **{name: command_summary(t) for name, t in EXTRA_COMMANDS.items()}}
+    width = max(map(len, commands)) + 2
+    return "\n".join([
+        USAGE,
+        "",
+        talr.__doc__.strip(),
+        "",
+        "commands (talr <command> --help lists a command's options):",
+        *(f"  {name:<{width}}{summary}" for name, summary in commands.items()),
+        "",
+        "options:",
+        "  -h, --help     show this message and exit",
+        "  --version      print talr's version and exit",
+        f"  --traceback    on an error, print the whole traceback (or set {DEBUG_ENV}=1)",
+    ])
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in EXTRA_COMMANDS:
-        module, function = EXTRA_COMMANDS[args[0]].split(":")
-        sys.exit(getattr(importlib.import_module(module), function)(args[1:]))
-    if args in (["-h"], ["--help"]):  # LightningCLI's help lists only its own subcommands
-        print(f"talr also has: {', '.join(EXTRA_COMMANDS)} (talr <command> --help)\n")
-    build_cli(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--traceback" in args:
+        args = [a for a in args if a != "--traceback"]
+        os.environ[DEBUG_ENV] = "1"  # the environment also reaches DDP ranks and sweep runs
+    if args in (["-h"], ["--help"]):
+        print(help_text())
+        sys.exit(0)
+    if args == ["--version"]:
+        print(f"talr {talr_version()}")
+        sys.exit(0)
+    if not args or not (args[0].startswith("-") or args[0] in {*LIGHTNING_COMMANDS, *EXTRA_COMMANDS}):
+        problem = f"{args[0]!r} is not a talr command" if args else "no command given"
+        commands = ", ".join([*LIGHTNING_COMMANDS, *EXTRA_COMMANDS])
+        print(f"{USAGE}\ntalr: error: {problem}; the commands are {commands} (talr --help)", file=sys.stderr)
+        sys.exit(EXIT_STATUS)
+    with user_errors_in_one_line():
+        if args[0] in EXTRA_COMMANDS:
+            module, function = EXTRA_COMMANDS[args[0]].split(":")
+            sys.exit(getattr(importlib.import_module(module), function)(args[1:]))
+        if argv is None:
+            sys.argv[1:] = args  # LightningCLI reads sys.argv itself; given a list as well, it warns
+            build_cli()
+        else:
+            build_cli(args)
 
 
 if __name__ == "__main__":

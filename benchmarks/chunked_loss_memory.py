@@ -23,14 +23,14 @@ import torch
 
 
 def measure(vocab: int, length: int, hidden: int, chunk_size: int | None, device: str) -> dict:
-    from talr.losses import TokenBatch, build_loss
+    from talr.losses import TALR, TokenBatch
     from talr.token_loss import target_token_nll
 
     torch.manual_seed(0)
     h = torch.randn(1, length + 1, hidden, device=device, requires_grad=True)
     w = (torch.randn(vocab, hidden, device=device) * 0.02).requires_grad_()
     labels = torch.randint(0, vocab, (1, length + 1), device=device)
-    talr = build_loss("talr")
+    talr = TALR()
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()

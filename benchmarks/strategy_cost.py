@@ -19,16 +19,18 @@ import time
 
 import torch
 
-STRATEGIES: dict[str, dict] = {
-    "ce": {"loss": "ce"},
-    "talr": {"loss": "talr"},
-    "dft": {"loss": "dft"},
-    "flow": {"loss": "flow"},
-    "l2": {"loss": "l2", "loss_options": {"lam": 1e-3}},
-    "kl (k3)": {"loss": "kl", "loss_options": {"estimator": "k3"}},
-    "kl (exact)": {"loss": "kl", "loss_options": {"estimator": "exact"}},
-    "lora (ce)": {"loss": "ce", "lora": {"r": 64, "alpha": 128}},
-    "lora + kl (k3)": {"loss": "kl", "lora": {"r": 64, "alpha": 128}},
+from talr.losses import DFT, FLOW, TALR, CrossEntropy, KLToInitial, L2Anchor
+
+STRATEGIES: dict[str, dict] = {  # SFTModule options of each measured strategy
+    "ce": {"loss": CrossEntropy()},
+    "talr": {"loss": TALR()},
+    "dft": {"loss": DFT()},
+    "flow": {"loss": FLOW()},
+    "l2": {"loss": L2Anchor(lam=1e-3)},
+    "kl (k3)": {"loss": KLToInitial(estimator="k3")},
+    "kl (exact)": {"loss": KLToInitial(estimator="exact")},
+    "lora (ce)": {"loss": CrossEntropy(), "lora": {"r": 64, "alpha": 128}},
+    "lora + kl (k3)": {"loss": KLToInitial(), "lora": {"r": 64, "alpha": 128}},
 }
 
 

@@ -2,10 +2,14 @@
 
 Both train SmolLM2-135M-Instruct (the embedded default, float32 on the CPU, bf16 on a GPU) on the
 same MedCalc rows, rendered by talr's chat template into a prompt and a completion, truncated to
-the same length, 4 rows a step, no packing. TRL runs with its completion-only loss (`nll`) and
-with its `dft` loss (the token-weighted case); talr with `ce` and `talr`. Each variant runs in its
-own subprocess; the first steps warm up and tokens per second is counted over the rest
-(all non-padding tokens of each step's batch, prompt included). Needs `pip install trl`.
+the same length (the target's tail is cut), 4 rows a step, no packing. The rows are the first
+ones, in file order, whose prompt fits `--max-length` with room for some target (a longer prompt
+would leave TRL nothing to train on and talr nothing to keep); the script prints how many it
+skipped and cut, and the Row Numbers it took. TRL runs with its completion-only loss (`nll`) and with its `dft` loss (the
+token-weighted case); talr with `ce` and `talr`. Each variant runs in its own subprocess, one
+after another; a variant that fails stops the benchmark (and what that variant started). The
+first steps warm up and tokens per second is counted over the rest (all non-padding tokens of
+each step's batch, prompt included). Needs `pip install trl`.
 
     python benchmarks/trl_throughput.py                 # about 10 minutes on a 2-core CPU
     python benchmarks/trl_throughput.py --steps 6 --warmup 2 --rows-csv ../shared/data/medcalc/medcalc_bench_test.csv
@@ -14,7 +18,10 @@ own subprocess; the first steps warm up and tokens per second is counted over th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,22 +30,47 @@ from pathlib import Path
 MODEL = "smollm2-135m-instruct"
 
 
-def training_rows(n: int, max_length: int, csv: str | None) -> tuple[list[dict], object]:
-    from talr.data import encode_example, prompt_text, turn_end_text
+def select_rows(args: argparse.Namespace) -> Path:
+    """The first rows whose prompt fits `--max-length`, written to a JSONL file that every variant reads."""
+    from talr.data import encode_example, turn_end_text
+    from talr.models import load_tokenizer
+    from talr.results import write_atomic
+    from talr.tasks import MedCalc
+
+    needed = args.batch_size * (args.steps + args.warmup) + 1  # + 1: talr's validation row
+    tokenizer = load_tokenizer(MODEL)
+    # Generated rows: a longer draw starts with the same rows, so spares change nothing when all fit.
+    task = MedCalc(source=args.rows_csv or "synthetic", num_synthetic=2 * needed, seed=0)
+    end = turn_end_text(tokenizer)
+    chosen, seen, cut = [], 0, 0
+    for i, row in enumerate(task.read()):
+        if len(chosen) == needed:
+            break
+        seen += 1
+        example = encode_example(tokenizer, task, row, i, args.max_length, "truncate", end)
+        if example is not None:  # None: the prompt alone fills max_length
+            chosen.append(row)
+            cut += example.truncated
+    source = args.rows_csv or "generated rows"
+    if len(chosen) < needed:
+        sys.exit(f"{source}: only {len(chosen)} of {seen} rows have a prompt shorter than --max-length "
+                 f"{args.max_length}; {needed} are needed (--batch-size x (--steps + --warmup) + 1)")
+    numbers = ", ".join(row.get("Row Number") or str(i + 1) for i, row in enumerate(chosen))
+    print(f"rows: the first {needed} of {source} whose prompt fits max_length={args.max_length} "
+          f"({seen - needed} of the first {seen} skipped as longer; {cut} of the {needed} get their target's "
+          f"tail cut); Row Numbers: {numbers}", flush=True)
+    return write_atomic(Path(args.workdir) / "rows.jsonl", "".join(json.dumps(row) + "\n" for row in chosen))
+
+
+def prompt_completion_rows(rows_file: str) -> list[dict]:
+    from talr.data import prompt_text, turn_end_text
     from talr.models import load_tokenizer
     from talr.tasks import MedCalc
 
     tokenizer = load_tokenizer(MODEL)
-    task = MedCalc(source=csv or "synthetic", num_synthetic=n, seed=0, limit=n if csv else None)
+    task = MedCalc(source=rows_file)
     end = turn_end_text(tokenizer)
-    rows = []
-    for i, row in enumerate(task.read()[:n]):
-        example = encode_example(tokenizer, task, row, i, max_length, "truncate", end)
-        if example is None:
-            continue
-        rows.append({"prompt": prompt_text(tokenizer, task, row), "completion": task.target(row) + end,
-                     "input_ids": example.input_ids, "labels": example.labels})
-    return rows, task
+    return [{"prompt": prompt_text(tokenizer, task, row), "completion": task.target(row) + end} for row in task.read()]
 
 
 class StepClock:
@@ -78,11 +110,9 @@ def run_talr(loss: str, args: argparse.Namespace) -> dict:
             clock.stop(sum(int(m["attention_mask"].sum()) for m in batch["micro_batches"]))
 
     torch.manual_seed(0)
-    n = args.batch_size * (args.steps + args.warmup)
-    task = MedCalc(source=args.rows_csv or "synthetic", num_synthetic=n + 1, seed=0,
-                   limit=n + 1 if args.rows_csv else None)
-    data = SFTDataModule(task, max_length=args.max_length, overlength="truncate", val_size=1,
-                         batch_size=args.batch_size, micro_batch_size=args.batch_size, seed=0, group_by_length=False)
+    data = SFTDataModule(MedCalc(source=args.selected_rows), max_length=args.max_length, overlength="truncate",
+                         val_size=1, batch_size=args.batch_size, micro_batch_size=args.batch_size, seed=0,
+                         group_by_length=False)
     module = SFTModule(model=MODEL, loss=loss, learning_rate=1e-5, generate=False, gradient_clip_val=1.0)
     trainer = L.Trainer(max_steps=args.steps + args.warmup, accelerator="auto", devices=1, logger=False,
                         precision="bf16-true" if torch.cuda.is_available() else "32-true",
@@ -110,9 +140,7 @@ def run_trl(loss_type: str, args: argparse.Namespace) -> dict:
         def on_step_end(self, *_, **__):
             clock.stop(batches[-1] if batches else 0)
 
-    n = args.batch_size * (args.steps + args.warmup)
-    rows, _ = training_rows(n, args.max_length, args.rows_csv)
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    dataset = Dataset.from_list(prompt_completion_rows(args.selected_rows))
     tokenizer = load_tokenizer(MODEL)
     model = load_model(MODEL, "bfloat16" if torch.cuda.is_available() else "float32")
     config = SFTConfig(
@@ -144,6 +172,24 @@ VARIANTS = {
 }
 
 
+def run_variant(name: str, argv: list[str]) -> dict:
+    """One variant in its own process group; the group goes when it ends (or the benchmark is stopped)."""
+    child = subprocess.Popen([sys.executable, __file__, *argv, "--one", name], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = child.communicate()
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # whatever the variant started and left behind
+        except ProcessLookupError:
+            pass
+    if child.returncode != 0:
+        tail = "\n".join(err.strip().splitlines()[-15:])
+        sys.exit(f"{tail}\n\nstopped: variant {name!r} failed with exit status {child.returncode} (its last "
+                 "lines are above); the variants after it were not run")
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
@@ -153,31 +199,31 @@ def main() -> None:
     parser.add_argument("--rows-csv", default=None, help="MedCalc CSV (default: generated rows)")
     parser.add_argument("--workdir", default="/tmp/talr-trl-bench")
     parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--selected-rows", help=argparse.SUPPRESS)  # select_rows' file, for --one
     args = parser.parse_args()
 
     if args.one:
         kind, loss = VARIANTS[args.one]
         print(json.dumps((run_talr if kind == "talr" else run_trl)(loss, args)))
         return
+    if importlib.util.find_spec("trl") is None:
+        sys.exit("the TRL variants need trl: pip install trl")
+    # `kill` on the benchmark unwinds like Ctrl-C, so run_variant takes the running variant with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
+    rows_file = select_rows(args)
     results = {}
     for name in VARIANTS:
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name], capture_output=True, text=True)
-        if done.returncode != 0:
-            results[name] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-        else:
-            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[name] = run_variant(name, [*sys.argv[1:], "--selected-rows", str(rows_file)])
         print(f"  {name}: {results[name]}", flush=True)
 
     def ratio(a: str, b: str) -> str:
-        if "error" in results[a] or "error" in results[b]:
-            return "n/a"
         return f"{results[a]['tokens_per_s'] / results[b]['tokens_per_s']:.2f}x"
 
     print(f"\nbatch {args.batch_size}, max_length {args.max_length}, {args.steps} timed steps after {args.warmup} warmup")
     print(f"{'variant':<40} {'tokens/s':>9}")
     for name, result in results.items():
-        print(f"{name:<40} {result.get('tokens_per_s', float('nan')):9.1f}")
+        print(f"{name:<40} {result['tokens_per_s']:9.1f}")
     print(f"talr ce / TRL nll: {ratio('talr fit, ce', 'TRL SFTTrainer, completion-only nll')}; "
           f"talr talr / TRL dft: {ratio('talr fit, talr', 'TRL SFTTrainer, dft')}")
 

@@ -40,4 +40,8 @@ class ContributesScores(Protocol):
     """A callback whose numbers belong in the run summary (general score, forgetting drift, ...)."""
 
     def summary_scores(self, best_step: int) -> dict[str, Any]:
-        """Columns for the summary: values before training, at `best_step` and last, as the callback measured."""
+        """Columns for the summary: values before training, at `best_step` and last, as the callback measured.
+
+        A callback that can pair its measurements adds `<name>_delta`, `_delta_low`, `_delta_high`
+        (a 95% interval of `<name>_best` minus `<name>_initial`), `_p`, `_n` and `_test` beside
+        `<name>_best`: `talr report` draws them as that column's error bars."""

@@ -26,10 +26,11 @@ from talr.generation import stop_token_ids
 from talr.models import eval_mode
 from talr.progress import track
 from talr.results import GuardsResults, write_atomic
-from talr.scoring import score_examples
-from talr.token_loss import IGNORE_INDEX
+from talr.scoring import TokenScores, score_examples
+from talr.token_loss import CALIBRATION_TEMPERATURES, IGNORE_INDEX
 
 RESPONSES_FILE = "responses.jsonl"
+PER_CATEGORY = ("nll_increase", "kl", "kl_calibrated", "agreement", "entropy")  # logged overall and per category
 CURVE_FILE = "curve.json"
 
 
@@ -56,8 +57,23 @@ class ForgettingMonitor(GuardsResults):
       argmax, not samples, so neither number is a KL estimate: `kl` is then a divergence between
       p0 and p on p0's greedy tokens only (zero exactly when every such token keeps its initial
       probability), and `nll_increase` measures how much less likely p0's preferred answers became.
-    - `forgetting/nll`: the current mean NLL of the answers; and per category
-      `forgetting/nll_increase/<category>`, `forgetting/kl/<category>`.
+    - `forgetting/nll`: the current mean NLL of the answers.
+
+    Both numbers above also move when the model only sharpens (or flattens) its distributions, as
+    TALR's detached weights p^(1/tau) tend to do, with its most likely tokens unchanged. Three
+    numbers separate that from drift:
+
+    - `forgetting/agreement`: the share of answer tokens where the current model's most likely
+      token is the initial model's (top-1 agreement on the initial model's own answers: its greedy
+      answers when samples_per_prompt is 1); a temperature cannot move it.
+    - `forgetting/kl_calibrated` at `forgetting/temperature`: `kl` of the current model at the single
+      temperature T (on talr.token_loss.CALIBRATION_TEMPERATURES) that best fits the answers (lowest
+      mean NLL, which for sampled answers is the T nearest to p0 in KL(p0 || p_T)); what is left of the
+      drift once a global temperature is allowed for.
+    - `forgetting/entropy`: the current model's mean entropy (nats) at the answer positions, so
+      sharpening shows as its own number (it falls) rather than as forgetting.
+
+    Each also per category: `forgetting/<name>/<category>`.
 
     Written (rank zero, atomically): `<dirpath>/responses.jsonl` (prompt, category, answer text and
     token ids, initial per-token NLL) once before training, and `<dirpath>/curve.json` (every
@@ -106,7 +122,8 @@ class ForgettingMonitor(GuardsResults):
         self.batch_size = batch_size
         self.dirpath = dirpath
         self.overwrite = overwrite
-        # one dict per answer: prompt_index, category, prompt, sample, prompt_ids, response_ids, initial_nll
+        # one dict per answer: prompt_index, category, prompt, sample, prompt_ids, response_ids,
+        # initial_nll and initial_argmax (per answer token)
         self.responses: list[dict[str, Any]] = []
         self.curve: list[dict[str, Any]] = []
         self.restored = False  # True once a checkpoint's state for this callback was loaded
@@ -150,8 +167,9 @@ class ForgettingMonitor(GuardsResults):
             # rank zero's answers for every rank: sampling need not agree bit for bit across devices
             self.responses = trainer.strategy.broadcast(self.sample_initial_responses(pl_module), src=0)
             initial = self.score_responses(pl_module)
-            for response, nll in zip(self.responses, initial):
-                response["initial_nll"] = nll.tolist()
+            for response, scores in zip(self.responses, initial):
+                response["initial_nll"] = scores.nll.tolist()
+                response["initial_argmax"] = scores.argmax.tolist()
             self.curve = [self.curve_entry(trainer, initial)]
             self.log_entry(trainer, self.curve[-1])
         if trainer.is_global_zero:
@@ -172,7 +190,9 @@ class ForgettingMonitor(GuardsResults):
         if trainer.is_global_zero:
             write_atomic(out / CURVE_FILE, json.dumps(self.curve, indent=1))
         rank_zero_info(f"[forgetting] step {entry['step']}: NLL increase {entry['nll_increase']:+.4f} nats/token, "
-                       f"KL {entry['kl']:.4f} on {entry['tokens']} answer tokens")
+                       f"KL {entry['kl']:.4f} (at the best temperature {entry['temperature']:.3g}: "
+                       f"{entry['kl_calibrated']:.4f}), top-1 agreement {entry['agreement']:.3f}, "
+                       f"entropy {entry['entropy']:.3f} on {entry['tokens']} answer tokens")
 
     def summary_scores(self, best_step: int) -> dict[str, float]:
         """The drift before training, at the run's best step and at its last validation (NaN where
@@ -180,7 +200,7 @@ class ForgettingMonitor(GuardsResults):
         by_step = {entry["step"]: entry for entry in self.curve}
         value = lambda entry, key: float(entry[key]) if entry else math.nan  # noqa: E731
         out = {}
-        for key in ("kl", "nll_increase"):
+        for key in ("kl", "nll_increase", "kl_calibrated", "agreement", "entropy"):
             out[f"forgetting_{key}_initial"] = value(by_step.get(0), key)
             out[f"forgetting_{key}_best"] = value(by_step.get(best_step), key)
             out[f"forgetting_{key}_last"] = value(self.curve[-1] if self.curve else None, key)
@@ -229,32 +249,31 @@ class ForgettingMonitor(GuardsResults):
                     })
         return responses
 
-    def score_responses(self, pl_module: L.LightningModule) -> list[torch.Tensor]:
-        """Each answer's per-token NLL under the current weights (float32, on the CPU)."""
+    def score_responses(self, pl_module: L.LightningModule) -> list[TokenScores]:
+        """Each answer's tokens scored under the current weights (NLL, top-1 token, entropy, ...)."""
         examples = [
             Example(row_index=i, input_ids=r["prompt_ids"] + r["response_ids"], prompt_len=len(r["prompt_ids"]),
                     labels=[IGNORE_INDEX] * len(r["prompt_ids"]) + r["response_ids"])
             for i, r in enumerate(self.responses)
         ]
-        return score_examples(pl_module.net, examples, pl_module.tokenizer.pad_token_id, self.batch_size, pl_module.device)
+        return score_examples(pl_module.net, examples, pl_module.tokenizer.pad_token_id, self.batch_size,
+                              pl_module.device, statistics=True)
 
     # -- the curve --------------------------------------------------------------------------------
-    def curve_entry(self, trainer: L.Trainer, current: list[torch.Tensor]) -> dict[str, Any]:
+    def curve_entry(self, trainer: L.Trainer, current: list[TokenScores]) -> dict[str, Any]:
         """Token-weighted means over all answers and per category (see the class docstring)."""
-        by_category: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for response, nll in zip(self.responses, current):
-            initial = torch.tensor(response["initial_nll"], dtype=torch.float64)
-            by_category[response["category"]].append((initial, nll.double()))
+        by_category: dict[str, list[tuple[dict[str, Any], TokenScores]]] = defaultdict(list)
+        for response, scores in zip(self.responses, current):
+            by_category[response["category"]].append((response, scores))
         pairs = [pair for group in by_category.values() for pair in group]
-        entry = {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch), **divergence(pairs),
-                 "categories": {c: divergence(group) for c, group in sorted(by_category.items())}}
-        return entry
+        return {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch), **divergence(pairs),
+                "categories": {c: divergence(group) for c, group in sorted(by_category.items())}}
 
     def log_entry(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
-        metrics = {f"forgetting/{k}": entry[k] for k in ("nll_increase", "kl", "nll")}
+        metrics = {f"forgetting/{k}": entry[k] for k in (*PER_CATEGORY, "nll", "temperature")}
         for category, values in entry["categories"].items():
-            metrics[f"forgetting/nll_increase/{category}"] = values["nll_increase"]
-            metrics[f"forgetting/kl/{category}"] = values["kl"]
+            for key in PER_CATEGORY:
+                metrics[f"forgetting/{key}/{category}"] = values[key]
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=entry["step"])
@@ -268,11 +287,23 @@ def cut_at_stop(token_ids: list[int], stops: list[int]) -> list[int]:
     return token_ids
 
 
-def divergence(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """Mean NLL increase and mean k3 KL estimate over all tokens of (initial NLL, current NLL) pairs."""
-    initial = torch.cat([p[0] for p in pairs])
-    current = torch.cat([p[1] for p in pairs])
-    log_ratio = initial - current  # log p - log p0
-    k3 = torch.expm1(log_ratio) - log_ratio  # (r - 1) - log r, r = p / p0
-    return {"nll_increase": float((current - initial).mean()), "kl": float(k3.mean()),
+def divergence(pairs: list[tuple[dict[str, Any], TokenScores]]) -> dict[str, float]:
+    """Means over all answer tokens of (stored initial answer, its current scores) pairs: NLL increase,
+    k3 KL estimate at temperature 1 and at the best-fitting temperature, top-1 agreement, entropy."""
+    initial = torch.cat([torch.tensor(r["initial_nll"], dtype=torch.float64) for r, _ in pairs])
+    current = torch.cat([s.nll.double() for _, s in pairs])
+    at_temperature = torch.cat([s.nll_at_temperature.double() for _, s in pairs])  # [N, K]
+    best = int(at_temperature.mean(0).argmin())  # the temperature that best fits p0's answers
+
+    def k3(current_nll: torch.Tensor) -> float:
+        log_ratio = initial - current_nll  # log p - log p0
+        return float((torch.expm1(log_ratio) - log_ratio).mean())  # (r - 1) - log r, r = p / p0
+
+    agreement = math.nan
+    if all("initial_argmax" in r for r, _ in pairs):  # answers stored by an older talr lack it
+        matches = torch.cat([s.argmax == torch.tensor(r["initial_argmax"]) for r, s in pairs])
+        agreement = float(matches.double().mean())
+    return {"nll_increase": float((current - initial).mean()), "kl": k3(current),
+            "kl_calibrated": k3(at_temperature[:, best]), "temperature": CALIBRATION_TEMPERATURES[best],
+            "agreement": agreement, "entropy": float(torch.cat([s.entropy.double() for _, s in pairs]).mean()),
             "nll": float(current.mean()), "nll_initial": float(initial.mean()), "tokens": int(initial.numel())}

@@ -33,6 +33,7 @@ from talr.checkpoint_io import lm_state_from_checkpoint
 from talr.models import eval_mode, is_peft
 from talr.progress import format_duration
 from talr.results import GuardsResults, write_atomic
+from talr.stats import PairedComparison, compare_paired, mean_score, pair_by_id
 
 # The number each benchmark reports in the paper (lm-eval's key: "<metric>,<filter>").
 PRIMARY_METRICS: dict[str, str] = {
@@ -82,7 +83,8 @@ def run_lm_eval(
     One `simple_evaluate` per task (so each can have its own few-shot count, as `--num_fewshot`
     would give it on the CLI); `results` holds every task and group lm-eval reports, e.g. the
     MMLU subjects beside the talr_mmlu group. `log_samples` adds lm-eval's per-document records
-    under "samples". The caller chooses eval mode and the device.
+    under "samples" (by lm-eval task: a group's are under its subtasks) and, under "sample_tasks",
+    which of them belong to each of `tasks`. The caller chooses eval mode and the device.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -94,6 +96,7 @@ def run_lm_eval(
     n_samples: dict[str, Any] = {}
     n_shot: dict[str, int] = {}
     samples: dict[str, list[dict[str, Any]]] = {}
+    sample_tasks: dict[str, list[str]] = {}
     for name in tasks:
         start = time.monotonic()
         with torch.no_grad():
@@ -107,12 +110,73 @@ def run_lm_eval(
         n_samples.update(out.get("n-samples", {}))
         n_shot.update(out.get("n-shot", {}))
         samples.update(out.get("samples", {}))
+        sample_tasks[name] = sorted(out.get("samples", {}))  # a group's subtasks (MMLU subjects), or the task
         shown = ", ".join(f"{k} {v:.4f}" for k, v in results.get(name, {}).items() if _is_score(k))
         log(f"[general] {name}: {shown} ({time.monotonic() - start:.1f} s)")
     evaluation = {"results": results, "n_samples": n_samples, "n_shot": n_shot}
     if log_samples:
         evaluation["samples"] = samples
+        evaluation["sample_tasks"] = sample_tasks
     return evaluation
+
+
+def per_document_scores(evaluation: Mapping[str, Any], task: str, key: str) -> dict[str, Any]:
+    """One task's metric `key` ("metric,filter") per document, from lm-eval's logged samples.
+
+    Returns {"metric": key, "doc_ids": [...], "values": [...]}: a value is 0/1 for accuracy and exact
+    match, a list of 0/1 for IFEval's instruction-level accuracy (one per instruction of the prompt),
+    a number otherwise. A group's documents are named "<subtask>/<doc_id>". The values must average
+    to lm-eval's aggregate (instruction-level: over all instructions) or the record says why not,
+    under "unavailable" (a corpus-level metric such as BLEU has no per-document form).
+    """
+    metric, _, filter_name = key.partition(",")
+    leaves = evaluation.get("sample_tasks", {}).get(task, [task])
+    samples = evaluation.get("samples", {})
+    doc_ids: list[Any] = []
+    values: list[Any] = []
+    for leaf in leaves:
+        logged = sorted((s for s in samples.get(leaf, []) if s.get("filter") == (filter_name or "none")),
+                        key=lambda s: s["doc_id"])
+        for sample in logged:
+            value = _plain_score(sample.get(metric))
+            if value is None:
+                return {"metric": key, "unavailable": f"lm-eval logged no numeric per-document {metric!r} for {leaf}"}
+            doc_ids.append(sample["doc_id"] if leaf == task else f"{leaf}/{sample['doc_id']}")
+            values.append(value)
+    if not values:
+        return {"metric": key, "unavailable": f"lm-eval logged no documents of {task} for filter {filter_name!r}"}
+    mean, reported = mean_score(values), evaluation["results"][task][key]
+    if not math.isclose(mean, reported, rel_tol=1e-9, abs_tol=1e-12):
+        return {"metric": key, "unavailable": f"the per-document values average to {mean}, lm-eval reports {reported} "
+                                              "(an aggregation other than the mean)"}
+    return {"metric": key, "doc_ids": doc_ids, "values": values}
+
+
+def _plain_score(value: Any) -> Any:
+    """A per-document score for JSON: 0/1 as int, other numbers as float, lists element-wise; None if not numeric."""
+    if isinstance(value, (list, tuple)):
+        scores = [_plain_score(v) for v in value]
+        return None if not scores or any(s is None or isinstance(s, list) for s in scores) else scores
+    try:
+        number = float(value)  # bool, int, float and numpy scalars
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number in (0.0, 1.0) else number
+
+
+def _compare_documents(tasks: list[str], initial: Mapping[str, Any] | None, current: Mapping[str, Any]) -> dict[str, Any]:
+    """`current` against `initial` on the documents both scored: one task (its primary metric) or
+    the mean over several (the general score's tasks); a PairedComparison's fields, or why not."""
+    if not tasks:
+        return {"unavailable": "no task"}
+    if initial is None:
+        return {"unavailable": "the fit-start record keeps no per-document scores (a run from before they were kept)"}
+    missing = [t for t in tasks if "doc_ids" not in initial.get(t, {}) or "doc_ids" not in current.get(t, {})]
+    if missing:
+        reasons = {(initial.get(t) or current.get(t) or {}).get("unavailable", "no per-document scores") for t in missing}
+        return {"unavailable": f"{', '.join(missing)}: {'; '.join(sorted(reasons))}"}
+    pairs = [pair_by_id(initial[t]["doc_ids"], initial[t]["values"], current[t]["doc_ids"], current[t]["values"]) for t in tasks]
+    return compare_paired(pairs).as_dict()
 
 
 def _is_score(key: str) -> bool:
@@ -133,6 +197,15 @@ class GeneralBenchmarks(GuardsResults):
     `<dirpath>/<event>.json` holds all results (MMLU subjects included), each task's primary metric,
     and the general score with the tasks it left out. A fresh run refuses to write over an earlier
     run's result files unless `overwrite`; a run resumed from its checkpoint keeps its baseline.
+
+    Paired comparison with the initial model: each event keeps every document's primary score
+    (`per_document`: doc ids and 0/1 values, a list of 0/1 per IFEval prompt; kept in the state
+    dict too, so a resumed run keeps its baseline) and compares them with the fit-start event's on
+    the same documents (`paired`: per task n, b = right before / wrong now, c = wrong before / right
+    now, the difference with its 95% interval and p-value, from `talr.stats`: exact McNemar and
+    Tango's score interval for 0/1 scores, a bootstrap interval and sign-flip test otherwise;
+    `general_paired`: the same for the general score). Logged as `general/<task>/delta`,
+    `.../delta_low`, `.../delta_high` and `general/score_delta*`, with one verdict line per task.
 
     General score (paper, Appendix C): the mean of the `score_tasks`' primary metrics, leaving out
     every task the initial model scores below `threshold`. The paper uses IFEval
@@ -217,6 +290,7 @@ class GeneralBenchmarks(GuardsResults):
         self.events: list[dict[str, Any]] = []
         self.validations = 0  # validation runs during fit, counted for every_n_validations
         self._task_dir: tempfile.TemporaryDirectory | None = None
+        self._run_dir: str | None = None  # the log directory, for result paths in the summary
         self.task_manager = self._build_task_manager()  # every name and file checked before training
         unknown_primary = [task for task in self.score_tasks if task not in self.primary_metrics]
         if unknown_primary:
@@ -267,11 +341,35 @@ class GeneralBenchmarks(GuardsResults):
     def summary_scores(self, best_step: int) -> dict[str, Any]:
         """The general score before training and at fit end (NaN where not measured or every task
         was left out), and the tasks left out: what `RunSummary` puts in a sweep table. The fit-end
-        score is already the best checkpoint's (the callback reloads it), so `best_step` is unused."""
+        score is already the best checkpoint's (the callback reloads it), so `best_step` is unused.
+
+        With them, the paired change from the initial model at fit end: `general_delta` with its 95%
+        interval `general_delta_low` / `_high`, `general_p`, `general_n` (documents paired) and
+        `general_test` (the test, or `none: <why>`); per task under `general_paired`; and where the
+        two events' records are (`general_file_initial`, `general_file_best`, relative to the log
+        directory), for comparing runs document by document."""
         by_event = {e["event"]: e["general"] for e in self.events}
         value = lambda event: by_event[event]["score"] if by_event.get(event, {}).get("score") is not None else math.nan  # noqa: E731
-        return {"general_initial": value("fit_start"), "general_best": value("fit_end"),
-                "general_excluded": " ".join(by_event.get("fit_start", {}).get("excluded", []))}
+        out: dict[str, Any] = {"general_initial": value("fit_start"), "general_best": value("fit_end"),
+                               "general_excluded": " ".join(by_event.get("fit_start", {}).get("excluded", []))}
+        fit_end = next((e for e in self.events if e["event"] == "fit_end"), {})
+        paired = fit_end.get("general_paired", {})
+        out.update({f"general_{key}": paired.get(field, math.nan) for key, field in
+                    (("delta", "delta"), ("delta_low", "low"), ("delta_high", "high"), ("p", "p"), ("n", "n"))})
+        out["general_test"] = paired.get("test") or f"none: {paired.get('unavailable', 'no fit-end event')}"
+        out["general_paired"] = fit_end.get("paired", {})  # per task: the summary JSON's, not the table's
+        for when, event in (("initial", "fit_start"), ("best", "fit_end")):
+            record = next((e for e in self.events if e["event"] == event), None)
+            out[f"general_file_{when}"] = self._relative(record["file"]) if record else None
+        return out
+
+    def _relative(self, path: str) -> str:
+        """A result file's path relative to the run's log directory when inside it (the summary then
+        names no machine-specific directory), else as written."""
+        run_dir = self._run_dir
+        if run_dir is not None and Path(path).resolve().is_relative_to(Path(run_dir).resolve()):
+            return Path(path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+        return path
 
     def state_dict(self) -> dict[str, Any]:
         return {"events": self.events, "validations": self.validations}
@@ -348,6 +446,7 @@ class GeneralBenchmarks(GuardsResults):
     # -- one evaluation ------------------------------------------------------------------------------
     def _event(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, model: torch.nn.Module | None, source: str) -> None:
         out = self.output_dir(trainer)
+        self._run_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
         record, failure = None, None
         if trainer.is_global_zero:
             started = time.monotonic()
@@ -357,7 +456,7 @@ class GeneralBenchmarks(GuardsResults):
                     evaluation = run_lm_eval(
                         model, pl_module.tokenizer, self.tasks, self.task_manager, limit=self.limit,
                         batch_size=self.batch_size, num_fewshot=self.num_fewshot, gen_kwargs=self.gen_kwargs,
-                        allow_code_execution=self.allow_code_execution, log=rank_zero_info,
+                        allow_code_execution=self.allow_code_execution, log_samples=True, log=rank_zero_info,
                     )
                 record = self._record(name, trainer.global_step, source, evaluation, out / f"{name}.json")
                 write_atomic(out / f"{name}.json", json.dumps(record, indent=1))
@@ -387,16 +486,23 @@ class GeneralBenchmarks(GuardsResults):
         current = {task: primary[task] for task in self.score_tasks}
         baseline = next((e for e in self.events if e["event"] == "fit_start"), None)
         initial = current if name == "fit_start" else {task: baseline["primary"][task] for task in self.score_tasks}
+        per_document = {task: per_document_scores(evaluation, task, self.primary_metrics[task]) for task in primary}
+        # The initial model's documents are the baseline of every later event (fit start: itself, a zero change).
+        initial_documents = per_document if name == "fit_start" else baseline.get("per_document")
+        general = general_score(initial, current, self.threshold)
         import lm_eval
 
         return {
             "event": name, "step": step, "weights": source, "file": str(path),
             "primary_metrics": {task: self.primary_metrics[task] for task in primary},
             "primary": primary,
-            "general": general_score(initial, current, self.threshold),
+            "general": general,
+            "paired": {task: _compare_documents([task], initial_documents, per_document) for task in primary},
+            "general_paired": _compare_documents(general["included"], initial_documents, per_document),
             "results": results, "n_samples": evaluation["n_samples"], "n_shot": evaluation["n_shot"],
             "settings": {"tasks": self.tasks, "data_dir": self.data_dir, "limit": self.limit, "batch_size": self.batch_size,
                          "num_fewshot": self.num_fewshot, "gen_kwargs": self.gen_kwargs, "lm_eval": lm_eval.__version__},
+            "per_document": per_document,
         }
 
     def _log(self, trainer: L.Trainer, record: dict[str, Any]) -> None:
@@ -410,8 +516,18 @@ class GeneralBenchmarks(GuardsResults):
         general = record["general"]
         if general["score"] is not None:
             metrics["general/score"] = general["score"]
+        for prefix, comparison in [*((f"general/{t}/delta", c) for t, c in record["paired"].items()),
+                                   ("general/score_delta", record["general_paired"])]:
+            if "delta" in comparison:
+                metrics.update({prefix: comparison["delta"], f"{prefix}_low": comparison["low"],
+                                f"{prefix}_high": comparison["high"]})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        if record["event"] != "fit_start":  # fit start is the baseline itself
+            for task, comparison in [*record["paired"].items(), ("general score", record["general_paired"])]:
+                line = (PairedComparison(**comparison).describe(task) if "delta" in comparison
+                        else f"{task}: no paired comparison ({comparison['unavailable']})")
+                rank_zero_info(f"[general] {record['event']} vs the initial model: {line}")
         score = "none (every task left out)" if general["score"] is None else f"{general['score']:.4f}"
         rank_zero_info(
             f"[general] {record['event']}: general score {score} over {general['included']}; left out (initial "

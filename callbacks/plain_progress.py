@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 
 from callbacks.throughput import Throughput
-from talr.progress import PLAIN_INTERVAL_S, counted, format_duration, on_terminal, peak_memory, plain_line
+from talr.progress import PLAIN_INTERVAL_S, counted, format_duration, peak_memory, plain_line
 
 
 class PlainProgress(ProgressBar):
@@ -189,12 +189,3 @@ def _total(batches: int | float | list[int | float]) -> int | float:
     """Batches of a pass over every dataloader (Lightning keeps one count per dataloader)."""
     return sum(batches) if isinstance(batches, list) else batches
 
-
-def plain_progress_without_terminal(trainer: L.Trainer, configured: Iterable[Callback]) -> None:
-    """`talr fit`'s default: where stdout is not a terminal, `PlainProgress` takes the place of the live
-    bar Lightning added on its own. A progress bar the config names (`configured`) stays, as does a
-    run with `enable_progress_bar: false`."""
-    bar = trainer.progress_bar_callback
-    if bar is None or on_terminal() or any(c is bar for c in configured):
-        return
-    trainer.callbacks[trainer.callbacks.index(bar)] = PlainProgress()

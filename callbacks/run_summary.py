@@ -34,9 +34,10 @@ class RunSummary(Callback):
         monitor: the domain metric, as logged (`val/accuracy`, `val/balanced_accuracy`, ...); None:
             the ModelCheckpoint's monitor, else `val/loss`.
         mode: `max` or `min` (for a loss); None: the ModelCheckpoint's mode, else `min`.
-        record: more validation metrics to report before training, at the best step and at the
+        record: the validation metrics to report before training, at the best step and at the
             last validation, as `<metric>_initial|_best|_last` with `/` written `_`
-            (`val/loss` -> `val_loss_best`).
+            (`val/loss` -> `val_loss_best`); each must be logged. None: every `val/*` metric logged
+            (the loss beside the numbers a temperature cannot move: calibrated_loss, token_accuracy, ...).
     """
 
     def __init__(self, path: str | None = None, monitor: str | None = None, mode: Literal["max", "min"] | None = None,
@@ -47,7 +48,7 @@ class RunSummary(Callback):
         self.explicit = monitor is not None  # a run that never validates has no summary unless one was asked for
         self.monitor = monitor
         self.mode = mode
-        self.record = list(record or [])
+        self.record = None if record is None else list(record)
         self.history: list[dict[str, float]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -57,7 +58,8 @@ class RunSummary(Callback):
             self.monitor = followed or "val/loss"
         if self.mode is None:
             self.mode = checkpoint.mode if followed == self.monitor else ("min" if "loss" in self.monitor else "max")
-        self.record = [name for name in self.record if name != self.monitor]
+        if self.record is not None:
+            self.record = [name for name in self.record if name != self.monitor]
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -84,7 +86,7 @@ class RunSummary(Callback):
                 return
             raise ValueError(f"RunSummary: {self.monitor!r} was never logged; is the monitor name right "
                              f"(logged: {sorted(trainer.callback_metrics)})?")
-        never = [name for name in self.record if not any(name in entry for entry in self.history)]
+        never = [name for name in self.record or [] if not any(name in entry for entry in self.history)]
         if never:
             raise ValueError(f"RunSummary: record metric(s) {never} were never logged at a validation "
                              f"(logged: {sorted(trainer.callback_metrics)})")
@@ -127,7 +129,7 @@ class RunSummary(Callback):
             "general_initial": math.nan,
             "general_best": math.nan,
             "learning_rate": hparams.get("learning_rate"),
-            "loss": hparams.get("loss"),
+            "loss": pl_module.loss_fn.name,  # the short name (ce, talr, kl, ...), not its options
             "model": hparams.get("model"),
             "seed": _seed(),
             "steps": trainer.global_step,
@@ -135,7 +137,8 @@ class RunSummary(Callback):
             "config_file": str(Path(log_dir) / "config.yaml") if log_dir and (Path(log_dir) / "config.yaml").is_file() else None,
             "history": self.history,
         }
-        for name in self.record:
+        logged = sorted({name for entry in self.history for name in entry} - {"step", self.monitor})
+        for name in logged if self.record is None else self.record:
             column = name.replace("/", "_")
             for when, entry in (("initial", initial), ("best", best), ("last", last)):
                 out[f"{column}_{when}"] = entry.get(name, math.nan)

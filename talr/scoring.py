@@ -7,6 +7,7 @@ new per-token statistic lands everywhere at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -39,14 +40,39 @@ def split_by_sequence(values: torch.Tensor, seq_index: torch.Tensor, num_seqs: i
     return list(torch.split(values, counts))
 
 
+@dataclass
+class TokenScores:
+    """One example's target tokens under the current weights (float32 / int64, on the CPU). Beyond the
+    NLL, the statistics that a global temperature cannot move (top-1 token) or that show it (entropy,
+    NLL at each calibration temperature) are there when asked for with `statistics=True`."""
+
+    nll: torch.Tensor  # [n]
+    targets: torch.Tensor | None = None  # [n] the target tokens
+    argmax: torch.Tensor | None = None  # [n] the model's most likely token
+    entropy: torch.Tensor | None = None  # [n] nats
+    nll_at_temperature: torch.Tensor | None = None  # [n, K] over talr.token_loss.CALIBRATION_TEMPERATURES
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """Teacher-forced top-1 accuracy per token: the most likely token is the target."""
+        assert self.argmax is not None and self.targets is not None, "scored without statistics"
+        return self.argmax == self.targets
+
+
 @torch.no_grad()
-def score_batch(net: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Each row's target-token NLL (float32, on the CPU) for a right-padded batch already on the device.
+def score_batch(net: nn.Module, batch: dict[str, torch.Tensor], statistics: bool = False) -> list[TokenScores]:
+    """Each row's target tokens scored, for a right-padded batch already on the device.
 
     `net` is a `talr.models.TokenNLLModel`: only target positions reach the vocabulary projection.
     """
-    nll, seq_index = net(batch["input_ids"], batch["attention_mask"], batch["labels"])[:2]
-    return split_by_sequence(nll.float().cpu(), seq_index.cpu(), batch["input_ids"].shape[0])
+    rows = batch["input_ids"].shape[0]
+    if not statistics:
+        nll, seq_index = net(batch["input_ids"], batch["attention_mask"], batch["labels"])[:2]
+        return [TokenScores(part) for part in split_by_sequence(nll.float().cpu(), seq_index.cpu(), rows)]
+    stats = net.token_statistics(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    seq_index = stats.pop("seq_index").cpu()
+    split = {k: split_by_sequence(v.cpu(), seq_index, rows) for k, v in stats.items()}
+    return [TokenScores(**{k: v[i] for k, v in split.items()}) for i in range(rows)]
 
 
 @torch.no_grad()
@@ -59,8 +85,9 @@ def score_examples(
     *,
     shard: bool = False,
     desc: str | None = None,
-) -> list[torch.Tensor]:
-    """Target-token NLL of every example (float32, CPU), in the order given.
+    statistics: bool = False,
+) -> list[TokenScores]:
+    """Every example's target tokens scored (see `TokenScores`), in the order given.
 
     Examples are batched by length (longest first), so little compute goes to padding. With `shard`,
     each rank scores an equal share (the last ranks repeat an example rather than run fewer batches:
@@ -75,13 +102,13 @@ def score_examples(
         mine = padded[rank::world]
     else:
         mine = order
-    results: dict[int, torch.Tensor] = {}
+    results: dict[int, TokenScores] = {}
     with eval_mode(net):
         starts = range(0, len(mine), batch_size)
         for start in track(starts, desc or "scoring", enabled=desc is not None and rank == 0):
             indices = mine[start:start + batch_size]
             batch = {k: v.to(device) for k, v in pad_examples([examples[i] for i in indices], pad_id).items()}
-            results.update(zip(indices, score_batch(net, batch)))
+            results.update(zip(indices, score_batch(net, batch, statistics)))
     if shard and world > 1:
         for part in all_gather_objects(results):
             results.update(part)

@@ -1,20 +1,28 @@
 """Every bad input in the README's table, through `talr fit` as a user would run it.
 
-Each case must stop with an error that names the problem (file, row, column or option) before a
-single optimizer step, and leave what an earlier run wrote in the same directory byte for byte
-as it was. The readers' finer cases are unit-tested in test_medcalc_task.py.
+Each case must stop before a single optimizer step with one line `talr: error: <message>` naming
+the problem (file, row, column or option) and exit status 2, no traceback, and leave what an
+earlier run wrote in the same directory byte for byte as it was. The readers' finer cases are
+unit-tested in test_medcalc_task.py.
 """
 
 import csv
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import cli
 from cli import build_cli
 from conftest import MEDCALC_CSV
+from talr.errors import find_user_error
+from talr.models import add_lora, check_model_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,16 +109,30 @@ CASES = [
     ("negative learning rate", lambda t: MEDCALC_CSV, ["--model.learning_rate=-1e-5"],
      ["learning_rate must be positive", "-1e-05"]),
     ("zero val_size", lambda t: csv_with(t, "ok.csv"), ["--data.val_size", "0"], ["val_size=0"]),
+    ("non-numeric answer", lambda t: csv_with(t, "answers.csv", set_cell(2, "Ground Truth Answer", "abc")), [],
+     ["answers.csv", "row 3", "column 'Ground Truth Answer': 'abc' is not a number"]),
+    ("model directory missing", lambda t: csv_with(t, "ok.csv"), ["--model.model", "/no/such/model-dir"],
+     ["/no/such/model-dir: no such directory, and not a hub id (hub ids look like org/name)"]),
 ]
 
 
+def one_line_error(stderr: str) -> str:
+    """The `talr: error:` line, checked to be the only one and the last line."""
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("talr: error: ")]
+    assert errors == lines[-1:], f"not one `talr: error:` line at the end: {lines[-5:]}"
+    return errors[0]
+
+
 @pytest.mark.parametrize("case, source, extra, expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_stops_before_training_with_a_clear_error(case, source, extra, expected, tiny_model_dir, tmp_path):
+def test_bad_input_stops_before_training_with_a_clear_error(case, source, extra, expected, tiny_model_dir, tmp_path,
+                                                             capsys):
     out = tmp_path / "run"
     before = earlier_run(out)
-    with pytest.raises(Exception) as info:
-        build_cli([*fit_args(tiny_model_dir, out, source(tmp_path)), *extra])
-    message = str(info.value)
+    with pytest.raises(SystemExit) as info:  # any other exception would reach the user as a traceback
+        cli.main([*fit_args(tiny_model_dir, out, source(tmp_path)), *extra])
+    assert info.value.code == 2
+    message = one_line_error(capsys.readouterr().err)
     for fragment in expected:
         assert fragment in message, f"{case}: {fragment!r} not in {message!r}"
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
@@ -122,9 +144,11 @@ def test_bad_input_stops_before_training_with_a_clear_error(case, source, extra,
 def test_a_non_numeric_option_is_named_by_the_parser(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         build_cli([*fit_args(tiny_model_dir, tmp_path, MEDCALC_CSV), "--data.task.init_args.limit", "ten"])
-    assert info.value.code != 0
+    assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "limit" in err and "ten" in err
+    # jsonargparse's report (usage, each type it tried) stays; talr's one line ends it
+    assert "Expected a <class 'int'>" in err
+    assert err.strip().splitlines()[-1] == "talr: error: data.task.limit: invalid value 'ten' (the reasons are above)"
 
 
 def test_a_checkpoint_of_another_model_is_refused_by_name(tiny_model_dir, tmp_path):
@@ -135,3 +159,54 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(tiny_model_dir, tmp_pa
     with pytest.raises(ValueError, match=r"trained from model.model='HuggingFaceTB/SmolLM2-360M-Instruct'.*asks for '.*tiny-llama"):
         build_cli([*fit_args(tiny_model_dir, out, MEDCALC_CSV), "--ckpt_path", str(ckpt)])
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
+
+
+def talr_console(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("talr")), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_the_console_script_prints_one_line_and_exits_2(tiny_model_dir, tmp_path):
+    for name, edit, extra, expected in [
+        ("answers.csv", set_cell(2, "Ground Truth Answer", "abc"), [],
+         "row 3 (Row Number 62), column 'Ground Truth Answer': 'abc' is not a number"),
+        ("ok.csv", None, ["--model.model", "./no-such-model"],
+         "talr: error: ./no-such-model: no such directory, and not a hub id (hub ids look like org/name)"),
+    ]:
+        done = talr_console(*fit_args(tiny_model_dir, tmp_path / "run", csv_with(tmp_path, name, edit)), *extra)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert expected in one_line_error(done.stderr) and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("how", ["--traceback", "TALR_DEBUG=1"])
+def test_traceback_on_request(how, tiny_model_dir, tmp_path):
+    args = fit_args(tiny_model_dir, tmp_path / "run", csv_with(tmp_path, "answers.csv", set_cell(2, "Ground Truth Answer", "abc")))
+    done = talr_console(*args, *([how] if how.startswith("--") else []),
+                        env={"TALR_DEBUG": "1"} if how == "TALR_DEBUG=1" else None)
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr and "talr: error:" not in done.stderr
+    assert 'talr/tasks/medcalc.py", line' in done.stderr  # where the row was refused
+    assert done.stderr.strip().splitlines()[-1].startswith("talr.tasks.base.DataError: ")
+
+
+def raised(function, *args):
+    try:
+        function(*args)
+    except Exception as exc:  # noqa: BLE001 - the test inspects whatever was raised
+        return exc
+    raise AssertionError(f"{function.__name__} raised nothing")
+
+
+def test_user_errors_are_told_from_bugs():
+    user = raised(check_model_name, "/no/such/dir")  # a `raise` in talr/models.py
+    assert find_user_error(user) is user
+    # a library wrapping it (as jsonargparse does, `raise ... from`) is looked through
+    def wrap():
+        raise ValueError("Call to compute_fn of link failed") from user
+    assert find_user_error(raised(wrap)) is user
+    # a ValueError raised inside a library is a bug to report with its traceback, not the user's mistake
+    assert find_user_error(raised(json.loads, "{")) is None
+    # so is one a builtin raised on a talr line (int("x") in add_lora), which no talr check made
+    builtin = raised(add_lora, None, {"r": "x"})
+    assert isinstance(builtin, ValueError) and find_user_error(builtin) is None
+    assert find_user_error(raised(lambda: [].pop())) is None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from cli import build_cli
-from talr.losses import DFT, FLOW, KLToInitial, L2Anchor, TALR, TokenBatch, build_loss, flow_weights
+from talr.losses import DFT, FLOW, KLToInitial, L2Anchor, TALR, TokenBatch, flow_weights
 from talr.models import TokenNLLModel, export_pretrained, is_peft, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_kl_k3_and_exact_match_float64_references():
     assert out.total.item() == pytest.approx(nll.sum().item() + 0.5 * expected, rel=1e-7)
 
     exact = KLToInitial(beta=0.5, estimator="exact")
-    assert exact.needs_logits and exact.needs_reference
+    assert exact.needs.logits and exact.needs.reference
     out = exact(TokenBatch(nll, seq, 1, ref_nll=ref_nll, logits=logits, ref_logits=ref_logits))
     expected = 0.0
     for row, ref_row in zip(logits.tolist(), ref_logits.tolist()):
@@ -77,14 +77,14 @@ def test_kl_k3_and_exact_match_float64_references():
 
 
 def test_kl_wraps_talr_so_talr_plus_kl_is_a_config():
-    strategy = build_loss("kl", {"beta": 0.2, "base": "talr", "base_options": {"w_min": 0.05}})
-    assert isinstance(strategy.base, TALR) and strategy.base.w_min == 0.05 and strategy.uses_step_losses
+    strategy = KLToInitial(beta=0.2, base=TALR(w_min=0.05))
+    assert isinstance(strategy.base, TALR) and strategy.base.w_min == 0.05 and strategy.needs.step_losses
     nll = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
     seq = torch.tensor([0, 1, 1])
     out = strategy(TokenBatch(nll, seq, 2, ref_nll=nll.clone()))  # reference == model: KL term 0
     assert out.total.item() == pytest.approx(TALR(w_min=0.05)(TokenBatch(nll, seq, 2)).total.item())
     with pytest.raises(ValueError, match="base must be a token strategy"):
-        build_loss("l2", {"base": "kl"})
+        L2Anchor(base=KLToInitial())
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -153,7 +153,7 @@ def fit(tiny_model_dir, out, *extra):
 
 def test_flow_prepass_weights_equal_an_independent_pass_and_are_cached(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TALR_CACHE", str(tmp_path / "cache"))
-    cli = fit(tiny_model_dir, tmp_path / "a", "--model.loss", "flow", "--model.loss_options", "{}")
+    cli = fit(tiny_model_dir, tmp_path / "a", "--model.loss", "FLOW")
     weights = cli.model.flow_weights
     data = cli.datamodule.datasets["train"]
     lm = load_model(str(tiny_model_dir), dtype="float32")
@@ -180,12 +180,12 @@ def test_flow_prepass_weights_equal_an_independent_pass_and_are_cached(tiny_mode
         raise AssertionError("the pre-pass ran again")
 
     monkeypatch.setattr(talr.flow_prepass, "score_examples", fail)
-    again = fit(tiny_model_dir, tmp_path / "b", "--model.loss", "flow", "--model.loss_options", "{}")
+    again = fit(tiny_model_dir, tmp_path / "b", "--model.loss", "FLOW")
     torch.testing.assert_close(again.model.flow_weights, weights)
 
 
 def test_l2_and_kl_runs_log_their_terms(tiny_model_dir, tmp_path):
-    l2 = fit(tiny_model_dir, tmp_path / "l2", "--model.loss", "l2", "--model.loss_options", "{lam: 0.01}",
+    l2 = fit(tiny_model_dir, tmp_path / "l2", "--model.loss", "L2Anchor", "--model.loss.lam", "0.01",
              "--model.anchor_device", "cpu", "--model.anchor_dtype", "bfloat16")
     assert all(a.device.type == "cpu" and a.dtype == torch.bfloat16 for a in l2.model._anchors)
     distance = l2.trainer.callback_metrics["train/l2/distance"].item()
@@ -194,6 +194,6 @@ def test_l2_and_kl_runs_log_their_terms(tiny_model_dir, tmp_path):
     direct = math.sqrt(sum(((trained[k] - initial[k]) ** 2).sum().item() for k in initial if k != "lm_head.weight"))
     # logged before the last optimizer step moved the weights: within one step of the final distance
     assert 0 < distance <= direct * 1.5
-    kl = fit(tiny_model_dir, tmp_path / "kl", "--model.loss", "kl", "--model.loss_options",
-             "{beta: 0.5, estimator: exact}")
+    kl = fit(tiny_model_dir, tmp_path / "kl", "--model.loss", "KLToInitial", "--model.loss.beta", "0.5",
+             "--model.loss.estimator", "exact")
     assert kl.trainer.callback_metrics["train/kl/kl"].item() >= 0

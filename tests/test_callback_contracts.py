@@ -39,9 +39,10 @@ def test_callbacks_use_only_the_declared_module_surface():
 
 
 def test_the_module_provides_the_surface_and_callbacks_the_scores(tiny_model_dir):
+    from talr.losses import CrossEntropy
     from talr.module import SFTModule
 
-    module = SFTModule(model=str(tiny_model_dir), loss="ce")
+    module = SFTModule(model=str(tiny_model_dir), loss=CrossEntropy())
     module.configure_model()
     assert isinstance(module, TrainedModule)
     assert module.lm_prefix + "model.embed_tokens.weight" in module.state_dict()
@@ -101,7 +102,7 @@ def test_result_writing_callbacks_write_the_same_in_either_order(tiny_model_dir,
     for version, order in (("forward", callbacks), ("reversed", callbacks[::-1])):
         config = tiny_fit_config(tiny_model_dir, tmp_path, version, order, validate_before_fit=True,
                                  trainer={"max_steps": 4, "val_check_interval": 2},
-                                 model={"loss": "ce", "learning_rate": 1e-3})
+                                 model={"loss": "CrossEntropy", "learning_rate": 1e-3})
         cli = build_cli(["fit", "--config", str(config)])
         logs[version] = Path(cli.trainer.log_dir)
     forward, backward = (result_files(logs[v]) for v in ("forward", "reversed"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from talr.losses import TokenBatch, build_loss
+from talr.losses import DFT, TALR, CrossEntropy, TokenBatch
 from talr.token_loss import IGNORE_INDEX, target_token_nll
 
 
@@ -39,7 +39,7 @@ def grads(loss, *tensors):
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("strategy", ["ce", "talr", "dft"])
+@pytest.mark.parametrize("strategy", [CrossEntropy(), TALR(), DFT()], ids=["ce", "talr", "dft"])
 def test_chunked_loss_and_gradients_equal_the_full_logits_computation(chunk_size, softcap, strategy):
     h, w, b, labels = shapes(0, softcap=softcap)
     reference = naive_nll(h, w, b, labels, softcap)
@@ -48,7 +48,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_computation(chunk_size
 
     def weighted(token_nll):
         # the strategy's own weights are detached functions of the token losses themselves
-        return build_loss(strategy)(TokenBatch(token_nll, seq_index, 3)).total
+        return strategy(TokenBatch(token_nll, seq_index, 3)).total
 
     expected = grads(weighted(reference), h, w, b)
     got = grads(weighted(nll), h, w, b)
@@ -63,7 +63,7 @@ def test_chunked_weights_come_from_the_losses_like_the_hand_written_talr_formula
     tau = statistics.median(per_seq)  # rows without targets have no mean and no say
     weights = torch.clamp(torch.exp(-nll.detach() / tau), min=0.01)
     expected = grads((weights * naive_nll(h, w, b, labels)).sum(), h, w)
-    got = grads(build_loss("talr", {"w_min": 0.01})(TokenBatch(nll, seq_index, 3)).total, h, w)
+    got = grads(TALR(w_min=0.01)(TokenBatch(nll, seq_index, 3)).total, h, w)
     for e, g_ in zip(expected, got):
         assert torch.allclose(g_, e, rtol=1e-10, atol=1e-12)
 

@@ -1,8 +1,10 @@
 """`talr fit|validate|test` end to end with a tiny random Llama (real SmolLM2 tokenizer)."""
 
+import configparser
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,7 @@ def test_fit_writes_tensorboard_checkpoints_export_and_generations(fitted):
     records = [json.loads(line) for line in generations[-1].read_text().splitlines()]
     assert len(records) == 4 and {"correct", "parsed", "generation", "row_index"} <= set(records[0])
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
-    assert saved["model"]["loss"] == "talr" and saved["data"]["task"]["init_args"]["num_synthetic"] == 20
+    assert saved["model"]["loss"]["class_path"] == "talr.losses.TALR" and saved["data"]["task"]["init_args"]["num_synthetic"] == 20
 
 
 def test_validate_and_test_from_a_checkpoint(fitted, tiny_model_dir, tmp_path):
@@ -111,6 +113,16 @@ def test_every_strategy_has_a_config():
     assert {p.stem for p in STRATEGY_CONFIGS} >= {"ce", "talr", "l2", "kl", "flow", "dft", "lora", "wise-ft"}
 
 
+def assert_written_in(written: dict, stored: dict) -> None:
+    """Every option a config writes for the strategy (nested `base` too) is what the checkpoint stores."""
+    assert stored["class_path"] == written["class_path"]
+    for key, value in (written.get("init_args") or {}).items():
+        if isinstance(value, dict):
+            assert_written_in(value, stored["init_args"][key])
+        else:
+            assert stored["init_args"][key] == value, key
+
+
 @pytest.mark.parametrize("config", STRATEGY_CONFIGS, ids=lambda p: p.stem)
 def test_medcalc_configs_run_on_a_local_csv(config, tiny_model_dir, tmp_path):
     """The paper-setup configs (hub source by default) run end to end on a local MedCalc-Bench CSV."""
@@ -124,7 +136,7 @@ def test_medcalc_configs_run_on_a_local_csv(config, tiny_model_dir, tmp_path):
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
     ])
     assert cli.trainer.global_step == 2
-    assert cli.model.hparams.loss == yaml.safe_load(config.read_text())["model"]["loss"]
+    assert_written_in(yaml.safe_load(config.read_text())["model"]["loss"], cli.model.hparams.loss)
     assert cli.model.hparams.learning_rate == 1e-6  # the paper's small learning rate
     assert (Path(cli.trainer.log_dir) / "export" / "model.safetensors").is_file()
 
@@ -152,4 +164,67 @@ def test_large_learning_rate_config_stacks_on_any_strategy(tmp_path):
         capture_output=True, text=True, check=True,
     )
     printed = yaml.safe_load(out.stdout)
-    assert printed["model"]["learning_rate"] == 5e-6 and printed["model"]["loss"] == "kl"
+    assert printed["model"]["learning_rate"] == 5e-6 and printed["model"]["loss"]["class_path"] == "talr.losses.KLToInitial"
+
+
+# ------------------------------------------------------------------ the first session: help, version
+
+
+def talr_startup(*args: str) -> tuple[subprocess.CompletedProcess, float, set[str]]:
+    """Run `python -X importtime -m cli ARGS`; the result, its wall time and the top-level modules it imported."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    seconds = time.perf_counter() - start
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    return done, seconds, imported
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--version"]])
+def test_help_and_version_answer_without_torch(args):
+    done, seconds, imported = talr_startup(*args)
+    assert done.returncode == 0
+    assert "talr" in imported and not imported & {"torch", "lightning", "transformers", "jsonargparse"}
+    assert seconds < 5, f"talr {args[0]} took {seconds:.1f} s"  # it took 13-15 s with Lightning imported
+
+
+def test_version_is_the_package_version():
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    done, _, _ = talr_startup("--version")
+    assert done.stdout == f"talr {config['metadata']['version']}\n"
+
+
+def test_help_lists_every_command_on_one_line_and_no_predict():
+    import cli
+    from talr.lightning_cli import TalrCLI
+
+    done, _, _ = talr_startup("--help")
+    listed = {}
+    for line in done.stdout.split("commands", 1)[1].split("\noptions:")[0].splitlines()[1:]:
+        if line.strip():
+            name, summary = line.split(maxsplit=1)
+            listed[name] = summary
+    assert list(listed) == ["fit", "validate", "test", "cot", "sweep", "report"]
+    assert all(len(summary) > 20 for summary in listed.values())
+    assert "grid of `talr fit` runs" in listed["sweep"]  # the first line of talr/sweep.py's docstring
+    assert set(TalrCLI.subcommands()) == set(cli.LIGHTNING_COMMANDS) == {"fit", "validate", "test"}
+    assert "predict" not in done.stdout
+
+
+def test_predict_is_not_a_command():
+    done, _, imported = talr_startup("predict")
+    assert done.returncode == 2 and "torch" not in imported
+    assert done.stderr.strip().splitlines()[-1].startswith("talr: error: 'predict' is not a talr command")
+    with pytest.raises(SystemExit) as info:  # nor does the Lightning parser offer it
+        build_cli(["predict"])
+    assert info.value.code == 2
+
+
+def test_fit_help_shows_model_and_data_before_the_trainer(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_cli(["fit", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.index("--model.model") < out.index("--data.task") < out.index("--trainer.accelerator")

@@ -29,7 +29,7 @@ CLIP = {"ce": None, "talr": 0.05}  # ce: unclipped, so the gradients' scale is c
 def talr_fit(model_dir, out, cache, *extra):
     command = [
         TALR, "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
-        "--model.model", str(model_dir), "--model.loss", "flow", "--model.loss_options", "{}",
+        "--model.model", str(model_dir), "--model.loss", "FLOW",
         "--model.generate", "false", "--validate_before_fit", "false",
         "--data.task.init_args.num_synthetic", "20", "--data.val_size", "4",
         "--data.batch_size", "2", "--data.micro_batch_size", "2", "--data.eval_batch_size", "3",
@@ -53,8 +53,7 @@ def test_flow_prepass_under_ddp_scores_each_row_once_and_matches_one_process(tin
     torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
 
 
-def one_step(model_dir: Path, out: Path, loss: str, layout: str, strategy: str | None = None,
-             loss_options: str = "{}") -> dict:
+def one_step(model_dir: Path, out: Path, loss: str, layout: str, strategy: str | None = None, *loss_options: str) -> dict:
     """`talr fit` for one optimizer step at lr 1e-3; returns what RecordStep wrote plus the export."""
     callbacks = out / "callbacks.yaml"
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +73,7 @@ def one_step(model_dir: Path, out: Path, loss: str, layout: str, strategy: str |
         configs += ["--model.gradient_checkpointing", "true"]
     args = [
         "fit", *configs, "--config", str(callbacks),
-        "--model.model", str(model_dir), "--model.loss", loss, "--model.loss_options", loss_options,
+        "--model.model", str(model_dir), "--model.loss", {"ce": "CrossEntropy", "talr": "TALR"}[loss], *loss_options,
         "--model.learning_rate", "1e-3", "--model.warmup_ratio", "0", "--model.gradient_clip_val", json.dumps(CLIP[loss]),
         "--model.generate", "true", "--model.max_new_tokens", "4", "--validate_before_fit", "false",
         "--data.task.init_args.num_synthetic", "6", "--data.val_size", "2",
@@ -169,7 +168,7 @@ def test_one_step_is_the_same_for_one_two_processes_and_accumulation(tiny_model_
 
 def test_local_tau_scope_uses_each_process_median(tiny_model_dir, tmp_path, single_process_runs):
     glob = single_process_runs("talr", "one")
-    local = one_step(tiny_model_dir, tmp_path / "local", "talr", "two", "ddp", '{"tau_scope": "local"}')
+    local = one_step(tiny_model_dir, tmp_path / "local", "talr", "two", "ddp", "--model.loss.tau_scope", "local")
     assert local["rows"] == glob["rows"]
     rank0, rank1 = local["tau"]
     assert abs(rank0 - rank1) > 1e-3, "the rows' losses should give each process another median"

@@ -404,7 +404,7 @@ def test_esci_configs_run_on_shared_files(config, cot_file, tiny_model_dir, tmp_
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
     ])
     assert cli.trainer.global_step == 2
-    assert cli.model.hparams.loss == settings["model"]["loss"] and cli.model.hparams.learning_rate == 1e-6
+    assert cli.model.hparams.loss["class_path"] == settings["model"]["loss"]["class_path"] and cli.model.hparams.learning_rate == 1e-6
     assert cli.datamodule.task.cot == cot and cli.datamodule.test_task.cot == cot
     metrics = cli.trainer.callback_metrics
     assert {"val/balanced_accuracy", "val/accuracy", "val/unparsed", "val/count"} <= set(metrics)

@@ -43,7 +43,7 @@ def fit(tiny_model_dir, out: Path, learning_rate: float, *extra: str, monitor: d
         tiny_model_dir, out, version, callbacks,
         validate_before_fit=True,  # runs before the answers exist: the monitor must skip it
         trainer={"val_check_interval": 1, "limit_val_batches": 1},
-        model={"loss": "ce", "learning_rate": learning_rate},
+        model={"loss": "CrossEntropy", "learning_rate": learning_rate},
     )
     return build_cli(["fit", "--config", str(config), *extra])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -355,6 +356,106 @@ def test_fit_logs_general_benchmarks_and_the_score(fitted):
     assert [s.step for s in scores] == [0, 4, 4]
     assert [s.value for s in scores] == pytest.approx([records[e]["general"]["score"] for e in ("fit_start", "validation2_step4", "fit_end")])
     assert cli.model.lm.training  # training mode came back after each evaluation
+
+
+def discordant_counts(before: dict, after: dict) -> tuple[int, int]:
+    """b: documents right before and wrong after; c: wrong before and right after (counted here)."""
+    shared = [doc for doc in after if doc in before]
+    return (sum(before[d] == 1 and after[d] == 0 for d in shared), sum(before[d] == 0 and after[d] == 1 for d in shared))
+
+
+def test_events_keep_per_document_scores_and_compare_them_with_the_initial_model(fitted):
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli, _ = fitted
+    log_dir = Path(cli.trainer.log_dir)
+    records = {p.stem: json.loads(p.read_text()) for p in (log_dir / "general").glob("*.json")}
+    for record in records.values():
+        for task, key in record["primary_metrics"].items():
+            documents = record["per_document"][task]
+            assert documents["metric"] == key and documents["doc_ids"] == list(range(LIMIT))
+            assert set(documents["values"]) <= {0, 1}
+            # the vector reproduces lm-eval's own aggregate
+            assert sum(documents["values"]) / LIMIT == pytest.approx(record["results"][task][key], abs=1e-12)
+    start = records["fit_start"]
+    for task, comparison in start["paired"].items():  # the baseline against itself
+        assert (comparison["n"], comparison["b"], comparison["c"], comparison["delta"], comparison["p"]) == (LIMIT, 0, 0, 0.0, 1.0)
+    later_events = ("validation2_step4", "fit_end")
+    for name in later_events:
+        record = records[name]
+        for task, comparison in record["paired"].items():
+            before = dict(zip(start["per_document"][task]["doc_ids"], start["per_document"][task]["values"]))
+            after = dict(zip(record["per_document"][task]["doc_ids"], record["per_document"][task]["values"]))
+            b, c = discordant_counts(before, after)
+            assert (comparison["n"], comparison["b"], comparison["c"]) == (LIMIT, b, c)
+            assert comparison["delta"] == pytest.approx((c - b) / LIMIT)
+            assert comparison["delta"] == pytest.approx(record["primary"][task] - start["primary"][task])
+            tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)
+            assert comparison["p"] == pytest.approx(min(1.0, 2 * tail))
+            assert comparison["low"] <= comparison["delta"] <= comparison["high"]
+        # the general score's change: the mean of the tasks' changes (threshold 0: both tasks count)
+        tasks = record["general"]["included"]
+        assert sorted(tasks) == ["talr_arc_easy", "talr_gsm8k"]
+        assert record["general_paired"]["delta"] == pytest.approx(
+            sum(record["paired"][t]["delta"] for t in tasks) / len(tasks))
+        assert record["general_paired"]["delta"] == pytest.approx(record["general"]["score"] - start["general"]["score"])
+
+    events = EventAccumulator(str(log_dir)).Reload()
+    for tag in ("delta", "delta_low", "delta_high"):
+        logged = {e.step: e.value for e in events.Scalars(f"general/talr_arc_easy/{tag}")}
+        field = {"delta": "delta", "delta_low": "low", "delta_high": "high"}[tag]
+        assert logged[0] == pytest.approx(start["paired"]["talr_arc_easy"][field])
+        assert logged[4] == pytest.approx(records["fit_end"]["paired"]["talr_arc_easy"][field])  # the last at step 4
+    assert "general/score_delta" in events.Tags()["scalars"]
+
+    # the summary's columns, and the baseline in the checkpoint's callback state (a resumed run keeps it)
+    summary = json.loads((log_dir / "summary.json").read_text())
+    fit_end = records["fit_end"]["general_paired"]
+    assert (summary["general_delta"], summary["general_delta_low"], summary["general_delta_high"], summary["general_p"]) == \
+        pytest.approx((fit_end["delta"], fit_end["low"], fit_end["high"], fit_end["p"]))
+    assert summary["general_file_best"] == "general/fit_end.json" and summary["general_file_initial"] == "general/fit_start.json"
+    checkpoint = torch.load(cli.trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("GeneralBenchmarks")]
+    assert state["events"][0]["event"] == "fit_start"
+    assert state["events"][0]["per_document"] == start["per_document"]
+
+
+def test_a_group_is_scored_per_document_over_its_subtasks(bench_dir, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """MMLU, one document a subject: documents named by subject, their mean is lm-eval's group accuracy."""
+    from transformers import AutoModelForCausalLM
+
+    from callbacks.general_benchmarks import per_document_scores
+
+    monkeypatch.chdir(tmp_path)
+    callback = GeneralBenchmarks(tasks=["talr_mmlu"], data_dir=str(bench_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    evaluation = run_lm_eval(model, tokenizer, ["talr_mmlu"], callback.task_manager, limit=1, batch_size=8, log_samples=True)
+    documents = per_document_scores(evaluation, "talr_mmlu", "acc,none")
+    subjects = [t for t in evaluation["results"] if t.startswith("talr_mmlu_") and "sample_len" in evaluation["results"][t]]
+    assert len(subjects) == 57 and sorted(documents["doc_ids"]) == sorted(f"{s}/0" for s in subjects)
+    by_subject = {doc.split("/")[0]: value for doc, value in zip(documents["doc_ids"], documents["values"])}
+    assert by_subject == {s: evaluation["results"][s]["acc,none"] for s in subjects}
+    assert sum(documents["values"]) / 57 == pytest.approx(evaluation["results"]["talr_mmlu"]["acc,none"], abs=1e-12)
+
+
+def test_instruction_level_scores_and_a_metric_that_is_not_a_mean():
+    """IFEval's instruction-level accuracy: a list of 0/1 per prompt, averaged over all instructions
+    (lm-eval's own aggregation function recomputes it); a metric that is not the mean of its
+    per-document values is kept out of the paired comparison, with the reason."""
+    from lm_eval.tasks.ifeval.utils import agg_inst_level_acc
+
+    from callbacks.general_benchmarks import per_document_scores
+
+    follows = [[True, False], [True, True, True], [False]]
+    samples = [{"doc_id": i, "filter": "none", "inst_level_strict_acc": f} for i, f in enumerate(follows)]
+    evaluation = {"results": {"talr_ifeval": {"inst_level_strict_acc,none": agg_inst_level_acc(follows)}},
+                  "samples": {"talr_ifeval": samples}, "sample_tasks": {"talr_ifeval": ["talr_ifeval"]}}
+    documents = per_document_scores(evaluation, "talr_ifeval", "inst_level_strict_acc,none")
+    assert documents["values"] == [[1, 0], [1, 1, 1], [0]] and documents["doc_ids"] == [0, 1, 2]
+    evaluation["results"]["talr_ifeval"]["inst_level_strict_acc,none"] = 0.5  # e.g. a mean of prompt means
+    unavailable = per_document_scores(evaluation, "talr_ifeval", "inst_level_strict_acc,none")
+    assert "doc_ids" not in unavailable and "lm-eval reports 0.5" in unavailable["unavailable"]
 
 
 def test_lm_eval_cli_on_the_exported_checkpoint_gives_the_same_numbers(fitted, bench_dir, tmp_path):

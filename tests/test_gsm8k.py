@@ -194,7 +194,7 @@ def test_metamath_configs_run_on_gsm8k_files(config, tiny_model_dir, tmp_path):
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
     ])
     assert cli.trainer.global_step == 2
-    assert cli.model.hparams.loss == settings["model"]["loss"] and cli.model.hparams.learning_rate == 1e-6
+    assert cli.model.hparams.loss["class_path"] == settings["model"]["loss"]["class_path"] and cli.model.hparams.learning_rate == 1e-6
     assert settings["data"]["batch_size"] == 128 and settings["trainer"]["max_epochs"] == 2  # the paper's setup
     checkpoint = cli.trainer.checkpoint_callback
     assert checkpoint.monitor == "val/accuracy" and Path(checkpoint.best_model_path).is_file()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from talr.losses import LOSSES, TALR, CrossEntropy, TokenBatch, build_loss
+from talr.losses import DFT, FLOW, TALR, CrossEntropy, KLToInitial, L2Anchor, Needs, TokenBatch
 from talr.token_loss import IGNORE_INDEX, target_token_nll
 
 
@@ -108,17 +108,54 @@ def test_zero_tau_and_fully_masked_batches_stay_finite():
     assert out.total.item() == 0.0 and torch.isfinite(out.metrics["tau"])
 
 
-def test_registry_and_option_errors():
-    assert {"ce", "talr"} <= set(LOSSES)
-    assert isinstance(build_loss("talr", {"w_min": 0.02}), TALR)
-    with pytest.raises(ValueError, match="unknown loss 'tarl'.*ce.*talr"):
-        build_loss("tarl")
-    with pytest.raises(ValueError, match="no option.*wmin"):
-        build_loss("talr", {"wmin": 0.1})
+def test_option_errors():
+    with pytest.raises(TypeError, match="wmin"):
+        TALR(wmin=0.1)
     with pytest.raises(ValueError, match="w_min"):
         TALR(w_min=0.0)
     with pytest.raises(ValueError, match="tau"):
         TALR(tau=-1.0)
+
+
+def test_needs_of_a_regulariser_are_its_own_and_its_base_s():
+    # What each strategy needs, written out by hand from its definition
+    assert CrossEntropy().needs == Needs() and DFT().needs == Needs()
+    assert TALR().needs == Needs(step_losses=True)  # the step's median, over all micro-batches
+    assert TALR(tau=0.5).needs == Needs() and TALR(tau_scope="local").needs == Needs()
+    assert FLOW().needs == Needs(sequence_weights=True)
+    assert KLToInitial().needs == Needs(reference=True)
+    assert KLToInitial(estimator="exact", base=TALR()).needs == Needs(reference=True, logits=True, step_losses=True)
+    assert KLToInitial(base=FLOW()).needs == Needs(reference=True, sequence_weights=True)
+    assert L2Anchor(base=TALR(tau_scope="local")).needs == Needs(anchor=True)
+    assert L2Anchor(base=FLOW()).needs == Needs(sequence_weights=True, anchor=True)
+    # the field-wise union, against every pair of single-field needs
+    names = ["reference", "logits", "sequence_weights", "step_losses", "anchor"]
+    for a in names:
+        for b in names:
+            assert (Needs(**{a: True}) | Needs(**{b: True})) == Needs(**{a: True, b: True})
+
+
+def test_token_strategy_is_the_strategy_or_the_regularisers_base():
+    talr = TALR(w_min=0.05)
+    assert talr.token_strategy is talr
+    assert KLToInitial(base=talr).token_strategy is talr and L2Anchor(base=talr).token_strategy is talr
+    assert isinstance(L2Anchor().token_strategy, CrossEntropy)  # the default base
+    with pytest.raises(ValueError, match="base must be a token strategy"):
+        L2Anchor(base=KLToInitial())
+    with pytest.raises(TypeError, match="base must be a loss strategy"):
+        KLToInitial(base="talr")
+
+
+def test_config_is_plain_data_in_the_config_form():
+    strategy = KLToInitial(beta=0.2, base=TALR(w_min=0.05, tau_scope="local"))
+    assert strategy.config() == {
+        "class_path": "talr.losses.KLToInitial",
+        "init_args": {"beta": 0.2, "estimator": "k3", "base": {
+            "class_path": "talr.losses.TALR",
+            "init_args": {"w_min": 0.05, "tau": None, "tau_scope": "local", "tau_floor": 1e-6}}},
+    }
+    assert CrossEntropy().config() == {"class_path": "talr.losses.CrossEntropy", "init_args": {}}
+    assert repr(L2Anchor(lam=0.5)) == "L2Anchor(lam=0.5, reduction='sum', base=CrossEntropy())"
 
 
 def test_target_token_nll_matches_full_logits_cross_entropy():

@@ -522,3 +522,16 @@ def test_summarize_per_category_by_hand():
     assert summary["accuracy/category/date"] == 0.0
     assert summary["accuracy/calculator/Anion Gap"] == 0.0
     assert summary["accuracy/calculator/Creatinine Clearance (Cockcroft-Gault Equation)"] == 1.0
+
+
+@pytest.mark.parametrize("row_index, output_type", [(0, "decimal"), (1, "integer")])
+def test_non_numeric_answer_of_a_number_calculator(tmp_path, row_index, output_type):
+    rows = good_rows()
+    assert rows[row_index]["Output Type"] == output_type
+    rows[row_index]["Ground Truth Answer"] = "abc"
+    message = read_error(write_csv(tmp_path / "answers.csv", rows))
+    row_number = rows[row_index]["Row Number"]
+    assert message.startswith(f"{tmp_path / 'answers.csv'} row {row_index + 1} (Row Number {row_number}), "
+                              "column 'Ground Truth Answer': 'abc' is not a number")
+    rows[row_index]["Ground Truth Answer"] = " 1e3 " if output_type == "decimal" else "('34 weeks', '6 days')"
+    assert len(MedCalc(source=str(write_csv(tmp_path / "answers.csv", rows))).read()) == 3  # numbers, weeks-days pass

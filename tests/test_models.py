@@ -79,3 +79,34 @@ def test_export_round_trip_and_overwrite_is_atomic(tiny_model_dir, tmp_path):
     export_pretrained(lm, tok, out)  # replaces the previous export in one rename
     assert torch.equal(AutoModelForCausalLM.from_pretrained(out).model.norm.weight, lm.model.norm.weight)
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging or backup left behind
+
+
+@pytest.mark.parametrize("name", [
+    "/no/such/dir", "./no-such-dir", "../no-such-dir", "~/no-such-talr-model", "org/name/extra",
+    "no such model", "C:\\models\\x",
+])
+def test_a_missing_path_is_named_as_a_path_not_a_bad_repo_id(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    message = f"{name}: no such directory, and not a hub id (hub ids look like org/name)"
+    with pytest.raises(FileNotFoundError) as info:
+        models.check_model_name(name)
+    assert str(info.value) == message
+    for loader in (load_tokenizer, load_model):  # both stop before transformers looks anything up
+        with pytest.raises(FileNotFoundError, match="no such directory, and not a hub id"):
+            loader(name)
+
+
+def test_model_names_that_can_load_pass_the_check(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models" / "run1").mkdir(parents=True)
+    for name in [models.EMBEDDED_ALIAS, str(tmp_path), "models/run1", "./models/run1", "~/models/run1",
+                 "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "org/name-1.5_b"]:
+        models.check_model_name(name)  # raises on failure
+    # transformers does not expand `~`: the loaders get the directory itself
+    assert models.resolve_model_path("~/models/run1") == str(tmp_path / "models" / "run1")
+    assert models.resolve_model_path("org/name") == "org/name"
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="weights.safetensors: a file, not a model directory"):
+        models.check_model_name("weights.safetensors")

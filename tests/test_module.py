@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from talr.data import SFTDataModule
+from talr.losses import TALR, CrossEntropy, KLToInitial
 from talr.models import load_model
 from talr.module import SFTModule, warmup_cosine
 from talr.tasks import MedCalc
@@ -34,7 +35,8 @@ def make_data(model_dir, micro_batch_size, batch_size=4):
 
 def first_step_gradients(model_dir, loss, micro_batch_size, loss_chunk_size=None):
     torch.manual_seed(0)
-    module = SFTModule(model=str(model_dir), loss=loss, learning_rate=1e-3, generate=False, gradient_clip_val=None,
+    strategy = {"ce": CrossEntropy(), "talr": TALR()}[loss]
+    module = SFTModule(model=str(model_dir), loss=strategy, learning_rate=1e-3, generate=False, gradient_clip_val=None,
                        loss_chunk_size=loss_chunk_size)
     recorder = GradientRecorder()
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -89,11 +91,11 @@ def test_warmup_cosine_starts_above_zero_and_ends_at_zero():
 def test_bad_module_options_fail_before_loading_a_model():
     with pytest.raises(ValueError, match="learning_rate must be positive"):
         SFTModule(model="/nonexistent", learning_rate=-1e-5)
-    with pytest.raises(ValueError, match="unknown loss 'focal'"):
+    with pytest.raises(TypeError, match="model.loss must be a loss strategy.*'focal'"):
         SFTModule(model="/nonexistent", loss="focal")
-    with pytest.raises(ValueError, match="no option.*temperature"):
-        SFTModule(model="/nonexistent", loss="talr", loss_options={"temperature": 1.0})
+    with pytest.raises(TypeError, match="temperature"):
+        SFTModule(model="/nonexistent", loss=TALR(temperature=1.0))
     with pytest.raises(ValueError, match="needs full logits"):
-        SFTModule(model="/nonexistent", loss="kl", loss_options={"estimator": "exact"}, loss_chunk_size=512)
+        SFTModule(model="/nonexistent", loss=KLToInitial(estimator="exact"), loss_chunk_size=512)
     with pytest.raises(ValueError, match="loss_chunk_size must be a positive"):
         SFTModule(model="/nonexistent", loss_chunk_size=0)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from cli import build_cli
-from talr.losses import LOSSES, CrossEntropy, LossOutput, TokenBatch
+from talr.losses import CrossEntropy, LossOutput, TokenBatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def fit(tiny_model_dir, out, *extra, callbacks=(), config=REPO / "configs" / "qu
     trainer_callbacks = [f"--trainer.callbacks+={c}" for c in callbacks]
     return build_cli([
         "fit", "--config", str(config), "--model.model", str(tiny_model_dir),
-        "--model.generate", "false", "--validate_before_fit", "false", "--model.loss_options", "{}",
+        "--model.generate", "false", "--validate_before_fit", "false",
         "--data.task.init_args.num_synthetic", "24", "--data.val_size", "4",
         "--data.batch_size", "4", "--data.micro_batch_size", "4", "--trainer.max_steps", "3",
         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
@@ -55,11 +55,10 @@ def fit(tiny_model_dir, out, *extra, callbacks=(), config=REPO / "configs" / "qu
     ])
 
 
-def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(LOSSES, "nan_once", NaNOnSecondCall)
+def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tiny_model_dir, tmp_path):
     NaNOnSecondCall.calls = 0
     with pytest.warns(UserWarning, match="non-finite loss or gradient at epoch 0, batch 1"):
-        cli = fit(tiny_model_dir, tmp_path, "--model.loss", "nan_once")
+        cli = fit(tiny_model_dir, tmp_path, "--model.loss", "test_reliability.NaNOnSecondCall")
     assert cli.model.bad_steps == 1
     assert cli.trainer.global_step == 3  # three real optimizer steps; the bad batch did not count
     assert NaNOnSecondCall.calls == 4
@@ -70,7 +69,7 @@ def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tiny_model_di
 def test_too_many_bad_steps_in_a_row_stop_with_the_batch_named_and_weights_untouched(tiny_model_dir, tmp_path):
     PoisonWeights.captured = {}
     with pytest.raises(FloatingPointError, match=r"2 optimizer steps in a row .* batch 1 .*max_bad_steps=2"):
-        fit(tiny_model_dir, tmp_path, "--model.loss", "ce", "--model.max_bad_steps", "2",
+        fit(tiny_model_dir, tmp_path, "--model.loss", "CrossEntropy", "--model.max_bad_steps", "2",
             callbacks=["test_reliability.PoisonWeights"])
     # the bad steps never reached AdamW, which would have spread the non-finite values everywhere
     initial, final = PoisonWeights.captured["initial"], PoisonWeights.captured["final"]
@@ -103,7 +102,7 @@ def test_fit_uses_atomic_checkpoints_and_rejects_a_checkpoint_of_another_model(t
 
     from talr.checkpoint_io import AtomicCheckpointIO
 
-    cli = fit(tiny_model_dir, tmp_path / "run", "--model.loss", "ce", "--trainer.max_steps", "1",
+    cli = fit(tiny_model_dir, tmp_path / "run", "--model.loss", "CrossEntropy", "--trainer.max_steps", "1",
               "--model.generate", "true", "--model.max_new_tokens", "2",
               "--trainer.val_check_interval", "1")
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -151,7 +150,7 @@ def resume_config(root: Path, name: str) -> list[str]:
                          "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True}},
                         {"class_path": "resume_helpers.PrintRows"},
                         {"class_path": "resume_helpers.KillSwitch"}]},
-        "model": {"model": str(root.parent / "tiny"), "loss": "talr", "learning_rate": 1e-3, "generate": False},
+        "model": {"model": str(root.parent / "tiny"), "loss": "TALR", "learning_rate": 1e-3, "generate": False},
         "data": {"task": {"class_path": "talr.tasks.MedCalc", "init_args": {"source": "synthetic", "num_synthetic": 28}},
                  "val_size": 4, "batch_size": 4, "micro_batch_size": 2},
     }))
@@ -248,7 +247,7 @@ class RunsCodeOnUnpickle:
 
 
 def test_results_of_an_earlier_run_are_never_overwritten_without_the_flag(tiny_model_dir, tmp_path):
-    pinned = ["--trainer.logger.init_args.version", "0", "--model.loss", "ce", "--trainer.max_steps", "1",
+    pinned = ["--trainer.logger.init_args.version", "0", "--model.loss", "CrossEntropy", "--trainer.max_steps", "1",
               "--model.generate", "true", "--model.max_new_tokens", "2", "--validate_before_fit", "true"]
     first = fit(tiny_model_dir, tmp_path, *pinned)  # quickstart.yaml: every result-writing callback
     log_dir = Path(first.trainer.log_dir)

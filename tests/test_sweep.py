@@ -3,19 +3,22 @@ the results table checked against each run's own TensorBoard and lm-eval files, 
 and notebook, and a restart that runs nothing new."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SHARED
-from talr.experiments.report import pareto_front, plot, trade_off_table
-from talr.experiments.sweep import Sweep, run_name
+from talr.experiments.report import initial_point, pareto_front, plot, trade_off_table
+from talr.experiments.report import main as report_main
+from talr.experiments.sweep import Sweep, collect, run_name
 
 REPO = Path(__file__).resolve().parents[1]
 TALR = str(Path(sys.executable).with_name("talr"))
@@ -31,9 +34,8 @@ def sweep(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     spec = {
         "base": [str(REPO / "configs" / "quickstart.yaml")],
-        "grid": {"model.loss": ["ce", "talr"], "model.learning_rate": [1.0e-4, 3.0e-2]},
+        "grid": {"model.loss": ["CrossEntropy", "TALR"], "model.learning_rate": [1.0e-4, 3.0e-2]},
         "args": [
-            "--model.loss_options={}",  # the base config's TALR options would not fit ce
             f"--model.model={tiny_model_dir}", "--model.max_new_tokens=4",
             "--data.task.init_args.num_synthetic=12", "--data.val_size=4", "--data.batch_size=4",
             "--data.micro_batch_size=4", "--trainer.max_steps=2", "--trainer.val_check_interval=1",
@@ -79,8 +81,19 @@ def test_sweep_table_matches_each_runs_own_logs(sweep):
         start = json.loads(next(run_dir.rglob("general/fit_start.json")).read_text())
         assert row["general_best"] == pytest.approx(general["primary"]["talr_arc_easy"])
         assert row["general_initial"] == pytest.approx(start["primary"]["talr_arc_easy"])
+        # the paired changes from the initial model: domain over the held-out rows, general over the documents
+        def correct(step):
+            lines = next(run_dir.rglob(f"generations/val_step{step:06d}.jsonl")).read_text().splitlines()
+            return {r["row_index"]: int(r["correct"]) for r in map(json.loads, lines)}
+        before, after = correct(0), correct(best)
+        b, c, p = mcnemar_by_hand([before[i] for i in sorted(after)], [after[i] for i in sorted(after)])
+        assert (row["domain_n"], row["domain_delta"], row["domain_p"]) == pytest.approx((len(after), (c - b) / len(after), p))
+        assert row["general_delta"] == pytest.approx(row["general_best"] - row["general_initial"])
+        assert row["general_delta_low"] <= row["general_delta"] <= row["general_delta_high"] and row["general_n"] == 8
+        assert row["general_file_best"] == str(next(run_dir.rglob("general/fit_end.json")).resolve())
         config = yaml.safe_load(Path(row["config"]).read_text())  # the run's full config is in the table
-        assert config["model"]["loss"] == row["loss"] and config["model"]["learning_rate"] == row["learning_rate"]
+        assert config["model"]["loss"]["class_path"] == {"ce": "talr.losses.CrossEntropy", "talr": "talr.losses.TALR"}[row["loss"]]
+        assert config["model"]["learning_rate"] == row["learning_rate"]
         # all three measurement callbacks ran in every run (quickstart.yaml has two, the sweep adds lm-eval)
         assert "general/score" in scalars.Tags()["scalars"] and "forgetting/nll_increase" in scalars.Tags()["scalars"]
         assert any(tag.startswith("token_probs/") for tag in scalars.Tags()["histograms"])
@@ -114,6 +127,7 @@ def test_report_draws_the_pareto_plot_and_table(sweep):
         line = next(line for line in markdown.splitlines() if line.startswith(f"| {loss} | {lr:g} |"))
         assert line.endswith("| yes |") == (not dominated)
     assert "| initial model |" in markdown
+    assert "## Significance" in markdown and "| 0.03 | ce | talr | 1 |" in markdown  # strategies at one learning rate
 
 
 def test_report_with_a_loss_on_each_axis(sweep, tmp_path):
@@ -184,8 +198,166 @@ def test_run_summary_names_a_recorded_metric_that_was_never_logged(tiny_model_di
                "init_args": {"path": str(tmp_path / "summary.json"), "monitor": "val/loss", "mode": "min",
                              "record": ["val/accuracy"]}}  # accuracy needs model.generate, which is off
     config = tiny_fit_config(tiny_model_dir, tmp_path, "v0", [summary], trainer={"max_steps": 1},
-                             model={"loss": "ce"}, validate_before_fit=True)
+                             model={"loss": "CrossEntropy"}, validate_before_fit=True)
     done = talr("fit", "--config", str(config))
     assert done.returncode != 0
     assert "record metric(s) ['val/accuracy'] were never logged" in done.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+# -- intervals and significance on a synthetic sweep ------------------------------------------------
+ROWS, DOCS = 40, 50
+
+
+def mcnemar_by_hand(before: list[int], after: list[int]) -> tuple[int, int, float]:
+    """b, c and the exact two-sided McNemar p-value, summed with math.comb."""
+    b = sum(x == 1 and y == 0 for x, y in zip(before, after))
+    c = sum(x == 0 and y == 1 for x, y in zip(before, after))
+    tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)
+    return b, c, min(1.0, 2 * tail)
+
+
+def flipped(vector: list[int], rng: np.random.Generator, share: float, towards: int) -> list[int]:
+    return [towards if rng.random() < share else v for v in vector]
+
+
+@pytest.fixture
+def synthetic_sweep(tmp_path):
+    """Finished runs as `talr fit` leaves them: summary.json, config.yaml, the step-0 and best-step
+    generations, GeneralBenchmarks' fit-start / fit-end records. ce and talr at two learning rates,
+    two seeds at 1e-5 and one at 1e-4 (the second is pending); each seed has its own held-out split."""
+    from talr.stats import compare_binary  # only to fill the summaries' general columns, as the callback would
+
+    sweep = Sweep(base=["x.yaml"], grid={"model.loss": ["ce", "talr"], "model.learning_rate": [1e-5, 1e-4],
+                                         "seed_everything": [0, 1]})
+    out = tmp_path / "sweep"
+    vectors: dict[tuple, dict] = {}
+    for values in sweep.runs():
+        loss, rate, seed = values["model.loss"], values["model.learning_rate"], values["seed_everything"]
+        if rate == 1e-4 and seed == 1:
+            continue  # pending
+        rng = np.random.default_rng(seed)
+        domain_initial = [int(v) for v in rng.random(ROWS) < 0.3]  # the initial model: the same for every strategy
+        general_initial = [int(v) for v in rng.random(DOCS) < 0.6]
+        run = np.random.default_rng([seed, int(rate * 1e6), loss == "talr"])
+        domain_best = flipped(flipped(domain_initial, run, 0.35, 1), run, 0.05, 0)  # gains a lot
+        general_best = flipped(general_initial, run, 0.25 if loss == "ce" else 0.08, 0)  # ce forgets more
+        log_dir = out / run_name(values) / "tb" / "version_0"
+        (log_dir / "generations").mkdir(parents=True)
+        for step, vector in ((0, domain_initial), (6, domain_best)):
+            (log_dir / "generations" / f"val_step{step:06d}.jsonl").write_text("".join(
+                json.dumps({"row_index": i, "correct": bool(v), "parsed": True, "answer": "1", "generation": "x"}) + "\n"
+                for i, v in enumerate(vector)))
+        (log_dir / "config.yaml").write_text(yaml.safe_dump({"data": {"task": {"class_path": "talr.tasks.MedCalc"},
+                                                                       "val_size": ROWS, "seed": seed, "batch_size": 4}}))
+        (log_dir / "general").mkdir()
+        for event, vector in (("fit_start", general_initial), ("fit_end", general_best)):
+            record = {"event": event, "general": {"score": sum(vector) / DOCS, "included": ["talr_arc_easy"], "excluded": []},
+                      "per_document": {"talr_arc_easy": {"metric": "acc,none", "doc_ids": list(range(DOCS)), "values": vector}}}
+            (log_dir / "general" / f"{event}.json").write_text(json.dumps(record))
+        general = compare_binary(general_initial, general_best)
+        summary = {"monitor": "val/accuracy", "domain_initial": sum(domain_initial) / ROWS, "domain_best": sum(domain_best) / ROWS,
+                   "best_step": 6, "general_initial": general.before, "general_best": general.after,
+                   "general_delta": general.delta, "general_delta_low": general.low, "general_delta_high": general.high,
+                   "general_p": general.p, "general_n": general.n, "general_test": general.test,
+                   "general_file_initial": "general/fit_start.json", "general_file_best": "general/fit_end.json",
+                   "learning_rate": rate, "loss": loss, "seed": seed, "log_dir": str(log_dir),
+                   "config_file": str(log_dir / "config.yaml")}
+        (out / run_name(values) / "summary.json").write_text(json.dumps(summary))
+        vectors[(loss, rate, seed)] = {"domain": (domain_initial, domain_best), "general": (general_initial, general_best)}
+    collect(sweep, out)
+    return out, vectors, sweep
+
+
+def test_sweep_table_carries_the_paired_domain_change(synthetic_sweep):
+    out, vectors, _ = synthetic_sweep
+    table = pd.read_csv(out / "results.csv")
+    assert (table["status"] == "done").sum() == 6
+    for _, row in table[table["status"] == "done"].iterrows():
+        before, after = vectors[(row["loss"], row["learning_rate"], row["seed"])]["domain"]
+        b, c, p = mcnemar_by_hand(before, after)
+        assert row["domain_n"] == ROWS and row["domain_test"] == "McNemar"
+        assert row["domain_delta"] == pytest.approx((c - b) / ROWS) and row["domain_p"] == pytest.approx(p)
+        assert row["domain_delta_low"] < row["domain_delta"] < row["domain_delta_high"]
+        assert row["domain_delta"] == pytest.approx(row["domain_best"] - row["domain_initial"])
+    pending = table[table["status"] == "pending"]
+    assert len(pending) == 2 and pending["domain_delta"].isna().all()
+
+
+def test_pareto_plot_draws_the_paired_intervals_as_error_bars(synthetic_sweep):
+    out, vectors, _ = synthetic_sweep
+    results = pd.read_csv(out / "results.csv")
+    table = trade_off_table(results)
+    axes = plot(table, initial_point(results), "x", "y").axes[0]
+    containers = {c.get_label(): c for c in axes.containers}
+    assert set(containers) == {"ce", "talr"}
+    from scipy import stats as scipy_stats
+
+    for loss, container in containers.items():
+        x_bars, y_bars = container.lines[2]  # matplotlib's ErrorbarContainer: (line, caps, (x bars, y bars))
+        cells = table[table["loss"] == loss].reset_index(drop=True)
+        for (_, cell), x_bar, y_bar in zip(cells.iterrows(), x_bars.get_segments(), y_bars.get_segments()):
+            runs = results[(results["loss"] == loss) & (results["learning_rate"] == cell["learning_rate"])
+                           & (results["status"] == "done")]
+            if len(runs) == 1:  # the paired interval of the change, placed at the initial model's level
+                run = runs.iloc[0]
+                expected_x = (run["domain_initial"] + run["domain_delta_low"], run["domain_initial"] + run["domain_delta_high"])
+                expected_y = (run["general_initial"] + run["general_delta_low"], run["general_initial"] + run["general_delta_high"])
+            else:  # two seeds: the t-interval of the seeds' changes, around the mean level
+                def t_bar(side):
+                    deltas = runs[f"{side}_delta"].tolist()
+                    sd = abs(deltas[0] - deltas[1]) / math.sqrt(2)  # two seeds
+                    half = scipy_stats.t.ppf(0.975, 1) * sd / math.sqrt(2)
+                    level = runs[f"{side}_best"].mean()
+                    return level - half, level + half
+                expected_x, expected_y = t_bar("domain"), t_bar("general")
+            assert sorted(x_bar[:, 0]) == pytest.approx(expected_x) and sorted(y_bar[:, 1]) == pytest.approx(expected_y)
+
+
+def test_report_says_which_differences_are_significant(synthetic_sweep):
+    out, vectors, _ = synthetic_sweep
+    assert report_main([str(out / "results.csv")]) == 0
+    text = (out / "pareto.md").read_text()
+    assert "95% CI" in text and "## Significance" in text
+    lines = text.splitlines()
+
+    def row(prefix: str) -> list[str]:
+        (line,) = [line for line in lines if line.startswith(prefix)]
+        return [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+
+    # one seed at 1e-4: the exact McNemar test of that run, against the initial model ...
+    cells = row("| talr | 0.0001 | 1 |")  # the significance table's line (the Pareto table's has no run count there)
+    before, after = vectors[("talr", 1e-4, 0)]["domain"]
+    b, c, p = mcnemar_by_hand(before, after)
+    assert cells[3].startswith(f"{(c - b) / ROWS:+.4f}") and cells[4] == f"{p:.3g}" and cells[5] == "McNemar"
+    # ... and talr against ce at that learning rate, paired on the same held-out rows and documents
+    cells = row("| 0.0001 | ce | talr | 1 |")
+    for side, (delta_cell, p_cell) in (("domain", (4, 5)), ("general", (7, 8))):
+        ce, talr = vectors[("ce", 1e-4, 0)][side][1], vectors[("talr", 1e-4, 0)][side][1]
+        b, c, p = mcnemar_by_hand(ce, talr)
+        assert cells[delta_cell].startswith(f"{(c - b) / len(ce):+.4f}") and cells[p_cell] == f"{p:.3g}"
+    # two seeds at 1e-5: the t-test across the seeds' paired differences
+    cells = row("| 1e-05 | ce | talr | 2 |")
+    from scipy import stats as scipy_stats
+
+    deltas = []
+    for seed in (0, 1):
+        ce, talr = vectors[("ce", 1e-5, seed)]["general"][1], vectors[("talr", 1e-5, seed)]["general"][1]
+        deltas.append((sum(talr) - sum(ce)) / DOCS)
+    mean, sd = sum(deltas) / 2, abs(deltas[0] - deltas[1]) / math.sqrt(2)
+    p = 2 * scipy_stats.t.sf(abs(mean) / (sd / math.sqrt(2)), 1)
+    assert cells[7].startswith(f"{mean:+.4f}") and cells[8] == f"{p:.3g}" and cells[9] == "t-test across 2 seeds"
+    # the large domain gains are significant (bold)
+    assert any(line.startswith("| ce | 0.0001 | 1 | **+") for line in lines)
+
+
+def test_runs_with_different_held_out_rows_are_not_paired(synthetic_sweep):
+    out, _, sweep = synthetic_sweep
+    config = next(out.glob("loss=talr_learning_rate=0.0001_seed_everything=0/tb/version_0/config.yaml"))
+    config.write_text(config.read_text().replace("seed: 0", "seed: 7"))  # another split of the same rows
+    collect(sweep, out)
+    assert report_main([str(out / "results.csv"), "--out", str(out / "again")]) == 0
+    lines = (out / "again" / "pareto.md").read_text().splitlines()
+    (pair,) = [line for line in lines if line.startswith("| 0.0001 | ce | talr | 1 |")]
+    assert "| - (1) |" in pair and "McNemar" in pair  # the general side is still paired
+    assert "(1) the runs held out different rows (data.task / val_size / seed differ, or a config is missing)" in lines

@@ -36,7 +36,7 @@ def fit(tiny_model_dir, out: Path, logger_options: dict, *extra: str, version: s
                                            "save_top_k": -1, "save_last": True}})
     config = tiny_fit_config(
         tiny_model_dir, out, version, callbacks, validate_before_fit=False, trainer={"limit_val_batches": 0},
-        model={"loss": "talr", "loss_options": {"w_min": W_MIN}, "learning_rate": 1e-2},
+        model={"loss": {"class_path": "talr.losses.TALR", "init_args": {"w_min": W_MIN}}, "learning_rate": 1e-2},
     )
     return build_cli(["fit", "--config", str(config), *extra])
 
@@ -166,8 +166,8 @@ def test_bad_options_fail_at_construction():
         TokenProbabilityLogger(every_n_steps=0)
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
         TokenProbabilityLogger(threshold=1.5)
-    with pytest.raises(ValueError, match="has no option"):
-        TokenProbabilityLogger(talr_options={"wmin": 0.1})
+    with pytest.raises(TypeError, match="talr must be a talr.losses.TALR"):
+        TokenProbabilityLogger(talr={"w_min": 0.1})
 
 
 def test_notebook_executes_on_a_run(run, monkeypatch):

@@ -1,9 +1,18 @@
 """`talr report results.csv`: the domain / general trade-off of a sweep as a Pareto plot and a table.
 
 x is the domain score at the best checkpoint, y the general score there (the paper's Figure 1
-layout); the initial model is the star. Runs that differ only in their seed are averaged, with the
-spread as error bars. Points that no other point beats on both axes form the Pareto frontier.
-Writes `pareto.png` and `pareto.md` beside the table (or into `--out`).
+layout); the initial model is the star. Runs that differ only in their seed are averaged. Points
+that no other point beats on both axes form the Pareto frontier. Writes `pareto.png` and
+`pareto.md` beside the table (or into `--out`).
+
+Error bars are 95% intervals. On an axis whose column has paired changes from the initial model
+(`domain_best`, `general_best`: the sweep table's `<name>_delta_low` / `_high`), a bar is the
+interval of that change placed around the point: a bar that crosses the initial model's level is
+no significant change. A cell with several seeds gets the t-interval across its seeds' changes;
+a column without paired records gets the t-interval of its mean across seeds (none for one run).
+`pareto.md` adds a significance table (talr.experiments.significance): each cell against the
+initial model, and every two strategies at the same learning rate, paired over the held-out rows
+and benchmark documents both runs scored.
 """
 
 from __future__ import annotations
@@ -14,6 +23,9 @@ import math
 from pathlib import Path
 
 import pandas as pd
+
+from talr.experiments.significance import Outcome, against_initial, between_strategies, combine_seeds, outcome_from_row
+from talr.stats import ALPHA, PairedComparison, compare_replicates
 
 GROUP = ["loss", "learning_rate"]
 
@@ -34,10 +46,28 @@ def trade_off_table(results: pd.DataFrame, x: str = "domain_best", y: str = "gen
     table = done.groupby(GROUP, sort=True).agg(
         domain=(x, "mean"), domain_std=(x, "std"), general=(y, "mean"), general_std=(y, "std"), runs=(x, "size"),
     ).reset_index()
+    for axis, column in (("domain", x), ("general", y)):
+        bounds = [_bar(rows, column) for _, rows in done.groupby(GROUP, sort=True)]
+        table[f"{axis}_low"], table[f"{axis}_high"] = [b[0] for b in bounds], [b[1] for b in bounds]
     sign = lambda lower: -1.0 if lower else 1.0  # noqa: E731  (a loss is negated, so higher is better)
     table["pareto"] = pareto_front((sign(x_lower_better) * table["domain"]).tolist(),
                                    (sign(y_lower_better) * table["general"]).tolist())
     return table
+
+
+def _bar(rows: pd.DataFrame, column: str) -> tuple[float, float]:
+    """The 95% interval drawn around a cell's mean of `column` (NaN, NaN: none)."""
+    level = float(rows[column].mean())
+    prefix = column.removesuffix("_best") if column.endswith("_best") else None
+    if prefix and f"{prefix}_delta" in rows:  # paired changes from the initial model
+        outcome = combine_seeds([outcome_from_row(row, prefix) for _, row in rows.iterrows()])
+        if isinstance(outcome, PairedComparison):
+            return level + outcome.low - outcome.delta, level + outcome.high - outcome.delta
+    values = rows[column].dropna()
+    if len(values) >= 2 and values.nunique() > 1:  # seeds only: the interval of their mean
+        spread = compare_replicates(values.tolist())
+        return spread.low, spread.high
+    return math.nan, math.nan
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[bool]:
@@ -69,7 +99,7 @@ def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, 
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     markers = dict(zip(sorted(table["loss"].unique()), "osD^vP*X"))
     for loss, rows in table.groupby("loss"):
-        ax.errorbar(rows["domain"], rows["general"], xerr=rows["domain_std"].fillna(0), yerr=rows["general_std"].fillna(0),
+        ax.errorbar(rows["domain"], rows["general"], xerr=_extent(rows, "domain"), yerr=_extent(rows, "general"),
                     fmt=markers[loss], capsize=3, label=str(loss), linestyle="none")
         for _, row in rows.iterrows():
             ax.annotate(f"{row['learning_rate']:g}", (row["domain"], row["general"]), textcoords="offset points",
@@ -88,21 +118,72 @@ def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, 
         ax.invert_yaxis()
     ax.set_xlabel(xlabel + (" (lower is better, axis reversed)" if x_lower_better else ""))
     ax.set_ylabel(ylabel + (" (lower is better, axis reversed)" if y_lower_better else ""))
-    ax.set_title("Domain vs general performance (labels: learning rate)")
+    ax.set_title("Domain vs general performance (labels: learning rate; bars: 95% intervals)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
+def _extent(rows: pd.DataFrame, axis: str) -> list[list[float]]:
+    """matplotlib's asymmetric error extents (below, above) of the bars; 0 where there is none."""
+    below = (rows[axis] - rows[f"{axis}_low"]).fillna(0).clip(lower=0)
+    above = (rows[f"{axis}_high"] - rows[axis]).fillna(0).clip(lower=0)
+    return [below.tolist(), above.tolist()]
+
+
 def markdown(table: pd.DataFrame, initial: tuple[float, float] | None, x: str = "domain", y: str = "general") -> str:
-    lines = [f"| loss | learning rate | {x} | {y} | runs | Pareto |", "|---|---|---|---|---|---|"]
+    lines = [f"| loss | learning rate | {x} | {x} 95% CI | {y} | {y} 95% CI | runs | Pareto |",
+             "|---|---|---|---|---|---|---|---|"]
     if initial is not None:
-        lines.append(f"| initial model | - | {initial[0]:.4f} | {initial[1]:.4f} | - | |")
+        lines.append(f"| initial model | - | {initial[0]:.4f} | | {initial[1]:.4f} | | - | |")
     for _, row in table.sort_values(["loss", "learning_rate"]).iterrows():
-        spread = lambda m, s: f"{m:.4f}" + (f" ± {s:.4f}" if row["runs"] > 1 and not math.isnan(s) else "")  # noqa: E731
-        lines.append(f"| {row['loss']} | {row['learning_rate']:g} | {spread(row['domain'], row['domain_std'])} | "
-                     f"{spread(row['general'], row['general_std'])} | {int(row['runs'])} | {'yes' if row['pareto'] else ''} |")
+        interval = lambda axis: ("-" if math.isnan(row[f"{axis}_low"])  # noqa: E731
+                                 else f"[{row[f'{axis}_low']:.4f}, {row[f'{axis}_high']:.4f}]")
+        lines.append(f"| {row['loss']} | {row['learning_rate']:g} | {row['domain']:.4f} | {interval('domain')} | "
+                     f"{row['general']:.4f} | {interval('general')} | {int(row['runs'])} | {'yes' if row['pareto'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
+    """`change [low, high] | p | test` cells; a missing comparison gets a numbered note."""
+    if isinstance(outcome, str):
+        if outcome not in notes:
+            notes.append(outcome)
+        return f"- ({notes.index(outcome) + 1}) | | "
+    p = "-" if math.isnan(outcome.p) else f"{outcome.p:.3g}"
+    mark = "**" if outcome.significant(alpha) else ""
+    return f"{mark}{outcome.delta:+.4f}{mark} [{outcome.low:+.4f}, {outcome.high:+.4f}] | {p} | {outcome.test}"
+
+
+def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
+    """The significance section of the report: each cell against the initial model, and every two
+    strategies at the same learning rate, on the domain and the general side."""
+    notes: list[str] = []
+    lines = [f"## Significance (95% intervals; two-sided p; **bold**: p < {alpha:g})", "",
+             "Change from the initial model, paired on the same held-out rows (domain accuracy at the best step) "
+             "and benchmark documents (general score at fit end):", "",
+             "| loss | learning rate | runs | domain change [95% CI] | p | test | general change [95% CI] | p | test |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, cell in against_initial(results).iterrows():
+        lines.append(f"| {cell['loss']} | {cell['learning_rate']:g} | {cell['runs']} | "
+                     f"{_change(cell['domain'], alpha, notes)} | {_change(cell['general'], alpha, notes)} |")
+    pairs = between_strategies(results)
+    lines += ["", "Between strategies at the same learning rate (b minus a), paired over the rows and documents both "
+              "scored; seeds matched by value:", "",
+              "| learning rate | a | b | seeds | domain b - a [95% CI] | p | test | general b - a [95% CI] | p | test |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, pair in pairs.iterrows():
+        lines.append(f"| {pair['learning_rate']:g} | {pair['a']} | {pair['b']} | {pair['seeds']} | "
+                     f"{_change(pair['domain'], alpha, notes)} | {_change(pair['general'], alpha, notes)} |")
+    if pairs.empty:
+        lines.append("| (one strategy per learning rate: nothing to compare) | | | | | | | | | |")
+    lines += ["", "Tests: McNemar = exact McNemar test with Tango's score interval (accuracy of one task); sign-flip = "
+              "paired permutation test, interval from the tasks' own intervals (general score over several tasks); "
+              "t-test across seeds = the seeds' paired differences. p-values are not corrected for the number of "
+              "comparisons: among k comparisons without any real difference, about k x alpha come out significant."]
+    if notes:
+        lines += ["", "Not compared:"] + [f"({i}) {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -115,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--x-lower-better", action="store_true", help="the x column is a loss (val_loss_best, ...)")
     parser.add_argument("--y-lower-better", action="store_true", help="the y column is a loss (forgetting_kl_best, ...)")
     parser.add_argument("--y-log", action="store_true", help="y on a log scale (linear near zero), for a drift such as KL")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help=f"significance level of the tables (default {ALPHA})")
     args = parser.parse_args(argv)
     from talr.results import write_atomic  # here, not at the top: talr.results imports lightning, `--help` need not wait
 
@@ -130,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     png = write_atomic(out / "pareto.png", buffer.getvalue())
-    text = markdown(table, initial, args.x, args.y)
+    text = markdown(table, initial, args.x, args.y) + "\n" + significance_markdown(results, args.alpha)
     write_atomic(out / "pareto.md", text)
     print(text)
     print(f"[report] {png}, {out / 'pareto.md'}")

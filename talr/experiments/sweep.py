@@ -114,7 +114,13 @@ def has_last_checkpoint(run_dir: Path) -> bool:
 
 
 def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
-    """One row per run of the grid: its grid values, status, scores and config; written as CSV and JSON."""
+    """One row per run of the grid: its grid values, status, scores and config; written as CSV and JSON.
+
+    A finished run's row also holds its paired changes from the initial model with 95% intervals
+    (`domain_delta`, `_delta_low`, `_delta_high`, `_p`, `_n`, `_test`; `general_*` the same, from
+    GeneralBenchmarks) and the per-item files `talr report` pairs runs with (run it from the
+    directory the sweep ran in, so that the runs' relative log directories resolve)."""
+    from talr.experiments.significance import run_columns  # scipy: here, like write_atomic below
     from talr.results import write_atomic  # here, not at the top: talr.results imports lightning, `--help` need not wait
 
     rows = []
@@ -126,6 +132,7 @@ def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
             row.update(status="done", **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
             row["config"] = summary.get("config_file", values.get("config"))
+            row.update(run_columns(summary))  # domain change from the initial model; the files to pair runs with
         else:
             row["status"] = "interrupted" if (out / name).exists() else "pending"
         rows.append(row)

@@ -366,12 +366,13 @@ def _validate(rows: list[Row], label: str) -> None:
                 f"{', '.join(OUTPUT_TYPES)}"
             )
         if output_type == "decimal":
-            limits = {}
-            for column in ("Lower Limit", "Upper Limit"):
-                limits[column] = _read_number(row[column])
-                if limits[column] is None:
+            # The answer is trained on (the target's JSON block), the limits score: all three are numbers.
+            numbers = {}
+            for column in ("Ground Truth Answer", "Lower Limit", "Upper Limit"):
+                numbers[column] = _read_number(row[column])
+                if numbers[column] is None:
                     raise DataError(f"{where}, column {column!r}: {row[column]!r} is not a number")
-            if limits["Lower Limit"] > limits["Upper Limit"]:
+            if numbers["Lower Limit"] > numbers["Upper Limit"]:
                 raise DataError(f"{where}, column 'Lower Limit': greater than 'Upper Limit'")
         elif output_type == "integer":
             if _read_number(truth) is None and not is_weeks_days(truth):

@@ -1,0 +1,312 @@
+"""Paired comparisons of per-item scores: the same documents (or held-out rows) scored twice.
+
+Two scorings of the same items (the initial model and a fine-tuned one; two strategies on the
+same held-out rows) are compared item by item, which has far more power than comparing two
+independent means: an item both models get right, or both wrong, carries no noise into the
+difference. Everything here is numpy / scipy, with no model code, so it is tested on fixed vectors.
+
+Which method, when:
+
+- **0/1 scores, one task** (accuracy, exact match): the exact McNemar test and Tango's score
+  interval (`compare_binary`). Only the discordant items count: b (right before, wrong after) and
+  c (wrong before, right after); the difference is (c - b) / n.
+- **other scores** (an item holding several 0/1 scores, such as IFEval's instructions per prompt;
+  fractional scores): a paired bootstrap percentile interval and a sign-flip permutation test
+  (`compare_paired`).
+- **a mean over tasks** (the general score): the sign-flip test over all tasks' items, and the
+  tasks' own intervals combined by MOVER (`compare_paired` with several tasks).
+- **several replicates** (seeds) of the same comparison: a t-interval and t-test across the
+  replicates' differences (`compare_replicates`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import optimize, stats
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+RESAMPLES = 10_000  # bootstrap resamples and sign-flip permutations
+SEED = 0  # the resampling is seeded, so the same records give the same interval every time
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """`after - before` over `n` paired items, its interval and the two-sided p-value of no change.
+
+    `b` / `c` (0/1 scores only): items right before and wrong after / wrong before and right after.
+    """
+
+    n: int
+    before: float
+    after: float
+    delta: float
+    low: float
+    high: float
+    p: float
+    test: str  # what produced p and the interval, for the reader
+    b: int | None = None
+    c: int | None = None
+    confidence: float = CONFIDENCE
+
+    def significant(self, alpha: float = ALPHA) -> bool:
+        return bool(self.p < alpha)
+
+    def verdict(self, alpha: float = ALPHA) -> str:
+        if math.isnan(self.p):
+            return "no test"
+        if not self.significant(alpha):
+            return "no significant change"
+        return "significant gain" if self.delta > 0 else "significant drop"
+
+    def describe(self, name: str, alpha: float = ALPHA) -> str:
+        """One line: `ARC-Easy: -0.012 [-0.031, +0.007], n 1000, McNemar p 0.23: no significant change`."""
+        counts = f" (b {self.b}, c {self.c})" if self.b is not None else ""
+        return (f"{name}: {self.delta:+.3f} [{self.low:+.3f}, {self.high:+.3f}], n {self.n}{counts}, "
+                f"{self.test} p {self.p:.3g}: {self.verdict(alpha)}")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.low, self.high
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: min(1, 2 P[Binom(b + c, 1/2) <= min(b, c)]).
+
+    Under no change each discordant item is equally likely to go either way, so b given b + c is
+    Binomial(b + c, 1/2). scipy's binomtest sums the outcomes no likelier than the one observed,
+    which for p = 1/2 (a symmetric distribution) is exactly twice the smaller tail, capped at 1.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    if b + c == 0:
+        return 1.0  # no discordant item: no evidence of any change
+    return float(stats.binomtest(min(b, c), b + c, 0.5).pvalue)
+
+
+def tango_interval(b: int, c: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Tango's (1998) asymptotic score interval for the paired difference (c - b) / n.
+
+    Why this interval: it inverts the score test whose value at a difference of zero is McNemar's
+    statistic (c - b) / sqrt(b + c), so interval and test tell the same story; it stays inside
+    [-1, 1], has a sensible width when b = c = 0 (the Wald interval collapses to a point there),
+    and holds its coverage with few discordant pairs (Tango 1998; Fagerland, Lydersen & Laake 2014
+    recommend it for paired proportions). The exact McNemar test can still disagree with it at very
+    small b + c; the verdicts go by the exact p-value.
+
+    The interval is every d in [-1, 1] with |Z(d)| <= z, where
+    Z(d) = (c - b - n d) / sqrt(n (2 q(d) + d (1 - d))) and q(d) is the maximum-likelihood
+    probability of a "right before, wrong after" item under the constraint that the difference is d
+    (the positive root of 2n q^2 + (-b - c + (2n - c + b) d) q - b d (1 - d) = 0). Z falls as d
+    rises, so each bound is one root, found with scipy's brentq.
+    """
+    if not 0 <= b + c <= n or b < 0 or c < 0:
+        raise ValueError(f"need 0 <= b, c and b + c <= n, got b={b}, c={c}, n={n}")
+    if n == 0:
+        return math.nan, math.nan
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    estimate = (c - b) / n
+
+    def score(d: float) -> float:
+        # In Tango's notation the pair counts are x12 = c (improves the difference), x21 = b.
+        quad_b = -b - c + (2 * n - c + b) * d
+        quad_c = -b * d * (1 - d)
+        q = (math.sqrt(max(quad_b * quad_b - 8 * n * quad_c, 0.0)) - quad_b) / (4 * n)
+        variance = n * (2 * q + d * (1 - d))
+        excess = c - b - n * d
+        if excess == 0:  # the estimate itself (also where the variance vanishes, b = c = 0)
+            return 0.0
+        return excess / math.sqrt(variance) if variance > 0 else math.copysign(math.inf, excess)
+
+    edge = 1 - 1e-12  # Z is undefined at exactly +-1
+    middle = min(max(estimate, -edge), edge)
+    low = -1.0 if score(-edge) <= z else optimize.brentq(lambda d: score(d) - z, -edge, middle, xtol=1e-13)
+    high = 1.0 if score(edge) >= -z else optimize.brentq(lambda d: score(d) + z, middle, edge, xtol=1e-13)
+    return float(low), float(high)
+
+
+def compare_binary(before: Sequence[float], after: Sequence[float], confidence: float = CONFIDENCE) -> PairedComparison:
+    """0/1 scores of the same items before and after: exact McNemar p-value and Tango's interval."""
+    x, y = _pair(before, after)
+    if not np.isin(np.concatenate([x, y]), (0.0, 1.0)).all():
+        raise ValueError("compare_binary needs 0/1 scores; use compare_paired for other scores")
+    b = int(np.sum((x == 1) & (y == 0)))
+    c = int(np.sum((x == 0) & (y == 1)))
+    n = len(x)
+    low, high = tango_interval(b, c, n, confidence)
+    return PairedComparison(n=n, before=_mean(x), after=_mean(y), delta=(c - b) / n if n else math.nan, low=low,
+                            high=high, p=mcnemar_exact_p(b, c), test="McNemar", b=b, c=c, confidence=confidence)
+
+
+@dataclass(frozen=True)
+class PairedItems:
+    """One task's items scored twice: per item the sum of its scores before and after, and how many
+    scores it holds (1 for a plain accuracy; IFEval: the prompt's instructions). The task's score is
+    sum(scores) / sum(counts), as lm-eval aggregates instruction-level accuracy."""
+
+    before: np.ndarray
+    after: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def from_values(cls, before: Sequence[Any], after: Sequence[Any]) -> "PairedItems":
+        """Items given as numbers, or as lists of numbers (several scores per item)."""
+        (x, counts), (y, counts_after) = _sums(before), _sums(after)
+        if len(x) != len(y) or not np.array_equal(counts, counts_after):
+            raise ValueError("the paired items differ in number or in how many scores each holds")
+        return cls(x, y, counts)
+
+    @property
+    def binary(self) -> bool:
+        """One 0/1 score per item: McNemar's setting."""
+        return bool((self.counts == 1).all() and np.isin(np.concatenate([self.before, self.after]), (0.0, 1.0)).all())
+
+    def score(self, which: np.ndarray) -> float:
+        return float(which.sum() / self.counts.sum()) if self.counts.sum() else math.nan
+
+
+def pair_by_id(before_ids: Sequence[Any], before_values: Sequence[Any], after_ids: Sequence[Any],
+               after_values: Sequence[Any]) -> PairedItems:
+    """The items that both scorings hold (matched by id: a document or row id), in `after`'s order."""
+    if len(before_ids) != len(before_values) or len(after_ids) != len(after_values):
+        raise ValueError("each scoring needs one id per value")
+    before = dict(zip(before_ids, before_values))
+    shared = [(before[key], value) for key, value in zip(after_ids, after_values) if key in before]
+    return PairedItems.from_values([x for x, _ in shared], [y for _, y in shared])
+
+
+def mean_score(values: Sequence[Any]) -> float:
+    """The score of items given as numbers or lists of numbers: all scores summed over all counted
+    (lm-eval's mean, and its instruction-level mean for IFEval)."""
+    sums, counts = _sums(values)
+    return float(sums.sum() / counts.sum()) if counts.sum() else math.nan
+
+
+def compare_paired(tasks: Sequence[PairedItems], confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
+                   seed: int = SEED) -> PairedComparison:
+    """The change of the mean over `tasks` of each task's score (after minus before), on paired items.
+
+    One task with one 0/1 score per item: `compare_binary` (exact McNemar, Tango's interval).
+    Otherwise the p-value is a sign-flip permutation test (`sign_flip_p`): under no change an
+    item's two scorings are exchangeable; on 0/1 items of one task this is exactly McNemar's
+    conditional test, and over several tasks it weighs each item as the general score does. The
+    interval combines each task's own interval (Tango's for 0/1 items, else a paired bootstrap
+    percentile interval) by MOVER (Zou & Donner 2008; Newcombe 2011): for the mean of T independent
+    task changes d_t with intervals [l_t, u_t], the bounds are d -/+ sqrt(sum ((d_t - l_t) / T)^2)
+    and sqrt(sum ((u_t - d_t) / T)^2). It keeps Tango's asymmetry and its width where few items
+    change; a bootstrap over all tasks' items would collapse to a point when none changed.
+    """
+    tasks = [t for t in tasks if len(t.counts)]
+    if not tasks:
+        return PairedComparison(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, "no paired items",
+                                confidence=confidence)
+    if len(tasks) == 1 and tasks[0].binary:
+        return compare_binary(tasks[0].before, tasks[0].after, confidence)
+    deltas, lows, highs = [], [], []
+    for task in tasks:
+        delta = task.score(task.after) - task.score(task.before)
+        if task.binary:
+            low, high = compare_binary(task.before, task.after, confidence).interval
+        else:
+            low, high = paired_bootstrap_interval(task, confidence, resamples, seed)
+        deltas.append(delta), lows.append(low), highs.append(high)
+    deltas_, lows_, highs_ = np.asarray(deltas), np.asarray(lows), np.asarray(highs)
+    delta = float(deltas_.mean())
+    low = delta - math.sqrt(float(np.sum(((deltas_ - lows_) / len(tasks)) ** 2)))
+    high = delta + math.sqrt(float(np.sum(((highs_ - deltas_) / len(tasks)) ** 2)))
+    # Item i of task t enters the mean of task scores with weight 1 / (T * count_t): the change is
+    # then sum_i w_i (after_i - before_i), and a swap flips the sign of item i's term.
+    weights = np.concatenate([np.full(len(t.counts), 1.0 / (len(tasks) * t.counts.sum())) for t in tasks])
+    x = np.concatenate([t.before for t in tasks]) * weights
+    y = np.concatenate([t.after for t in tasks]) * weights
+    before = float(np.mean([t.score(t.before) for t in tasks]))
+    return PairedComparison(n=int(sum(len(t.counts) for t in tasks)), before=before, after=before + delta, delta=delta,
+                            low=max(low, -1.0), high=min(high, 1.0), p=sign_flip_p(x, y, resamples, seed),
+                            test="sign-flip", confidence=confidence)
+
+
+def sign_flip_p(before: np.ndarray, after: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED) -> float:
+    """Two-sided p-value of sum(after - before) = 0 by swapping each item's two scores at random
+    (scipy's permutation_test, paired samples; exact when 2^items <= `resamples`)."""
+    changed = before != after  # an item scored the same twice adds nothing, swapped or not: leave it out (faster)
+    x, y = before[changed], after[changed]
+    if len(x) < 2:  # none, or one item: its two signs give the observed |difference| both ways
+        return 1.0
+    result = stats.permutation_test((x, y), lambda u, v, axis: np.sum(v - u, axis=axis), permutation_type="samples",
+                                    vectorized=True, n_resamples=resamples, alternative="two-sided",
+                                    rng=np.random.default_rng(seed), batch=max(1, 2_000_000 // len(x)))
+    return float(min(1.0, result.pvalue))
+
+
+def paired_bootstrap_interval(task: PairedItems, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
+                              seed: int = SEED) -> tuple[float, float]:
+    """Percentile interval of the task's change (after - before score), items resampled with
+    replacement, the same items for before and after (paired); an item's several scores stay together.
+
+    Written out rather than scipy.stats.bootstrap because the score is a ratio (sum of scores over
+    sum of counts) and the resamples must not hold a large task's (items x resamples) array at once.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(task.counts)
+    differences = task.after - task.before
+    deltas = np.empty(resamples)
+    chunk = max(1, 2_000_000 // n)  # bounds memory for large tasks (MMLU: 14k items)
+    for start in range(0, resamples, chunk):
+        picks = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        deltas[start:start + len(picks)] = differences[picks].sum(axis=1) / task.counts[picks].sum(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(deltas, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def compare_replicates(deltas: Sequence[float], confidence: float = CONFIDENCE, before: float = math.nan,
+                       items: int = 0) -> PairedComparison:
+    """Replicates (seeds) of one comparison: the mean of their differences, a t-interval and a
+    one-sample t-test across them (df = replicates - 1).
+
+    Why across replicates, not pooled over items: the spread between seeds holds the training
+    randomness as well as the items' sampling noise, and a strategy's effect is only worth its
+    name if it survives both. With two seeds the t quantile is 12.7: the interval is wide because
+    two seeds say little. `before` is the mean score the differences start from; `items` the paired
+    items per replicate, for the record.
+    """
+    values = np.asarray([d for d in deltas if not math.isnan(d)], dtype=float)
+    if len(values) < 2:
+        raise ValueError(f"compare_replicates needs at least 2 replicates with a difference, got {len(values)}")
+    mean = float(values.mean())
+    if np.all(values == values[0]):  # no spread: the t statistic is undefined
+        low = high = mean
+        p = math.nan
+    else:
+        test = stats.ttest_1samp(values, 0.0)
+        low, high = (float(v) for v in test.confidence_interval(confidence))
+        p = float(test.pvalue)
+    return PairedComparison(n=items, before=before, after=before + mean, delta=mean, low=low, high=high, p=p,
+                            test=f"t-test across {len(values)} seeds", confidence=confidence)
+
+
+def _pair(before: Sequence[float], after: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired scores need two vectors of the same length, got shapes {x.shape} and {y.shape}")
+    return x, y
+
+
+def _sums(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    sums, counts = [], []
+    for value in values:
+        scores = value if isinstance(value, (list, tuple)) else [value]
+        sums.append(float(sum(scores)))
+        counts.append(len(scores))
+    return np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else math.nan

@@ -1,0 +1,161 @@
+"""Metrics that separate learning and forgetting from sharpening, checked against float64 computations
+written here from their definitions, and the sharpening test: multiplying a model's logits by a
+constant (a pure temperature change) moves the mean NLL and the KL, but not the calibrated NLL, the
+top-1 accuracy or the top-1 agreement, and the entropy drops."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from callbacks.forgetting_monitor import ForgettingMonitor, divergence
+from talr.data import Example, pad_examples
+from talr.evaluation import DomainEvaluation
+from talr.general_prompts import GENERAL_PROMPTS
+from talr.models import TokenNLLModel
+from talr.token_loss import CALIBRATION_TEMPERATURES, IGNORE_INDEX, target_token_statistics
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+TEXTS = [("What is 2 + 3?", "2 + 3 = 5. The answer is 5."),
+         ("Name the capital of France.", "The capital of France is Paris."),
+         ("Convert 1 inch to cm.", "One inch is 2.54 centimetres.")]
+
+
+def test_token_statistics_match_their_definitions_in_float64():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 7, 16), torch.randn(50, 16)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :3] = IGNORE_INDEX  # a prompt
+    labels[1, :2] = IGNORE_INDEX
+    stats = target_token_statistics(hidden, weight, labels, chunk_size=3)  # several chunks
+    logits64, targets = [], []
+    for b in range(2):
+        for t in range(6):
+            if labels[b, t + 1] != IGNORE_INDEX:
+                logits64.append(hidden[b, t].double() @ weight.double().T)
+                targets.append(int(labels[b, t + 1]))
+    logits64, targets = torch.stack(logits64), torch.tensor(targets)
+    log_p = logits64 - logits64.logsumexp(-1, keepdim=True)
+    torch.testing.assert_close(stats["nll"].double(), -log_p[torch.arange(len(targets)), targets], atol=1e-5, rtol=0)
+    assert torch.equal(stats["argmax"], logits64.argmax(-1))
+    torch.testing.assert_close(stats["entropy"].double(), -(log_p.exp() * log_p).sum(-1), atol=1e-5, rtol=0)
+    for k, temperature in enumerate(CALIBRATION_TEMPERATURES):
+        log_q = logits64 / temperature - (logits64 / temperature).logsumexp(-1, keepdim=True)
+        torch.testing.assert_close(stats["nll_at_temperature"][:, k].double(),
+                                   -log_q[torch.arange(len(targets)), targets], atol=1e-4, rtol=1e-6)
+
+
+def untied_copy(model_dir, scale: float) -> LlamaForCausalLM:
+    """The tiny model with its own output head, the head's weight times `scale`: logits times `scale`,
+    hidden states unchanged (a pure temperature change of 1 / scale)."""
+    tied = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    config = tied.config
+    config.tie_word_embeddings = False
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(tied.state_dict(), strict=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(tied.get_input_embeddings().weight * scale)
+    return model.eval()
+
+
+def examples(tokenizer) -> list[Example]:
+    out = []
+    for i, (prompt, answer) in enumerate(TEXTS):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        out.append(Example(row_index=i, input_ids=p + a, labels=[IGNORE_INDEX] * len(p) + a, prompt_len=len(p)))
+    return out
+
+
+def reference_metrics(model, batch) -> dict[str, float]:
+    """The validation metrics from the model's own full logits, in float64."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    nll, hits, easy, grid = [], 0, 0, torch.zeros(len(CALIBRATION_TEMPERATURES), dtype=torch.float64)
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1] - 1):
+            target = int(batch["labels"][b, t + 1])
+            if target == IGNORE_INDEX:
+                continue
+            z = logits[b, t]
+            loss = float(z.logsumexp(-1) - z[target])
+            nll.append(loss)
+            hits += int(z.argmax()) == target
+            easy += math.exp(-loss) > 0.2
+            grid += torch.tensor([float((z / T).logsumexp(-1) - z[target] / T) for T in CALIBRATION_TEMPERATURES],
+                                 dtype=torch.float64)
+    n = len(nll)
+    best = int(grid.argmin())
+    return {"loss": sum(nll) / n, "token_accuracy": hits / n, "share_above_0.2": easy / n,
+            "calibrated_loss": float(grid[best]) / n, "temperature": CALIBRATION_TEMPERATURES[best]}
+
+
+def evaluation_metrics(model, batch) -> dict[str, float]:
+    evaluation = DomainEvaluation()
+    evaluation.add(TokenNLLModel(model), None, batch, None, [], max_new_tokens=None)
+    return evaluation.finish(None, [])[0]
+
+
+def test_validation_metrics_match_an_independent_computation_and_ignore_sharpening(embedded_dir, tokenizer):
+    # the embedded model, not the random tiny one: its best temperature lies inside the grid, not at an end
+    batch = pad_examples(examples(tokenizer), tokenizer.pad_token_id)
+    base, sharp = untied_copy(embedded_dir, 1.0), untied_copy(embedded_dir, 2.0)
+    measured = {name: evaluation_metrics(m, batch) for name, m in (("base", base), ("sharp", sharp))}
+    for name, model in (("base", base), ("sharp", sharp)):
+        expected = reference_metrics(model, batch)
+        for key, value in expected.items():
+            assert measured[name][key] == pytest.approx(value, abs=1e-5), (name, key)
+    # a pure temperature change: the mean NLL moves, the calibrated NLL and top-1 accuracy do not
+    assert abs(measured["sharp"]["loss"] - measured["base"]["loss"]) > 0.05
+    assert 0 < measured["base"]["token_accuracy"] < 1
+    assert measured["sharp"]["calibrated_loss"] == pytest.approx(measured["base"]["calibrated_loss"], abs=1e-5)
+    assert measured["sharp"]["temperature"] == pytest.approx(2 * measured["base"]["temperature"])
+    assert measured["sharp"]["token_accuracy"] == measured["base"]["token_accuracy"]
+
+
+def test_drift_metrics_separate_sharpening_from_forgetting(tiny_model_dir, tokenizer):
+    base = untied_copy(tiny_model_dir, 1.0)
+    # sampled answers (from p0 at temperature 1): the temperature that fits them is near 1, inside the grid
+    monitor = ForgettingMonitor(samples_per_prompt=2, max_new_tokens=6, batch_size=8)
+    monitor.prompts = list(GENERAL_PROMPTS[:6])
+
+    def module(model):
+        return SimpleNamespace(tokenizer=tokenizer, lm=model, net=TokenNLLModel(model), device=torch.device("cpu"))
+
+    monitor.responses = monitor.sample_initial_responses(module(base))
+    for response, scores in zip(monitor.responses, monitor.score_responses(module(base))):
+        response["initial_nll"], response["initial_argmax"] = scores.nll.tolist(), scores.argmax.tolist()
+
+    def drift(model) -> dict[str, float]:
+        return divergence(list(zip(monitor.responses, monitor.score_responses(module(model)))))
+
+    unchanged, sharpened = drift(base), drift(untied_copy(tiny_model_dir, 2.0))
+    assert unchanged["kl"] == pytest.approx(0, abs=1e-6) and unchanged["agreement"] == 1.0
+    # an independent computation of the sharpened model's numbers on the same answer tokens
+    kl, entropy, tokens = 0.0, 0.0, 0
+    sharp = untied_copy(tiny_model_dir, 2.0)
+    for response in monitor.responses:
+        ids = torch.tensor([response["prompt_ids"] + response["response_ids"]])
+        with torch.no_grad():
+            z0, z = base(input_ids=ids).logits[0].double(), sharp(input_ids=ids).logits[0].double()
+        start = len(response["prompt_ids"])
+        for t, token in enumerate(response["response_ids"]):
+            log_p0, log_p = z0[start + t - 1].log_softmax(-1), z[start + t - 1].log_softmax(-1)
+            ratio = math.exp(float(log_p[token] - log_p0[token]))
+            kl += ratio - 1 - math.log(ratio)
+            entropy += float(-(log_p.exp() * log_p).sum())
+            tokens += 1
+    assert sharpened["tokens"] == tokens
+    assert sharpened["kl"] == pytest.approx(kl / tokens, rel=1e-4)
+    assert sharpened["entropy"] == pytest.approx(entropy / tokens, rel=1e-4)
+    # the present KL rises; the fitted temperature doubles and the KL left at it does not move
+    assert sharpened["kl"] > 0.01
+    assert sharpened["temperature"] == pytest.approx(2 * unchanged["temperature"])
+    assert sharpened["kl_calibrated"] == pytest.approx(unchanged["kl_calibrated"], abs=1e-6)
+    assert sharpened["agreement"] == 1.0
+    assert sharpened["entropy"] < unchanged["entropy"] - 0.01  # a near-uniform random model: a small drop

@@ -1,0 +1,223 @@
+"""talr.stats against computations written here from each method's definition: binomial sums with
+math.comb, a published McNemar p-value and Tango interval, the closed-form quartic of Tango's
+interval, a bootstrap and a full sign-flip enumeration written out, and the t formula."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from talr.stats import (PairedComparison, PairedItems, compare_binary, compare_paired, compare_replicates,
+                        mcnemar_exact_p, mean_score, pair_by_id, paired_bootstrap_interval, sign_flip_p,
+                        tango_interval)
+
+Z95 = scipy_stats.norm.ppf(0.975)
+
+
+def two_sided_binomial_tail(b: int, c: int) -> float:
+    """min(1, 2 P[Binom(b + c, 1/2) <= min(b, c)]), summed term by term."""
+    n = b + c
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def vectors(b: int, c: int, both_right: int, both_wrong: int) -> tuple[list[int], list[int]]:
+    """0/1 scores before / after with the given discordant and concordant counts."""
+    before = [1] * b + [0] * c + [1] * both_right + [0] * both_wrong
+    after = [0] * b + [1] * c + [1] * both_right + [0] * both_wrong
+    return before, after
+
+
+@pytest.mark.parametrize("b, c, by_hand", [
+    (2, 9, 2 * (1 + 11 + 55) / 2 ** 11),  # C(11,0) + C(11,1) + C(11,2) = 67
+    (0, 5, 2 / 2 ** 5),
+    (9, 2, 2 * (1 + 11 + 55) / 2 ** 11),  # symmetric in b and c
+    (4, 4, 1.0),                           # b = c: twice a tail above 1/2, capped
+    (0, 0, 1.0),                           # no discordant document
+    (1, 7, 18 / 256),                      # 2 (1 + 8) / 2^8
+])
+def test_mcnemar_exact_p_value_by_hand(b, c, by_hand):
+    assert two_sided_binomial_tail(b, c) == pytest.approx(by_hand, rel=1e-15)
+    before, after = vectors(b, c, both_right=13, both_wrong=6)
+    comparison = compare_binary(before, after)
+    assert (comparison.b, comparison.c, comparison.n) == (b, c, b + c + 19)
+    assert comparison.p == pytest.approx(by_hand, rel=1e-12)
+    assert mcnemar_exact_p(b, c) == pytest.approx(by_hand, rel=1e-12)
+    assert comparison.delta == pytest.approx((c - b) / (b + c + 19))
+    assert comparison.before == pytest.approx((b + 13) / (b + c + 19))
+    assert comparison.after == pytest.approx((c + 13) / (b + c + 19))
+
+
+def test_published_airway_example():
+    """Fagerland, Lydersen & Laake (2014, Stat Med 33:2850; also BMC Med Res Methodol 13:91): airway
+    hyper-responsiveness before / after stem cell transplantation, n = 21 children, 1 + 12
+    concordant, discordant 1 and 7. Published: exact conditional McNemar p = 0.070, Tango's
+    asymptotic score interval for the difference -0.517 to -0.026 (estimate -0.286)."""
+    before, after = vectors(b=7, c=1, both_right=1, both_wrong=12)
+    comparison = compare_binary(before, after)
+    assert comparison.delta == pytest.approx(-0.286, abs=5e-4)
+    assert round(comparison.p, 3) == 0.070
+    assert comparison.low == pytest.approx(-0.517, abs=5e-4) and comparison.high == pytest.approx(-0.026, abs=5e-4)
+
+
+def yang_sun_hardin_quartic_roots(n: int, b: int, c: int) -> np.ndarray:
+    """Tango's bounds are roots of a quartic (Yang, Sun & Hardin 2013, "A non-iterative implementation
+    of Tango's score confidence interval for a paired difference of proportions", Stat Med): their b
+    is the count that raises the difference, so their (b, c) is our (c, b)."""
+    g = Z95 ** 2
+    up, down = c, b
+    m = [n ** 2 * (n / g + 1) ** 2,
+         -n * (up - down) * (n / g + 1) * (4 * n / g + 1),
+         2 * n * (up - down) ** 2 * (3 * n / g + 2) / g - n ** 2 * ((up + down) / g + 1),
+         n * (up - down) * (2 * (up + down) / g + 1) - (up - down) ** 3 * (4 * n / g + 1) / g,
+         (up - down) ** 2 * ((up - down) ** 2 / g - (up + down)) / g]
+    roots = np.roots(m)
+    return np.sort(roots[np.abs(roots.imag) < 1e-9].real)
+
+
+@pytest.mark.parametrize("b, c, n", [(7, 1, 21), (2, 9, 100), (10, 4, 200), (0, 5, 30), (3, 3, 50), (40, 25, 1000)])
+def test_tango_interval_is_the_outer_roots_of_the_closed_form_quartic(b, c, n):
+    roots = yang_sun_hardin_quartic_roots(n, b, c)
+    low, high = tango_interval(b, c, n)
+    assert low == pytest.approx(roots[0], abs=1e-9) and high == pytest.approx(roots[-1], abs=1e-9)
+
+
+def tango_z(b: int, c: int, n: int, d: float) -> float:
+    """Tango's (1998) score statistic for a difference d = p(after) - p(before), from the paper:
+    the constrained maximum-likelihood probability of a discordant b-item is the positive root q of
+    2n q^2 + (-(b + c) + (2n - c + b) d) q - b d (1 - d) = 0."""
+    quad_b = -(b + c) + (2 * n - c + b) * d
+    q = (-quad_b + math.sqrt(quad_b ** 2 + 8 * n * b * d * (1 - d))) / (4 * n)
+    return (c - b - n * d) / math.sqrt(n * (2 * q + d * (1 - d)))
+
+
+def test_tango_interval_holds_the_differences_the_score_test_accepts():
+    b, c, n = 0, 0, 100  # no discordant pair: the interval still has a width, z^2 / (n + z^2) each side
+    low, high = tango_interval(b, c, n)
+    assert high == pytest.approx(Z95 ** 2 / (n + Z95 ** 2), abs=1e-10) and low == pytest.approx(-high, abs=1e-10)
+    b, c, n = 4, 11, 60
+    low, high = tango_interval(b, c, n)
+    for d in np.linspace(-0.9, 0.9, 721):
+        if abs(d - low) > 1e-6 and abs(d - high) > 1e-6:
+            assert (abs(tango_z(b, c, n, d)) <= Z95) == (low < d < high), d
+    assert tango_z(b, c, n, low) == pytest.approx(Z95, abs=1e-7) and tango_z(b, c, n, high) == pytest.approx(-Z95, abs=1e-7)
+    assert tango_interval(0, 21, 21)[1] == 1.0 and tango_interval(21, 0, 21)[0] == -1.0  # bounded by [-1, 1]
+
+
+def test_a_zero_change_has_p_one_and_an_interval_around_zero():
+    before, _ = vectors(b=0, c=0, both_right=30, both_wrong=20)
+    same = compare_binary(before, before)
+    assert (same.b, same.c, same.delta, same.p) == (0, 0, 0.0, 1.0)
+    assert same.low < 0 < same.high and same.verdict() == "no significant change"
+
+
+def test_bootstrap_interval_by_its_definition():
+    """Items resampled with replacement, the same draws for before and after; the percentile interval
+    of the difference of scores (sum of scores / sum of counts). One task: numpy's generator with
+    the seed draws the resamples' item indices as a (resamples, items) array."""
+    before = [[1, 0], [1, 1, 1], [0], 1, 0, [0, 1], 1, 1, 0, [1, 1]] * 3
+    after = [[1, 1], [1, 0, 1], [0], 1, 1, [0, 0], 1, 0, 0, [1, 1]] * 3
+    items = PairedItems.from_values(before, after)
+    sums_before = np.array([sum(v) if isinstance(v, list) else v for v in before], dtype=float)
+    sums_after = np.array([sum(v) if isinstance(v, list) else v for v in after], dtype=float)
+    counts = np.array([len(v) if isinstance(v, list) else 1 for v in before], dtype=float)
+    rng = np.random.default_rng(7)
+    deltas = []
+    for picks in rng.integers(0, len(before), size=(2000, len(before))):
+        deltas.append((sums_after[picks].sum() - sums_before[picks].sum()) / counts[picks].sum())
+    expected = np.quantile(deltas, [0.025, 0.975])
+    assert paired_bootstrap_interval(items, resamples=2000, seed=7) == pytest.approx(tuple(expected), abs=1e-12)
+
+    # another generator and more resamples: the same interval up to Monte Carlo error
+    loop = np.random.default_rng(12345)
+    n = len(before)
+    more = [(sums_after[p].sum() - sums_before[p].sum()) / counts[p].sum() for p in loop.integers(0, n, size=(20000, n))]
+    low, high = paired_bootstrap_interval(items, resamples=20000, seed=0)
+    assert low == pytest.approx(np.quantile(more, 0.025), abs=0.01) and high == pytest.approx(np.quantile(more, 0.975), abs=0.01)
+
+
+def test_a_mean_over_tasks_combines_the_tasks_intervals_by_mover():
+    """The general score's change: the mean of the tasks' changes; its bounds by MOVER from each
+    task's own interval (Tango's for 0/1 tasks, here from the quartic's roots; the bootstrap's for
+    a task with several scores per item); its p-value a sign-flip test over all items, each weighed
+    1 / (tasks x the task's score count), here enumerated in full."""
+    one = PairedItems.from_values([1, 0, 1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 1, 1, 0])  # b 1, c 2
+    two = PairedItems.from_values([1, 1, 0, 1, 1, 0], [0, 1, 0, 0, 1, 0])              # b 2, c 0
+    three = PairedItems.from_values([[1, 0], [1, 1], 1, [0, 0, 1]], [[1, 1], [0, 1], 1, [1, 0, 1]])
+    deltas = [(5 - 4) / 8, (2 - 4) / 6, (6 - 5) / 8]  # three: 5 of 8 instructions before, 6 after
+    bounds = [yang_sun_hardin_quartic_roots(8, 1, 2)[[0, -1]], yang_sun_hardin_quartic_roots(6, 2, 0)[[0, -1]],
+              np.array(paired_bootstrap_interval(three))]
+    mean = sum(deltas) / 3
+    low = mean - math.sqrt(sum(((d - b[0]) / 3) ** 2 for d, b in zip(deltas, bounds)))
+    high = mean + math.sqrt(sum(((b[1] - d) / 3) ** 2 for d, b in zip(deltas, bounds)))
+    comparison = compare_paired([one, two, three])
+    assert (comparison.delta, comparison.low, comparison.high) == pytest.approx((mean, low, high), abs=1e-9)
+    assert comparison.n == 18 and comparison.b is None and comparison.test == "sign-flip"
+
+    terms = []  # each item's weighed change
+    for task, total in ((one, 8), (two, 6), (three, 8)):
+        terms += [(a - b) / (3 * total) for a, b in zip(task.after, task.before) if a != b]
+    observed = abs(sum(terms))
+    flips = [abs(sum(s * t for s, t in zip(signs, terms))) for signs in itertools.product((1, -1), repeat=len(terms))]
+    assert comparison.p == pytest.approx(sum(f >= observed - 1e-12 for f in flips) / len(flips), abs=1e-12)
+
+    nothing = compare_paired([one, PairedItems.from_values([1, 0], [1, 0])])  # a task without change keeps a width
+    assert nothing.low < nothing.delta < nothing.high
+
+
+def test_sign_flip_p_value_by_full_enumeration():
+    """Exact when 2^items is below the resamples: every way of swapping the items' two scores."""
+    before = np.array([0.5, 1.0, 0.0, 0.25, 1.0, 0.75, 0.0, 1.0, 0.5])
+    after = np.array([1.0, 1.0, 0.5, 0.75, 0.0, 1.0, 0.25, 1.0, 1.0])
+    diffs = after - before
+    observed = abs(diffs.sum())
+    flips = [abs(np.dot(signs, diffs)) for signs in itertools.product((1, -1), repeat=len(diffs))]
+    by_hand = sum(f >= observed - 1e-12 for f in flips) / len(flips)
+    assert sign_flip_p(before, after) == pytest.approx(by_hand, abs=1e-12)
+    assert sign_flip_p(np.array([0.5, 1.0]), np.array([0.5, 0.0])) == 1.0  # one changed item: both signs as extreme
+    # non-binary scores go through compare_paired: the same p and the bootstrap interval
+    items = PairedItems.from_values(list(before), list(after))
+    comparison = compare_paired([items])
+    assert comparison.p == pytest.approx(by_hand, abs=1e-12)
+    assert comparison.delta == pytest.approx(diffs.mean()) and comparison.low <= comparison.delta <= comparison.high
+
+
+def test_binary_items_of_one_task_use_mcnemar_and_tango():
+    before, after = vectors(b=2, c=9, both_right=50, both_wrong=39)
+    comparison = compare_paired([PairedItems.from_values(before, after)])
+    assert comparison.test == "McNemar" and (comparison.b, comparison.c) == (2, 9)
+    assert (comparison.low, comparison.high) == pytest.approx(tango_interval(2, 9, 100))
+
+
+def test_replicates_t_interval_by_formula():
+    deltas = [0.012, 0.031, -0.004, 0.020]
+    k, mean = len(deltas), sum(deltas) / len(deltas)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (k - 1))
+    half = scipy_stats.t.ppf(0.975, k - 1) * sd / math.sqrt(k)
+    p = 2 * scipy_stats.t.sf(abs(mean / (sd / math.sqrt(k))), k - 1)
+    result = compare_replicates(deltas, before=0.4, items=100)
+    assert (result.delta, result.low, result.high, result.p) == pytest.approx((mean, mean - half, mean + half, p))
+    assert result.after == pytest.approx(0.4 + mean) and result.test == "t-test across 4 seeds"
+    with pytest.raises(ValueError, match="at least 2 replicates"):
+        compare_replicates([0.1])
+
+
+def test_pairing_by_id_and_the_instruction_level_mean():
+    items = pair_by_id([3, 1, 2], [1, [1, 0], 0], [1, 2, 4], [[1, 1], 1, 0])
+    assert items.before.tolist() == [1.0, 0.0] and items.after.tolist() == [2.0, 1.0]
+    assert items.counts.tolist() == [2.0, 1.0]
+    assert mean_score([[1, 0, 1], 1, [0]]) == pytest.approx(3 / 5)  # lm-eval's instruction-level mean
+    with pytest.raises(ValueError, match="how many scores"):
+        PairedItems.from_values([[1, 0]], [1])
+
+
+def test_verdict_line():
+    line = PairedComparison(n=1000, before=0.70, after=0.688, delta=-0.012, low=-0.031, high=0.007, p=0.2301,
+                            test="McNemar", b=40, c=28).describe("ARC-Easy")
+    assert line == "ARC-Easy: -0.012 [-0.031, +0.007], n 1000 (b 40, c 28), McNemar p 0.23: no significant change"
+    drop = PairedComparison(n=50, before=0.5, after=0.3, delta=-0.2, low=-0.3, high=-0.1, p=0.001, test="McNemar")
+    assert drop.verdict() == "significant drop"
