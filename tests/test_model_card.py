@@ -45,7 +45,7 @@ def run(tiny_model_dir, tmp_path_factory, one_cpu_thread):
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"monitor": "val/loss", "mode": "min", "save_last": True}},
         ], validate_before_fit=True, trainer={"max_steps": 3, "val_check_interval": 2},
-        model={"loss": "talr", "learning_rate": 1e-3})
+        model={"loss": "TALR", "learning_rate": 1e-3})
     cli = build_cli(["fit", "--config", str(config)])
     return Path(cli.trainer.log_dir)
 
@@ -58,10 +58,10 @@ def test_the_export_card_carries_the_run_summarys_numbers(run):
     assert "base_model" not in data and "datasets" not in data  # a local model directory and synthetic rows
     # model-index (the hub's evaluation results): this model's numbers, at full precision
     results = {result.metric_type: result.metric_value for result in card.data.eval_results}
-    assert results == {"domain": summary["domain_best"], "general": summary["general_best"],
-                       "forgetting_kl": summary["forgetting_kl_best"],
-                       "forgetting_nll_increase": summary["forgetting_nll_increase_best"]}
-    measured = [summary[f"{key}_{when}"] for key in results for when in ("initial", "best")]
+    core = {"domain", "general", "forgetting_kl", "forgetting_nll_increase"}  # and whatever else the callbacks report
+    assert core <= set(results)
+    assert results == {key: summary[f"{key}_best"] for key in results}
+    measured = [summary[f"{key}_{when}"] for key in core for when in ("initial", "best")]
     assert summary["monitor"] == "val/loss" and not any(map(math.isnan, measured))  # every column was measured
     # the table a reader sees: before fine-tuning and this model, 6 significant digits
     rows = {cells[0]: cells for cells in table(card.text, "metric")}

@@ -50,7 +50,7 @@ def test_talr_fit_with_stdout_in_a_file_prints_plain_progress_lines(tiny_model_d
         tiny_model_dir, tmp_path, "log", [
             {"class_path": "callbacks.forgetting_monitor.ForgettingMonitor", "init_args": {"max_new_tokens": 4}},
         ], validate_before_fit=True, trainer={"max_steps": steps, "val_check_interval": 2, "enable_progress_bar": True},
-        model={"loss": "talr", "learning_rate": 1e-3})
+        model={"loss": "TALR", "learning_rate": 1e-3})
     log, errors = tmp_path / "fit.log", tmp_path / "fit.err"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     with log.open("w") as out, errors.open("w") as err:  # a file, as under SLURM or nohup: not a terminal

@@ -48,7 +48,7 @@ def run(tiny_model_dir, tmp_path_factory, one_cpu_thread):
             {"class_path": "test_throughput.StepTimer"},
             {"class_path": "callbacks.plain_progress.PlainProgress", "init_args": {"every_n_steps": 1}},
         ], validate_before_fit=False, trainer={"max_steps": STEPS, "enable_progress_bar": True},
-        model={"loss": "talr", "learning_rate": 1e-3})
+        model={"loss": "TALR", "learning_rate": 1e-3})
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         cli = build_cli(["fit", "--config", str(config)])
