@@ -91,7 +91,6 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
         if max_bad_steps < 1:
             raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
-        check_model_name(model)  # a mistyped directory fails here, before Lightning starts
         if fsdp_param_dtype is not None:
             resolve_dtype(fsdp_param_dtype)  # fails before any model is loaded
         if anchor_device not in ("same", "cpu"):
@@ -107,6 +106,7 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}")
         if loss_chunk_size and self.loss_fn.needs.logits:
             raise ValueError(f"model.loss_chunk_size: loss {loss!r} needs full logits; unset the chunk size")
+        check_model_name(model)  # a mistyped directory fails here, before Lightning starts
         self.net: TokenNLLModel | None = None
         self.tokenizer: Any = None
         # Kept out of the module tree (not in checkpoints or the optimizer): both are the initial

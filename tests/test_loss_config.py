@@ -121,7 +121,7 @@ def test_a_nested_regulariser_in_yaml_trains_and_its_checkpoint_holds_plain_data
 
 
 def test_a_module_built_in_python_stores_its_strategy_as_plain_data():
-    module = SFTModule(model="/nonexistent", loss=KLToInitial(base=CrossEntropy()))
+    module = SFTModule(model="org/never-loaded", loss=KLToInitial(base=CrossEntropy()))
     assert module.hparams["loss"] == {"class_path": "talr.losses.KLToInitial", "init_args": {
         "beta": 0.1, "estimator": "k3", "base": {"class_path": "talr.losses.CrossEntropy", "init_args": {}}}}
 
@@ -158,8 +158,8 @@ def test_the_console_script_shows_the_new_form_once(tiny_model_dir, tmp_path):
     done = subprocess.run([TALR_COMMAND, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert done.stderr.count("is the old form") + done.stderr.count("are the old form") == 1
-    assert "  loss: {class_path: talr.losses.TALR, init_args: {w_min: 0.01}}" in done.stderr
-    assert "  --model.loss TALR --model.loss.w_min 0.01" in done.stderr
+    assert "write loss: {class_path: talr.losses.TALR, init_args: {w_min: 0.01}}" in done.stderr
+    assert "command line --model.loss TALR --model.loss.w_min 0.01" in done.stderr
 
 
 @pytest.mark.parametrize("sweep", ["quickstart", "medcalc_cpu", "medcalc_cpu_seeds"])
