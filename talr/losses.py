@@ -181,6 +181,32 @@ class TALR(LossStrategy):
         return LossOutput((w * nll).sum(), metrics)
 
 
+class HardGate(LossStrategy):
+    """The paper's Section 4.3 experiment: only confident tokens train.
+
+    w_i = 1 where the token's detached probability p_i = exp(-l_i) exceeds `threshold`, else 0: the
+    gradients of tokens below it are clipped, so training starts from the "easy" tokens and takes
+    in more of them as they become likely (the curriculum of its Figure 3c; TokenProbabilityLogger's
+    `token_probs/share_above_0.2` draws that curve). Gated tokens still count in the step's token
+    normaliser, as in the experiment: the gate removes their gradient, not their share of the average.
+
+    Args:
+        threshold: the probability a token must exceed to train, in [0, 1); the paper's 0.2.
+    """
+
+    name = "gate"
+
+    def __init__(self, threshold: float = 0.2) -> None:
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"gate: threshold must be in [0, 1), got {threshold}")
+        self.threshold = threshold
+
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        passed = torch.exp(-batch.nll.detach()) > self.threshold
+        metrics = {"passed_share": passed.float().mean()} if batch.nll.numel() else {}
+        return LossOutput((passed.to(batch.nll.dtype) * batch.nll).sum(), metrics)
+
+
 class DFT(LossStrategy):
     """Dynamic Fine-Tuning: each token's loss scaled by its own detached probability p_i.
 

@@ -16,12 +16,13 @@ from lightning.pytorch.cli import instantiate_module
 
 from cli import build_cli
 from conftest import tiny_fit_config
+from talr.config_migration import strategy_classes
 from talr.losses import TALR, CrossEntropy, KLToInitial
 from talr.module import SFTModule
 
 REPO = Path(__file__).resolve().parents[1]
 TALR_COMMAND = str(Path(sys.executable).with_name("talr"))
-STRATEGIES = ["CrossEntropy", "TALR", "DFT", "FLOW", "L2Anchor", "KLToInitial"]
+STRATEGIES = [cls.__name__ for cls in strategy_classes()]  # every concrete class in talr.losses
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
