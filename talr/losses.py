@@ -293,6 +293,12 @@ class Regularized(LossStrategy):
         return self.base(batch)
 
 
+def anchor_copies(params: Sequence[torch.Tensor], device: str | None = None, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """theta_0 for L2Anchor: a detached copy of each parameter, on `device` and in `dtype` if given (a
+    sharded parameter's copy is sharded alike)."""
+    return [p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True) for p in params]
+
+
 class L2Anchor(Regularized):
     """base loss + (lam / 2) * ||theta - theta_0||^2 over trainable parameters.
 
