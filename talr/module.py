@@ -36,8 +36,11 @@ class SFTModule(L.LightningModule):
     Args:
         model: hub id, local directory, or the embedded alias `smollm2-135m-instruct`.
         loss: the loss strategy, a talr.losses class with its options: TALR, CrossEntropy, DFT, FLOW,
-            or L2Anchor / KLToInitial around one of them (`base`). `--model.loss.help TALR` lists
-            a strategy's options.
+            EAFT, SelectiveTokenMasking, Rho1, or L2Anchor / KLToInitial around one of them (`base`).
+            `--model.loss.help TALR` lists a strategy's options.
+        reference: the model whose token NLL (and logits) strategies with a reference compare
+            against (KLToInitial, SelectiveTokenMasking, Rho1): hub id or local directory of a model
+            with the same tokenizer. None: the initial model (with LoRA, the adapter-free model).
         learning_rate: peak AdamW learning rate (after linear warmup, then cosine decay to 0).
         warmup_ratio: share of optimizer steps spent warming up.
         max_new_tokens: generation budget when scoring validation/test answers.
@@ -79,6 +82,7 @@ class SFTModule(L.LightningModule):
         overwrite_results: bool = False,
         loss_chunk_size: int | None = None,
         fsdp_param_dtype: str | None = None,
+        reference: str | None = None,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -105,11 +109,15 @@ class SFTModule(L.LightningModule):
         if loss_chunk_size and self.loss_fn.needs.logits:
             raise ValueError(f"model.loss_chunk_size: loss {loss!r} needs full logits; unset the chunk size")
         check_model_name(model)  # a mistyped directory fails here, before Lightning starts
+        if reference is not None:
+            if not self.loss_fn.needs.reference:
+                raise ValueError(f"model.reference: loss {loss!r} uses no reference model; drop model.reference")
+            check_model_name(reference)
         self.net: TokenNLLModel | None = None
         self.tokenizer: Any = None
         # Kept out of the module tree (not in checkpoints or the optimizer): both are the initial
         # model, reloadable from `model`, so a resumed run rebuilds them exactly.
-        self._reference: list[TokenNLLModel] = []  # KL's frozen initial model (none with LoRA)
+        self._reference: list[TokenNLLModel] = []  # the frozen reference (none: LoRA's adapter-free model)
         self._anchors: list[torch.Tensor] = []  # L2's theta_0, one per trainable parameter
         self.flow_weights: torch.Tensor | None = None  # FLOW's static weight of each training row
         self.nonfinite = NonFiniteSteps(max_bad_steps)
@@ -134,8 +142,10 @@ class SFTModule(L.LightningModule):
             return
         hp = self.hparams
         lm = load_model(hp.model, hp.dtype, hp.gradient_checkpointing, hp.trust_remote_code, hp.attn_implementation, hp.lora)
-        if self.loss_fn.needs.reference and not is_peft(lm):
-            reference = TokenNLLModel(self.load_initial_lm(), hp.loss_chunk_size).eval().requires_grad_(False)
+        if self.loss_fn.needs.reference and (hp.reference is not None or not is_peft(lm)):
+            reference_lm = self.load_initial_lm() if hp.reference is None else load_model(
+                hp.reference, hp.dtype, trust_remote_code=hp.trust_remote_code, attn_implementation=hp.attn_implementation)
+            reference = TokenNLLModel(reference_lm, hp.loss_chunk_size).eval().requires_grad_(False)
             self._reference = [reference]
         lm.train()  # from_pretrained returns eval mode; dropout-bearing models must train in train mode
         self.net = TokenNLLModel(lm, hp.loss_chunk_size)
@@ -212,10 +222,10 @@ class SFTModule(L.LightningModule):
 
     @torch.no_grad()
     def reference_outputs(self, micro: dict[str, torch.Tensor], want_logits: bool) -> tuple[torch.Tensor, ...]:
-        """The initial model's NLL (and logits) of a micro-batch's targets: LoRA with its adapters
-        switched off, otherwise the frozen copy."""
+        """The reference model's NLL (and logits) of a micro-batch's targets: the frozen copy, or
+        without `model.reference` under LoRA the model with its adapters switched off."""
         args = (micro["input_ids"], micro["attention_mask"], micro["labels"], want_logits)
-        if is_peft(self.lm):
+        if not self._reference:
             with self.lm.disable_adapter():
                 return self.net(*args)
         reference = self._reference[0]

@@ -107,7 +107,7 @@ def test_a_nested_regulariser_in_yaml_trains_and_its_checkpoint_holds_plain_data
     ckpt = Path(cli.trainer.checkpoint_callback.best_model_path)
     stored = torch.load(ckpt, weights_only=True, map_location="cpu")["hyper_parameters"]["loss"]
     assert stored == {"class_path": "talr.losses.KLToInitial", "init_args": {
-        "beta": 0.25, "estimator": "k3",
+        "beta": 0.25, "estimator": "k3", "direction": "model_initial",
         "base": {"class_path": "talr.losses.TALR", "init_args": {"w_min": 0.3, "tau": None, "tau_scope": "global", "tau_floor": 1e-6}}}}
 
     # validate from the checkpoint: its strategy wins over the config's, with a warning naming the key
@@ -124,7 +124,7 @@ def test_a_nested_regulariser_in_yaml_trains_and_its_checkpoint_holds_plain_data
 def test_a_module_built_in_python_stores_its_strategy_as_plain_data():
     module = SFTModule(model="org/never-loaded", loss=KLToInitial(base=CrossEntropy()))
     assert module.hparams["loss"] == {"class_path": "talr.losses.KLToInitial", "init_args": {
-        "beta": 0.1, "estimator": "k3", "base": {"class_path": "talr.losses.CrossEntropy", "init_args": {}}}}
+        "beta": 0.1, "estimator": "k3", "direction": "model_initial", "base": {"class_path": "talr.losses.CrossEntropy", "init_args": {}}}}
 
 
 OLD_FORMS = [
@@ -192,7 +192,7 @@ def test_the_readme_strategies_table_lists_every_option_of_each_class():
     for row in rows:
         cls = getattr(talr.losses, re.match(r"\| `(\w+)`", row[0]).group(1))
         short = re.search(r"\(`(\w+)`\)", row[0]).group(1)
-        listed = set() if row[2] == "none" else {re.match(r"`(\w+)`", item).group(1) for item in row[2].split(", ")}
+        listed = set() if row[3] == "none" else {re.match(r"`(\w+)`", item).group(1) for item in row[3].split(", ")}
         assert listed == set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}, cls.__name__
         assert short == cls.name  # the name in logged keys and in the sweep table
 

@@ -150,7 +150,7 @@ def test_config_is_plain_data_in_the_config_form():
     strategy = KLToInitial(beta=0.2, base=TALR(w_min=0.05, tau_scope="local"))
     assert strategy.config() == {
         "class_path": "talr.losses.KLToInitial",
-        "init_args": {"beta": 0.2, "estimator": "k3", "base": {
+        "init_args": {"beta": 0.2, "estimator": "k3", "direction": "model_initial", "base": {
             "class_path": "talr.losses.TALR",
             "init_args": {"w_min": 0.05, "tau": None, "tau_scope": "local", "tau_floor": 1e-6}}},
     }
