@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from talr.losses import DFT, FLOW, TALR, CrossEntropy, KLToInitial, L2Anchor
+from talr.losses import DFT, EAFT, FLOW, TALR, CrossEntropy, KLToInitial, L2Anchor, Rho1, SelectiveTokenMasking
 
 STRATEGIES: dict[str, dict] = {  # SFTModule options of each measured strategy
     "ce": {"loss": CrossEntropy()},
@@ -29,6 +29,10 @@ STRATEGIES: dict[str, dict] = {  # SFTModule options of each measured strategy
     "l2": {"loss": L2Anchor(lam=1e-3)},
     "kl (k3)": {"loss": KLToInitial(estimator="k3")},
     "kl (exact)": {"loss": KLToInitial(estimator="exact")},
+    "eaft": {"loss": EAFT()},
+    "asft": {"loss": KLToInitial(estimator="exact", direction="initial_model", base=DFT())},
+    "stm": {"loss": SelectiveTokenMasking()},
+    "rho1": {"loss": Rho1()},
     "lora (ce)": {"loss": CrossEntropy(), "lora": {"r": 64, "alpha": 128}},
     "lora + kl (k3)": {"loss": KLToInitial(), "lora": {"r": 64, "alpha": 128}},
 }

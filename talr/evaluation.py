@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from talr.generation import generate_texts
@@ -85,8 +87,28 @@ class DomainEvaluation:
         return metrics, records
 
 
-def write_generations(path: Path, records: list[EvalRecord]) -> None:
-    """Every scored generation as JSONL: what the model said, not just the score."""
-    lines = [json.dumps({"row_index": r.row_index, "correct": r.verdict.correct, "parsed": r.verdict.parsed,
-                         "answer": r.verdict.answer, "generation": r.text}) + "\n" for r in records]
-    write_atomic(path, "".join(lines))
+def publish_records(trainer: L.Trainer, split: str, task: Task, rows: list[dict], records: list[EvalRecord],
+                    tag: str) -> None:
+    """The task's figures (ESCI: a confusion matrix) to TensorBoard, and every scored generation as JSONL in
+    `<log_dir>/generations/<tag>.jsonl`: what the model said, not just the score (rank zero, not in sanity checks)."""
+    log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
+    if not records or not trainer.is_global_zero or trainer.sanity_checking:
+        return
+    if isinstance(trainer.logger, TensorBoardLogger):
+        verdicts, scored_rows = [r.verdict for r in records], [rows[r.row_index] for r in records]
+        for name, figure in task.figures(verdicts, scored_rows).items():
+            trainer.logger.experiment.add_figure(f"{split}/{name}", figure, trainer.global_step)
+    if log_dir is not None:
+        lines = [json.dumps({"row_index": r.row_index, "correct": r.verdict.correct, "parsed": r.verdict.parsed,
+                             "answer": r.verdict.answer, "generation": r.text}) + "\n" for r in records]
+        write_atomic(Path(log_dir) / "generations" / f"{tag}.jsonl", "".join(lines))
+
+
+def describe_metrics(metrics: dict[str, float]) -> str:
+    """One line for the log: accuracy with its counts where the task scores generations, and target NLL."""
+    parts = []
+    if "accuracy" in metrics:
+        n = int(metrics["count"])
+        parts.append(f"accuracy {metrics['accuracy']:.3f} ({round(metrics['accuracy'] * n)}/{n}, unparsed {int(metrics['unparsed'])})")
+    parts.append(f"target NLL {metrics['loss']:.4f}")
+    return ", ".join(parts)

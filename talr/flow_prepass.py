@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from talr.data import Example
+from talr.losses import flow_weights
 from talr.models import cache_dir
 from talr.scoring import score_examples
 
@@ -47,3 +48,15 @@ def initial_sequence_losses(
         torch.save(losses, tmp)
         os.replace(tmp, path)
     return losses
+
+
+def flow_sequence_weights(net: nn.Module, datamodule: Any, pad_id: int, device: torch.device | str, model_key: str,
+                          write_cache: bool, tau: float | None) -> torch.Tensor:
+    """FLOW's static weight of every training row of `datamodule`: the initial model's losses (cached),
+    then `talr.losses.flow_weights` (tau: fixed, or None for the training set's median)."""
+    examples = datamodule.datasets["train"].examples
+    losses = initial_sequence_losses(net, examples, len(datamodule.rows("train")), pad_id, datamodule.eval_batch_size,
+                                     device, model_key, write_cache)
+    weights, tau_used = flow_weights(losses, tau)
+    rank_zero_info(f"[flow] tau = {float(tau_used):.4f}, mean weight {float(weights.mean()):.4f} over {len(weights)} sequences")
+    return weights

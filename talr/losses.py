@@ -4,7 +4,7 @@ Every strategy returns a SUM over target tokens. The module divides it by the nu
 tokens of the whole optimizer step (all micro-batches, all ranks), so gradient accumulation and
 data parallelism give the gradient of one large batch for every strategy.
 
-Token strategies (CrossEntropy, TALR, DFT, FLOW) weight token losses. Regularisers (L2Anchor,
+Token strategies (CrossEntropy, TALR, DFT, FLOW, EAFT, SelectiveTokenMasking, Rho1) weight token losses. Regularisers (L2Anchor,
 KLToInitial) wrap a token strategy (`base`) and add a term, so "TALR + KL" is a config, not a class.
 Configs name a strategy as a typed object, `loss: {class_path: talr.losses.TALR, init_args: {w_min: 0.01}}`
 or `--model.loss TALR --model.loss.w_min 0.01`; the options are the `__init__` arguments, documented
@@ -14,6 +14,7 @@ in each class's `Args:` (`talr fit --model.loss.help TALR`).
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from dataclasses import astuple, dataclass, field
 from typing import Any, ClassVar, Literal, Sequence
@@ -34,7 +35,7 @@ class TokenBatch:
     num_seqs: int
     step_seq_losses: torch.Tensor | None = None  # mean loss of every sequence of the optimizer step
     seq_weights: torch.Tensor | None = None  # [num_seqs] static per-sequence weights (FLOW)
-    ref_nll: torch.Tensor | None = None  # [N] the initial model's NLL of the same tokens (KL)
+    ref_nll: torch.Tensor | None = None  # [N] the reference model's NLL of the same tokens (KL, STM, Rho-1)
     logits: torch.Tensor | None = None  # [N, V] model logits at target positions (exact KL)
     ref_logits: torch.Tensor | None = None  # [N, V] the initial model's logits there
 
@@ -49,7 +50,7 @@ class LossOutput:
 class Needs:
     """What a strategy asks the module for beyond the token NLL; the module computes only these."""
 
-    reference: bool = False  # TokenBatch.ref_nll from the initial model
+    reference: bool = False  # TokenBatch.ref_nll from the reference model (`model.reference`, default the initial model)
     logits: bool = False  # TokenBatch.logits (and ref_logits with `reference`)
     sequence_weights: bool = False  # TokenBatch.seq_weights from a pre-pass over the training set
     step_losses: bool = False  # TokenBatch.step_seq_losses: every sequence of the optimizer step, all ranks
@@ -181,6 +182,32 @@ class TALR(LossStrategy):
         return LossOutput((w * nll).sum(), metrics)
 
 
+class HardGate(LossStrategy):
+    """The paper's Section 4.3 experiment: only confident tokens train.
+
+    w_i = 1 where the token's detached probability p_i = exp(-l_i) exceeds `threshold`, else 0: the
+    gradients of tokens below it are clipped, so training starts from the "easy" tokens and takes
+    in more of them as they become likely (the curriculum of its Figure 3c; TokenProbabilityLogger's
+    `token_probs/share_above_0.2` draws that curve). Gated tokens still count in the step's token
+    normaliser, as in the experiment: the gate removes their gradient, not their share of the average.
+
+    Args:
+        threshold: the probability a token must exceed to train, in [0, 1); the paper's 0.2.
+    """
+
+    name = "gate"
+
+    def __init__(self, threshold: float = 0.2) -> None:
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"gate: threshold must be in [0, 1), got {threshold}")
+        self.threshold = threshold
+
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        passed = torch.exp(-batch.nll.detach()) > self.threshold
+        metrics = {"passed_share": passed.float().mean()} if batch.nll.numel() else {}
+        return LossOutput((passed.to(batch.nll.dtype) * batch.nll).sum(), metrics)
+
+
 class DFT(LossStrategy):
     """Dynamic Fine-Tuning: each token's loss scaled by its own detached probability p_i.
 
@@ -240,6 +267,130 @@ class FLOW(LossStrategy):
         return LossOutput((weights * batch.nll).sum(), metrics)
 
 
+class EAFT(LossStrategy):
+    """Entropy-Adaptive Fine-Tuning (Diao et al. 2026, arXiv 2601.02151).
+
+    w_i = (H_k(i) / ln k) ^ alpha, detached, where H_k(i) is the entropy of the softmax over the
+    k largest logits at target position i: confident predictions (low entropy, "confident
+    conflicts" when the target disagrees) are damped, uncertain ones keep their gradient. Dividing
+    by ln k (the largest entropy of k outcomes) keeps w in [0, 1]; LLaMA-Factory divides by 3.0
+    (about ln 20), axolotl's port not at all. Needs the logits at the target positions, so it does
+    not combine with `model.loss_chunk_size`.
+
+    Args:
+        alpha: exponent of the normalised entropy (> 0; 1 in the paper's code).
+        k: how many of the largest logits the entropy is taken over (>= 2; 20 in the paper's code;
+            capped at the vocabulary size).
+    """
+
+    name = "eaft"
+
+    def __init__(self, alpha: float = 1.0, k: int = 20) -> None:
+        if not alpha > 0:
+            raise ValueError(f"eaft: alpha must be positive, got {alpha}")
+        if k < 2:
+            raise ValueError(f"eaft: k must be at least 2 (the entropy of one outcome is always 0), got {k}")
+        self.alpha = alpha
+        self.k = k
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(logits=True)
+
+    @torch.no_grad()
+    def weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """(normalised top-k entropy) ^ alpha of each row of [N, V] logits, never below float32."""
+        k = min(self.k, logits.shape[-1])
+        top = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).topk(k, dim=-1).values
+        logp = F.log_softmax(top, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return (entropy / math.log(k)).clamp(0.0, 1.0).pow(self.alpha)
+
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        if batch.logits is None:
+            raise RuntimeError("eaft: the logits at the target positions are missing")
+        weights = self.weights(batch.logits).to(batch.nll.dtype)
+        metrics = {"weight_mean": weights.mean()} if batch.nll.numel() else {}
+        return LossOutput((weights * batch.nll).sum(), metrics)
+
+
+class SelectiveTokenMasking(LossStrategy):
+    """STM (Wu et al. 2025, arXiv 2501.14315): target tokens whose perplexity under the reference
+    model, exp(l_ref), is above `threshold` get weight 0; the rest train as in plain SFT.
+
+    The reference is `model.reference` (default: the initial model, as in the paper, which scores
+    the ground-truth tokens with the model about to be fine-tuned). Masked tokens still count in
+    the step's denominator (the module divides every strategy's sum by the step's target-token
+    count before any backward pass, which keeps gradient accumulation exact); the paper's collator
+    drops them from a mean instead, so talr's step is the paper's scaled by the kept share
+    (`kept_share` is logged).
+
+    Args:
+        threshold: largest per-token perplexity under the reference that still trains (> 1;
+            2.5 is the default of the paper's code).
+    """
+
+    name = "stm"
+
+    def __init__(self, threshold: float = 2.5) -> None:
+        if not threshold > 1.0:
+            raise ValueError(f"stm: threshold is a perplexity and must be above 1 (1 masks every token), got {threshold}")
+        self.threshold = threshold
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(reference=True)
+
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        if batch.ref_nll is None:
+            raise RuntimeError("stm: the reference model's NLL is missing")
+        keep = (batch.ref_nll.detach() <= math.log(self.threshold)).to(batch.nll.dtype)
+        metrics = {"kept_share": keep.mean()} if batch.nll.numel() else {}
+        return LossOutput((keep * batch.nll).sum(), metrics)
+
+
+class Rho1(LossStrategy):
+    """Selective language modelling of Rho-1 (Lin et al. 2024, arXiv 2404.07965): only the
+    ceil(ratio * N) target tokens of the batch with the largest excess loss l - l_ref train.
+
+    Rho-1 ranks the tokens of the whole batch (not of each sequence). Here the batch is the
+    micro-batch on each rank: with several micro-batches or ranks per optimizer step each selects
+    its own top share, so the step is not the same as one big batch's selection (set
+    data.micro_batch_size = data.batch_size on one device for that). The reference is
+    `model.reference`: Rho-1 uses a model trained on clean target-domain data; the default
+    (the initial model) makes the excess loss start at 0 for every token, so the first steps
+    select arbitrarily among ties. Unselected tokens still count in the step's denominator
+    (the module's count of target tokens, fixed before the loss), where the paper divides by
+    the selected count: talr's step is the paper's scaled by `ratio`.
+
+    Args:
+        ratio: share of the batch's target tokens that train, in (0, 1] (the paper's math
+            runs keep 60%).
+    """
+
+    name = "rho1"
+
+    def __init__(self, ratio: float = 0.6) -> None:
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"rho1: ratio must be in (0, 1] (the share of tokens that train), got {ratio}")
+        self.ratio = ratio
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(reference=True)
+
+    def __call__(self, batch: TokenBatch) -> LossOutput:
+        if batch.ref_nll is None:
+            raise RuntimeError("rho1: the reference model's NLL is missing")
+        nll = batch.nll
+        if not nll.numel():
+            return LossOutput(nll.sum())
+        excess = nll.detach() - batch.ref_nll.detach()
+        chosen = excess.topk(math.ceil(self.ratio * nll.numel())).indices
+        keep = torch.zeros_like(nll).index_fill_(0, chosen, 1.0)
+        return LossOutput((keep * nll).sum(), {"excess_loss_mean": excess.mean(), "kept_share": keep.mean()})
+
+
 class Regularized(LossStrategy):
     """A regulariser around a token strategy `base`: the base's weighted token losses plus a term."""
 
@@ -247,7 +398,7 @@ class Regularized(LossStrategy):
         if not isinstance(base, LossStrategy):
             raise TypeError(f"{self.name}: base must be a loss strategy such as talr.losses.TALR(), got {base!r}")
         if base.token_strategy is not base:
-            raise ValueError(f"{self.name}: base must be a token strategy (CrossEntropy, TALR, DFT, FLOW), got {base!r}")
+            raise ValueError(f"{self.name}: base must be a token strategy (CrossEntropy, TALR, DFT, FLOW, EAFT, ...), got {base!r}")
         self.base = base
 
     @property
@@ -265,6 +416,12 @@ class Regularized(LossStrategy):
 
     def __call__(self, batch: TokenBatch) -> LossOutput:
         return self.base(batch)
+
+
+def anchor_copies(params: Sequence[torch.Tensor], device: str | None = None, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """theta_0 for L2Anchor: a detached copy of each parameter, on `device` and in `dtype` if given (a
+    sharded parameter's copy is sharded alike)."""
+    return [p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True) for p in params]
 
 
 class L2Anchor(Regularized):
@@ -314,9 +471,12 @@ class L2Anchor(Regularized):
 
 
 class KLToInitial(Regularized):
-    """base loss + beta * KL(model || initial model) on the target tokens.
+    """base loss + beta * KL(model || initial model) on the target tokens (or the other direction).
 
-    The initial model is a frozen copy, or with LoRA the same model with its adapters off.
+    The initial model is a frozen copy, or with LoRA the same model with its adapters off
+    (`model.reference` replaces it by another model). ASFT (arXiv 2509.23753) is
+    `KLToInitial(beta=0.1, estimator=exact, direction=initial_model, base=DFT())`: its code adds
+    0.1 * KL(initial || model), summed over the vocabulary, to DFT's token loss.
 
     Args:
         beta: weight of the KL term (>= 0); the paper does not state its coefficient.
@@ -324,19 +484,35 @@ class KLToInitial(Regularized):
             r = log q - log p: exp(r) - r - 1, unbiased for the KL when tokens are sampled from the
             model and always >= 0. `exact` sums over the vocabulary (needs both models' full
             logits at the target positions, so no `loss_chunk_size`).
+        direction: `model_initial`: KL(model || initial), mode-seeking; `initial_model`:
+            KL(initial || model), which ASFT uses, mass-covering (the model keeps every token the
+            initial model gave probability). `initial_model` needs the `exact` estimator: k3 is
+            an estimate for tokens sampled from the model, which only fits KL(model || initial).
         base: the token strategy whose loss the KL term is added to.
     """
 
     name = "kl"
 
-    def __init__(self, beta: float = 0.1, estimator: Literal["k3", "exact"] = "k3", base: LossStrategy = CrossEntropy()) -> None:
+    def __init__(
+        self,
+        beta: float = 0.1,
+        estimator: Literal["k3", "exact"] = "k3",
+        direction: Literal["model_initial", "initial_model"] = "model_initial",
+        base: LossStrategy = CrossEntropy(),
+    ) -> None:
         super().__init__(base)
         if estimator not in ("k3", "exact"):
             raise ValueError(f"kl: estimator must be 'k3' or 'exact', got {estimator!r}")
+        if direction not in ("model_initial", "initial_model"):
+            raise ValueError(f"kl: direction must be 'model_initial' or 'initial_model', got {direction!r}")
+        if direction == "initial_model" and estimator != "exact":
+            raise ValueError("kl: direction 'initial_model' needs estimator 'exact' (k3 estimates KL(model || initial) "
+                             "from tokens sampled from the model, not KL(initial || model))")
         if beta < 0:
             raise ValueError(f"kl: beta must be non-negative, got {beta}")
         self.beta = beta
         self.estimator = estimator
+        self.direction = direction
 
     @property
     def own_needs(self) -> Needs:
@@ -353,6 +529,8 @@ class KLToInitial(Regularized):
         dtype = torch.promote_types(batch.logits.dtype, torch.float32)  # never below float32
         logp = F.log_softmax(batch.logits.to(dtype), dim=-1)
         logq = F.log_softmax(batch.ref_logits.detach().to(dtype), dim=-1)
+        if self.direction == "initial_model":
+            return (logq.exp() * (logq - logp)).sum(-1)
         return (logp.exp() * (logp - logq)).sum(-1)
 
     def __call__(self, batch: TokenBatch) -> LossOutput:

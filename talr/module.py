@@ -8,27 +8,25 @@ of micro-batches instead, which weighs tokens of short micro-batches more (trans
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from talr.checkpoint_io import check_checkpoint_fits
-from talr.evaluation import DomainEvaluation, write_generations
-from talr.flow_prepass import initial_sequence_losses
-from talr.losses import FLOW, TALR, LossStrategy, TokenBatch, flow_weights
+from talr.evaluation import DomainEvaluation, describe_metrics, publish_records
+from talr.flow_prepass import flow_sequence_weights
+from talr.losses import TALR, LossStrategy, TokenBatch, anchor_copies
 from talr.nonfinite import NonFiniteSteps, gradient_norm
-from talr.models import TokenNLLModel, check_model_name, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype, shard_fsdp2
+from talr.models import (TokenNLLModel, check_model_name, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype,
+                         shard_fsdp2)
 from talr.results import ResultGuard
-from talr.schedule import schedule_length, warmup_cosine
+from talr.schedule import adamw_warmup_cosine, schedule_length
 from talr.token_loss import sequence_mean_losses
 
 
@@ -38,8 +36,11 @@ class SFTModule(L.LightningModule):
     Args:
         model: hub id, local directory, or the embedded alias `smollm2-135m-instruct`.
         loss: the loss strategy, a talr.losses class with its options: TALR, CrossEntropy, DFT, FLOW,
-            or L2Anchor / KLToInitial around one of them (`base`). `--model.loss.help TALR` lists
-            a strategy's options.
+            EAFT, SelectiveTokenMasking, Rho1, or L2Anchor / KLToInitial around one of them (`base`).
+            `--model.loss.help TALR` lists a strategy's options.
+        reference: the model whose token NLL (and logits) strategies with a reference compare
+            against (KLToInitial, SelectiveTokenMasking, Rho1): hub id or local directory of a model
+            with the same tokenizer. None: the initial model (with LoRA, the adapter-free model).
         learning_rate: peak AdamW learning rate (after linear warmup, then cosine decay to 0).
         warmup_ratio: share of optimizer steps spent warming up.
         max_new_tokens: generation budget when scoring validation/test answers.
@@ -81,6 +82,7 @@ class SFTModule(L.LightningModule):
         overwrite_results: bool = False,
         loss_chunk_size: int | None = None,
         fsdp_param_dtype: str | None = None,
+        reference: str | None = None,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -91,7 +93,6 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
         if max_bad_steps < 1:
             raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
-        check_model_name(model)  # a mistyped directory fails here, before Lightning starts
         if fsdp_param_dtype is not None:
             resolve_dtype(fsdp_param_dtype)  # fails before any model is loaded
         if anchor_device not in ("same", "cpu"):
@@ -107,11 +108,16 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}")
         if loss_chunk_size and self.loss_fn.needs.logits:
             raise ValueError(f"model.loss_chunk_size: loss {loss!r} needs full logits; unset the chunk size")
+        check_model_name(model)  # a mistyped directory fails here, before Lightning starts
+        if reference is not None:
+            if not self.loss_fn.needs.reference:
+                raise ValueError(f"model.reference: loss {loss!r} uses no reference model; drop model.reference")
+            check_model_name(reference)
         self.net: TokenNLLModel | None = None
         self.tokenizer: Any = None
         # Kept out of the module tree (not in checkpoints or the optimizer): both are the initial
         # model, reloadable from `model`, so a resumed run rebuilds them exactly.
-        self._reference: list[TokenNLLModel] = []  # KL's frozen initial model (none with LoRA)
+        self._reference: list[TokenNLLModel] = []  # the frozen reference (none: LoRA's adapter-free model)
         self._anchors: list[torch.Tensor] = []  # L2's theta_0, one per trainable parameter
         self.flow_weights: torch.Tensor | None = None  # FLOW's static weight of each training row
         self.nonfinite = NonFiniteSteps(max_bad_steps)
@@ -136,8 +142,10 @@ class SFTModule(L.LightningModule):
             return
         hp = self.hparams
         lm = load_model(hp.model, hp.dtype, hp.gradient_checkpointing, hp.trust_remote_code, hp.attn_implementation, hp.lora)
-        if self.loss_fn.needs.reference and not is_peft(lm):
-            reference = TokenNLLModel(self.load_initial_lm(), hp.loss_chunk_size).eval().requires_grad_(False)
+        if self.loss_fn.needs.reference and (hp.reference is not None or not is_peft(lm)):
+            reference_lm = self.load_initial_lm() if hp.reference is None else load_model(
+                hp.reference, hp.dtype, trust_remote_code=hp.trust_remote_code, attn_implementation=hp.attn_implementation)
+            reference = TokenNLLModel(reference_lm, hp.loss_chunk_size).eval().requires_grad_(False)
             self._reference = [reference]
         lm.train()  # from_pretrained returns eval mode; dropout-bearing models must train in train mode
         self.net = TokenNLLModel(lm, hp.loss_chunk_size)
@@ -146,12 +154,9 @@ class SFTModule(L.LightningModule):
             dtype = resolve_dtype(hp.fsdp_param_dtype) if hp.fsdp_param_dtype else None
             shard_fsdp2(self.net, self._device_mesh["data_parallel"], dtype)
         if self.loss_fn.needs.anchor:
-            device = "cpu" if hp.anchor_device == "cpu" else None
-            dtype = resolve_dtype(hp.anchor_dtype) if hp.anchor_dtype else None
-            self._anchors = [
-                p.detach().to(device=device or p.device, dtype=dtype or p.dtype, copy=True)
-                for p in self.net.parameters() if p.requires_grad
-            ]
+            trainable = [p for p in self.net.parameters() if p.requires_grad]
+            self._anchors = anchor_copies(trainable, "cpu" if hp.anchor_device == "cpu" else None,
+                                          resolve_dtype(hp.anchor_dtype) if hp.anchor_dtype else None)
         self.tokenizer = load_tokenizer(hp.model, hp.trust_remote_code)
 
     @property
@@ -177,17 +182,9 @@ class SFTModule(L.LightningModule):
                           attn_implementation=hp.attn_implementation)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        # Decay matrices only: decaying norms and biases hurts and is not what the paper's AdamW runs do.
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas))
-        total = schedule_length(self.trainer)
-        warmup = math.ceil(self.hparams.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, warmup=warmup, total=total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return adamw_warmup_cosine([p for p in self.parameters() if p.requires_grad], hp.learning_rate, tuple(hp.betas),
+                                   hp.weight_decay, hp.warmup_ratio, schedule_length(self.trainer))
 
     def on_fit_start(self) -> None:
         self.refuse_earlier_results()  # trainer.ckpt_path is known from here on: a resumed run keeps its files
@@ -196,16 +193,10 @@ class SFTModule(L.LightningModule):
 
     def flow_sequence_weights(self) -> torch.Tensor:
         """FLOW's static weight of every training row, from one pass of the initial model (cached)."""
-        datamodule, hp = self.trainer.datamodule, self.hparams
-        losses = initial_sequence_losses(
-            self.net, datamodule.datasets["train"].examples, len(datamodule.rows("train")), self.tokenizer.pad_token_id,
-            datamodule.eval_batch_size, self.device, f"{hp.model}|{hp.dtype}|{hp.lora}", self.trainer.is_global_zero,
-        )
-        strategy = self.loss_fn.token_strategy
-        assert isinstance(strategy, FLOW)
-        weights, tau = flow_weights(losses, strategy.tau)
-        rank_zero_info(f"[flow] tau = {float(tau):.4f}, mean weight {float(weights.mean()):.4f} over {len(weights)} sequences")
-        return weights
+        hp = self.hparams
+        return flow_sequence_weights(self.net, self.trainer.datamodule, self.tokenizer.pad_token_id, self.device,
+                                     f"{hp.model}|{hp.dtype}|{hp.lora}", self.trainer.is_global_zero,
+                                     self.loss_fn.token_strategy.tau)
 
     # -- training --------------------------------------------------------------------------------
     def global_token_count(self, local: int) -> torch.Tensor:
@@ -231,10 +222,10 @@ class SFTModule(L.LightningModule):
 
     @torch.no_grad()
     def reference_outputs(self, micro: dict[str, torch.Tensor], want_logits: bool) -> tuple[torch.Tensor, ...]:
-        """The initial model's NLL (and logits) of a micro-batch's targets: LoRA with its adapters
-        switched off, otherwise the frozen copy."""
+        """The reference model's NLL (and logits) of a micro-batch's targets: the frozen copy, or
+        without `model.reference` under LoRA the model with its adapters switched off."""
         args = (micro["input_ids"], micro["attention_mask"], micro["labels"], want_logits)
-        if is_peft(self.lm):
+        if not self._reference:
             with self.lm.disable_adapter():
                 return self.net(*args)
         reference = self._reference[0]
@@ -287,8 +278,8 @@ class SFTModule(L.LightningModule):
         grad_norm = gradient_norm(self.net.parameters())
         if grad_norm is not None and not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
-            where = f"epoch {self.current_epoch}, batch {batch_idx} (optimizer step {self.global_step})"
-            self.nonfinite.skip(where, float(weighted_sum))
+            self.nonfinite.skip(f"epoch {self.current_epoch}, batch {batch_idx} (optimizer step {self.global_step})",
+                                float(weighted_sum))
             self.log("train/skipped_steps", float(self.nonfinite.skipped))
             return weighted_sum
         self.nonfinite.passed()
@@ -323,16 +314,7 @@ class SFTModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         task, rows = datamodule.task_for(self._split), datamodule.rows(self._split)
         metrics, records = self._evaluation.finish(task, rows)
-        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
-        if records and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            logger = self.trainer.logger
-            if isinstance(logger, TensorBoardLogger):  # the task's figures (ESCI: confusion matrix)
-                verdicts, scored_rows = [r.verdict for r in records], [rows[r.row_index] for r in records]
-                for name, figure in task.figures(verdicts, scored_rows).items():
-                    logger.experiment.add_figure(f"{self._split}/{name}", figure, self.global_step)
-            if log_dir is not None:
-                write_generations(Path(log_dir) / "generations" / f"{tag or f'{self._split}_step{self.global_step:06d}'}.jsonl",
-                                  records)
+        publish_records(self.trainer, self._split, task, rows, records, tag or f"{self._split}_step{self.global_step:06d}")
         return metrics
 
     def _log_evaluation(self) -> dict[str, float]:
@@ -363,20 +345,19 @@ class SFTModule(L.LightningModule):
         self._split = "val"
         self._evaluation.reset()
 
+    def on_test_epoch_start(self) -> None:
+        self._split = "test"
+        self._evaluation.reset()
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
+
+    test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._log_evaluation()
         if not self.trainer.sanity_checking:
             rank_zero_info(f"[validation] step {self.global_step}: " + describe_metrics(metrics))
-
-    def on_test_epoch_start(self) -> None:
-        self._split = "test"
-        self._evaluation.reset()
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         rank_zero_info("[test] " + describe_metrics(self._log_evaluation()))
@@ -401,13 +382,3 @@ class SFTModule(L.LightningModule):
             check_checkpoint_fits(self.state_dict(), checkpoint, self.hparams.model)
         self.nonfinite.skipped = int(checkpoint.get("talr_bad_steps", 0))
         self.flow_weights = checkpoint.get("talr_flow_weights", self.flow_weights)
-
-
-def describe_metrics(metrics: dict[str, float]) -> str:
-    """One line for the log: accuracy with its counts where the task scores generations, and target NLL."""
-    parts = []
-    if "accuracy" in metrics:
-        n = int(metrics["count"])
-        parts.append(f"accuracy {metrics['accuracy']:.3f} ({round(metrics['accuracy'] * n)}/{n}, unparsed {int(metrics['unparsed'])})")
-    parts.append(f"target NLL {metrics['loss']:.4f}")
-    return ", ".join(parts)

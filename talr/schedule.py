@@ -1,10 +1,13 @@
-"""The learning-rate schedule: linear warmup, then cosine decay to zero, over the run's optimizer steps."""
+"""The optimizer: AdamW with linear warmup, then cosine decay to zero, over the run's optimizer steps."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Any
 
 import lightning as L
+import torch
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -35,3 +38,16 @@ def schedule_length(trainer: "L.Trainer") -> int:
     if total == math.inf:
         raise ValueError("set trainer.max_epochs or trainer.max_steps: the learning-rate schedule needs a length")
     return max(1, int(total))
+
+
+def adamw_warmup_cosine(params: list[torch.nn.Parameter], learning_rate: float, betas: tuple[float, float],
+                        weight_decay: float, warmup_ratio: float, total_steps: int) -> dict[str, Any]:
+    """AdamW and its per-step schedule, as `configure_optimizers` returns them."""
+    # Decay matrices only: decaying norms and biases hurts and is not what the paper's AdamW runs do.
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+    warmup = math.ceil(warmup_ratio * total_steps)
+    schedule = partial(warmup_cosine, warmup=warmup, total=total_steps)
+    return {"optimizer": optimizer,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}

@@ -16,12 +16,13 @@ from lightning.pytorch.cli import instantiate_module
 
 from cli import build_cli
 from conftest import tiny_fit_config
+from talr.config_migration import strategy_classes
 from talr.losses import TALR, CrossEntropy, KLToInitial
 from talr.module import SFTModule
 
 REPO = Path(__file__).resolve().parents[1]
 TALR_COMMAND = str(Path(sys.executable).with_name("talr"))
-STRATEGIES = ["CrossEntropy", "TALR", "DFT", "FLOW", "L2Anchor", "KLToInitial"]
+STRATEGIES = [cls.__name__ for cls in strategy_classes()]  # every concrete class in talr.losses
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -106,7 +107,7 @@ def test_a_nested_regulariser_in_yaml_trains_and_its_checkpoint_holds_plain_data
     ckpt = Path(cli.trainer.checkpoint_callback.best_model_path)
     stored = torch.load(ckpt, weights_only=True, map_location="cpu")["hyper_parameters"]["loss"]
     assert stored == {"class_path": "talr.losses.KLToInitial", "init_args": {
-        "beta": 0.25, "estimator": "k3",
+        "beta": 0.25, "estimator": "k3", "direction": "model_initial",
         "base": {"class_path": "talr.losses.TALR", "init_args": {"w_min": 0.3, "tau": None, "tau_scope": "global", "tau_floor": 1e-6}}}}
 
     # validate from the checkpoint: its strategy wins over the config's, with a warning naming the key
@@ -121,9 +122,9 @@ def test_a_nested_regulariser_in_yaml_trains_and_its_checkpoint_holds_plain_data
 
 
 def test_a_module_built_in_python_stores_its_strategy_as_plain_data():
-    module = SFTModule(model="/nonexistent", loss=KLToInitial(base=CrossEntropy()))
+    module = SFTModule(model="org/never-loaded", loss=KLToInitial(base=CrossEntropy()))
     assert module.hparams["loss"] == {"class_path": "talr.losses.KLToInitial", "init_args": {
-        "beta": 0.1, "estimator": "k3", "base": {"class_path": "talr.losses.CrossEntropy", "init_args": {}}}}
+        "beta": 0.1, "estimator": "k3", "direction": "model_initial", "base": {"class_path": "talr.losses.CrossEntropy", "init_args": {}}}}
 
 
 OLD_FORMS = [
@@ -158,8 +159,8 @@ def test_the_console_script_shows_the_new_form_once(tiny_model_dir, tmp_path):
     done = subprocess.run([TALR_COMMAND, "fit", "--config", str(config)], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert done.stderr.count("is the old form") + done.stderr.count("are the old form") == 1
-    assert "  loss: {class_path: talr.losses.TALR, init_args: {w_min: 0.01}}" in done.stderr
-    assert "  --model.loss TALR --model.loss.w_min 0.01" in done.stderr
+    assert "write loss: {class_path: talr.losses.TALR, init_args: {w_min: 0.01}}" in done.stderr
+    assert "command line --model.loss TALR --model.loss.w_min 0.01" in done.stderr
 
 
 @pytest.mark.parametrize("sweep", ["quickstart", "medcalc_cpu", "medcalc_cpu_seeds"])
@@ -191,7 +192,7 @@ def test_the_readme_strategies_table_lists_every_option_of_each_class():
     for row in rows:
         cls = getattr(talr.losses, re.match(r"\| `(\w+)`", row[0]).group(1))
         short = re.search(r"\(`(\w+)`\)", row[0]).group(1)
-        listed = set() if row[2] == "none" else {re.match(r"`(\w+)`", item).group(1) for item in row[2].split(", ")}
+        listed = set() if row[3] == "none" else {re.match(r"`(\w+)`", item).group(1) for item in row[3].split(", ")}
         assert listed == set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}, cls.__name__
         assert short == cls.name  # the name in logged keys and in the sweep table
 

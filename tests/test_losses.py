@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from talr.losses import DFT, FLOW, TALR, CrossEntropy, KLToInitial, L2Anchor, Needs, TokenBatch
+from talr.losses import DFT, FLOW, TALR, CrossEntropy, HardGate, KLToInitial, L2Anchor, Needs, TokenBatch
 from talr.token_loss import IGNORE_INDEX, target_token_nll
 
 
@@ -150,7 +150,7 @@ def test_config_is_plain_data_in_the_config_form():
     strategy = KLToInitial(beta=0.2, base=TALR(w_min=0.05, tau_scope="local"))
     assert strategy.config() == {
         "class_path": "talr.losses.KLToInitial",
-        "init_args": {"beta": 0.2, "estimator": "k3", "base": {
+        "init_args": {"beta": 0.2, "estimator": "k3", "direction": "model_initial", "base": {
             "class_path": "talr.losses.TALR",
             "init_args": {"w_min": 0.05, "tau": None, "tau_scope": "local", "tau_floor": 1e-6}}},
     }
@@ -180,3 +180,21 @@ def test_target_token_nll_matches_full_logits_cross_entropy():
     # the same total as torch's mean CE with ignore_index, times the token count
     full = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
     assert nll.sum().item() == pytest.approx(full.item() * len(rows), rel=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.05])
+def test_hard_gate_trains_only_tokens_above_the_threshold(threshold):
+    logits, targets, seq, n = random_tokens(4, n_seqs=8)
+    leaf = logits.clone().requires_grad_(True)
+    out = HardGate(threshold)(TokenBatch(F.cross_entropy(leaf, targets, reduction="none"), seq, n))
+    out.total.backward()
+    # from the definition: the target's softmax probability, by hand, against the threshold
+    probs = [math.exp(row[t]) / sum(math.exp(v) for v in row) for row, t in zip(logits.tolist(), targets.tolist())]
+    kept = [p > threshold for p in probs]
+    assert 0 < sum(kept) < len(kept), "the draw must have tokens on both sides of the threshold"
+    assert float(out.total) == pytest.approx(sum(-math.log(p) for p, k in zip(probs, kept) if k), rel=1e-12)
+    assert float(out.metrics["passed_share"]) == pytest.approx(sum(kept) / len(kept))
+    for row, (p, k) in enumerate(zip(probs, kept)):  # a gated token has no gradient at all
+        assert bool(leaf.grad[row].abs().sum() > 0) == k
+    with pytest.raises(ValueError, match="threshold must be in"):
+        HardGate(1.0)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from talr.data import SFTDataModule
 from talr.losses import TALR, CrossEntropy, KLToInitial
 from talr.models import load_model
-from talr.module import SFTModule, warmup_cosine
+from talr.module import SFTModule
+from talr.schedule import warmup_cosine
 from talr.tasks import MedCalc
 from talr.token_loss import IGNORE_INDEX
 
