@@ -181,7 +181,7 @@ class ForgettingMonitor(GuardsResults):
         out = self.output_dir(trainer)
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.responses:
             return  # `validate_before_fit` runs before the answers exist; step 0 is logged at train start
-        entry = self.curve_entry(trainer, self.score_responses(pl_module))
+        entry = self.measure(trainer, pl_module)
         if self.curve and self.curve[-1]["step"] == entry["step"]:
             self.curve[-1] = entry  # a second validation at the same step replaces the first
         else:
@@ -198,13 +198,17 @@ class ForgettingMonitor(GuardsResults):
         """The drift before training, at the run's best step and at its last validation (NaN where
         not measured): what `RunSummary` puts in a sweep table."""
         by_step = {entry["step"]: entry for entry in self.curve}
-        value = lambda entry, key: float(entry[key]) if entry else math.nan  # noqa: E731
-        out = {}
-        for key in ("kl", "nll_increase", "kl_calibrated", "agreement", "entropy"):
-            out[f"forgetting_{key}_initial"] = value(by_step.get(0), key)
-            out[f"forgetting_{key}_best"] = value(by_step.get(best_step), key)
-            out[f"forgetting_{key}_last"] = value(self.curve[-1] if self.curve else None, key)
-        return out
+        return {**summary_columns(by_step.get(0), "initial"), **summary_columns(by_step.get(best_step), "best"),
+                **summary_columns(self.curve[-1] if self.curve else None, "last")}
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The drift of the module's live weights from the initial answers now, as a curve entry
+        (`step`: the trainer's global step), without adding it to the curve, the logs or the files:
+        for callbacks that score other weights than training's (WiSE-FT's mixes). Every rank calls it."""
+        if not self.responses:
+            raise ValueError("ForgettingMonitor.measure needs the initial model's answers, sampled at train start; "
+                             "call it after training started")
+        return self.curve_entry(trainer, self.score_responses(pl_module))
 
     # -- the initial answers ----------------------------------------------------------------------
     @torch.no_grad()
@@ -277,6 +281,11 @@ class ForgettingMonitor(GuardsResults):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=entry["step"])
+
+
+def summary_columns(entry: dict[str, Any] | None, when: str) -> dict[str, float]:
+    """A curve entry's sweep-table columns `forgetting_<metric>_<when>` (NaN without an entry)."""
+    return {f"forgetting_{key}_{when}": float(entry[key]) if entry else math.nan for key in PER_CATEGORY}
 
 
 def cut_at_stop(token_ids: list[int], stops: list[int]) -> list[int]:

@@ -179,6 +179,11 @@ def _compare_documents(tasks: list[str], initial: Mapping[str, Any] | None, curr
     return compare_paired(pairs).as_dict()
 
 
+def _score_or_nan(general: Mapping[str, Any]) -> float:
+    """A `general_score` result's score; NaN where not measured or every task was left out."""
+    return general["score"] if general.get("score") is not None else math.nan
+
+
 def _is_score(key: str) -> bool:
     """A metric, not its standard error or lm-eval's document count."""
     return "_stderr" not in key and key != "sample_len"
@@ -210,6 +215,9 @@ class GeneralBenchmarks(GuardsResults):
     General score (paper, Appendix C): the mean of the `score_tasks`' primary metrics, leaving out
     every task the initial model scores below `threshold`. The paper uses IFEval
     (inst_level_strict_acc), GSM8K (exact_match, flexible-extract) and HumanEval (pass@1).
+
+    Other weights than training's (WiSE-FT's mixes) are scored through `score_weights`: the same
+    record and paired comparison, in its own file, kept out of this callback's events and logs.
 
     Distributed: rank zero evaluates and writes; the other ranks wait at a broadcast of its results
     (raise the process-group timeout if an event takes longer than its default 30 minutes). The
@@ -343,24 +351,31 @@ class GeneralBenchmarks(GuardsResults):
         was left out), and the tasks left out: what `RunSummary` puts in a sweep table. The fit-end
         score is already the best checkpoint's (the callback reloads it), so `best_step` is unused.
 
-        With them, the paired change from the initial model at fit end: `general_delta` with its 95%
-        interval `general_delta_low` / `_high`, `general_p`, `general_n` (documents paired) and
-        `general_test` (the test, or `none: <why>`); per task under `general_paired`; and where the
-        two events' records are (`general_file_initial`, `general_file_best`, relative to the log
-        directory), for comparing runs document by document."""
-        by_event = {e["event"]: e["general"] for e in self.events}
-        value = lambda event: by_event[event]["score"] if by_event.get(event, {}).get("score") is not None else math.nan  # noqa: E731
-        out: dict[str, Any] = {"general_initial": value("fit_start"), "general_best": value("fit_end"),
-                               "general_excluded": " ".join(by_event.get("fit_start", {}).get("excluded", []))}
-        fit_end = next((e for e in self.events if e["event"] == "fit_end"), {})
-        paired = fit_end.get("general_paired", {})
+        With them, the paired change from the initial model at fit end (`summary_columns`), and
+        where the fit-start record is (`general_file_initial`, relative to the log directory)."""
+        by_event = {e["event"]: e for e in self.events}
+        start = by_event.get("fit_start", {}).get("general", {})
+        out: dict[str, Any] = {"general_initial": _score_or_nan(start),
+                               "general_excluded": " ".join(start.get("excluded", []))}
+        out.update(self.summary_columns(by_event.get("fit_end")))
+        out["general_file_initial"] = self._relative(by_event["fit_start"]["file"]) if "fit_start" in by_event else None
+        return out
+
+    def summary_columns(self, record: Mapping[str, Any] | None) -> dict[str, Any]:
+        """One record's sweep-table columns, named as for the best checkpoint: `general_best` (the
+        general score; NaN where every task was left out or there is no record), the paired change
+        from the initial model `general_delta` with its 95% interval `general_delta_low` / `_high`,
+        `general_p`, `general_n` (documents paired) and `general_test` (the test, or `none: <why>`);
+        per task under `general_paired`; and the record's file (`general_file_best`, relative to
+        the log directory), for comparing runs document by document."""
+        record = record or {}
+        paired = record.get("general_paired", {})
+        out: dict[str, Any] = {"general_best": _score_or_nan(record.get("general", {}))}
         out.update({f"general_{key}": paired.get(field, math.nan) for key, field in
                     (("delta", "delta"), ("delta_low", "low"), ("delta_high", "high"), ("p", "p"), ("n", "n"))})
         out["general_test"] = paired.get("test") or f"none: {paired.get('unavailable', 'no fit-end event')}"
-        out["general_paired"] = fit_end.get("paired", {})  # per task: the summary JSON's, not the table's
-        for when, event in (("initial", "fit_start"), ("best", "fit_end")):
-            record = next((e for e in self.events if e["event"] == event), None)
-            out[f"general_file_{when}"] = self._relative(record["file"]) if record else None
+        out["general_paired"] = record.get("paired", {})  # per task: the summary JSON's, not the table's
+        out["general_file_best"] = self._relative(record["file"]) if record else None
         return out
 
     def _relative(self, path: str) -> str:
@@ -444,7 +459,27 @@ class GeneralBenchmarks(GuardsResults):
             pl_module.lm.to(home)
 
     # -- one evaluation ------------------------------------------------------------------------------
+    def score_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, source: str) -> dict[str, Any]:
+        """Benchmark the module's live weights now, as an event's record labelled `name` (with the
+        paired comparison against the initial model), written to `<dirpath>/<name>.json`.
+
+        For callbacks that score other weights than training's (WiSE-FT's mixes): the record is
+        neither one of this callback's events (its summary, state and `general/*` logs stay as
+        they are) nor logged. Call it on every rank, with the weights whole on rank zero."""
+        if RESULT_FILE.match(f"{name}.json"):
+            raise ValueError(f"GeneralBenchmarks.score_weights: {name!r} is one of this callback's own event names; "
+                             "choose another label")
+        if not any(event["event"] == "fit_start" for event in self.events):
+            raise ValueError("GeneralBenchmarks.score_weights needs the initial model's record (the fit-start event, "
+                             "measured at train start); call it after training started")
+        return self._evaluate(trainer, pl_module, name, pl_module.lm, source, log=False)
+
     def _event(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, model: torch.nn.Module | None, source: str) -> None:
+        self.events.append(self._evaluate(trainer, pl_module, name, model, source, log=True))
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, model: torch.nn.Module | None,
+                  source: str, log: bool) -> dict[str, Any]:
+        """lm-eval on `model` (rank zero), its record written to `<name>.json`, logged if `log`; every rank gets the record."""
         out = self.output_dir(trainer)
         self._run_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
         record, failure = None, None
@@ -460,7 +495,8 @@ class GeneralBenchmarks(GuardsResults):
                     )
                 record = self._record(name, trainer.global_step, source, evaluation, out / f"{name}.json")
                 write_atomic(out / f"{name}.json", json.dumps(record, indent=1))
-                self._log(trainer, record)
+                if log:
+                    self._log(trainer, record)
                 documents = sum(int(n.get("effective", 0)) for n in record["n_samples"].values() if isinstance(n, dict))
                 rank_zero_info(f"[general] {name} done: {len(self.tasks)} task(s), {documents} documents "
                                f"in {format_duration(time.monotonic() - started)}")
@@ -472,7 +508,7 @@ class GeneralBenchmarks(GuardsResults):
             raise failure
         if message is not None:
             raise RuntimeError(f"GeneralBenchmarks: the {name} evaluation failed on rank zero: {message}")
-        self.events.append(record)
+        return record
 
     def _record(self, name: str, step: int, source: str, evaluation: dict[str, Any], path: Path) -> dict[str, Any]:
         results = evaluation["results"]

@@ -91,7 +91,8 @@ def test_result_writing_callbacks_write_the_same_in_either_order(tiny_model_dir,
         {"class_path": "callbacks.general_benchmarks.GeneralBenchmarks",
          "init_args": {"tasks": ["talr_arc_easy"], "data_dir": str(SHARED / "data"), "limit": 4, "batch_size": 4,
                        "threshold": 0.0}},
-        {"class_path": "callbacks.model_averaging.WiSEFT", "init_args": {"alphas": [0.0, 1.0], "select": "loss"}},
+        # every alpha scored by the GeneralBenchmarks and ForgettingMonitor above (or below: the order must not matter)
+        {"class_path": "callbacks.model_averaging.WiSEFT", "init_args": {"alphas": [0.0, 0.5, 1.0], "select": "loss"}},
         {"class_path": "callbacks.hf_export.HFExport"},
         {"class_path": "callbacks.run_summary.RunSummary", "init_args": {"monitor": "val/loss", "mode": "min"}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -107,7 +108,9 @@ def test_result_writing_callbacks_write_the_same_in_either_order(tiny_model_dir,
         logs[version] = Path(cli.trainer.log_dir)
     forward, backward = (result_files(logs[v]) for v in ("forward", "reversed"))
     assert {"summary.json", "wiseft.json", "export/model.safetensors", "export/README.md", "general/fit_end.json",
-            "forgetting/curve.json"} <= set(forward)
+            "forgetting/curve.json", "general/wiseft_alpha0.50.json"} <= set(forward)
+    assert {r["alpha"] for r in forward["summary.json"]["wiseft"]} == {0.0, 0.5, 1.0}
+    assert all(r["general"] and r["forgetting"] for r in forward["wiseft.json"]["results"])
     assert forward.keys() == backward.keys()
     for name in forward:
         assert forward[name] == backward[name], name

@@ -1,7 +1,9 @@
-"""WiSE-FT (callbacks.model_averaging): the interpolation, and `talr fit` with the callback on a tiny
-random Llama (real SmolLM2 tokenizer)."""
+"""WiSE-FT (callbacks.model_averaging): the interpolation, the selection rule, and `talr fit` with the
+callback on a tiny random Llama (real SmolLM2 tokenizer), each alpha scored on the domain, by
+GeneralBenchmarks (lm-eval, offline ARC-Easy) and by ForgettingMonitor."""
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,9 +12,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
-from callbacks.model_averaging import WiSEFT, interpolate_state
+from callbacks.forgetting_monitor import ForgettingMonitor
+from callbacks.general_benchmarks import GeneralBenchmarks
+from callbacks.model_averaging import WiSEFT, choose_alpha, interpolate_state
 from cli import build_cli
-from conftest import validation_history
+from conftest import SHARED, validation_history
 from talr.checkpoint_io import lm_state_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,13 +82,85 @@ def test_constructor_validates_alphas():
     assert WiSEFT(alphas=[1.0, 0.5, 0.5]).alphas == [0.5, 1.0]
 
 
+def test_constructor_validates_the_selection_options():
+    with pytest.raises(ValueError, match="select must be one of general_within_margin, accuracy, loss, got 'general'"):
+        WiSEFT(select="general")
+    with pytest.raises(ValueError, match="margin must be a finite number >= 0, got -0.1"):
+        WiSEFT(margin=-0.1)
+    with pytest.raises(ValueError, match="margin must be a finite number >= 0, got nan"):
+        WiSEFT(margin=math.nan)
+    with pytest.raises(ValueError, match=r"general_alphas \[0.3\] are not in WiSEFT.alphas \[0.0, 0.5, 1.0\]"):
+        WiSEFT(alphas=[0.0, 0.5, 1.0], general_alphas=[0.5, 0.3])
+    assert WiSEFT(alphas=[0.0, 0.5, 1.0]).general_alphas == [0.0, 0.5, 1.0]  # default: every alpha
+    assert WiSEFT(alphas=[0.0, 1.0], general_alphas=[1.0, 1.0]).general_alphas == [1.0]
+    assert WiSEFT().select == "general_within_margin" and WiSEFT().margin == 0.01
+
+
+# -- the selection rule on synthetic per-alpha results ---------------------------------------------
+def synthetic(rows: list[tuple[float, float, float, float | None]]) -> list[dict]:
+    """(alpha, accuracy, loss, general score or None: not benchmarked), as WiSEFT keeps its results."""
+    out = []
+    for alpha, accuracy, loss, general in rows:
+        result = {"alpha": alpha, "metrics": {"accuracy": accuracy, "loss": loss}}
+        if general is not None:
+            result["general"] = [{"general_best": general}]
+        out.append(result)
+    return out
+
+
+# accuracy is counted over 500 rows (k / 500); the general score falls as alpha grows
+CURVE = [(0.0, 0.200, 2.0, 0.560), (0.25, 0.300, 1.7, 0.540), (0.5, 0.326, 1.5, 0.512),
+         (0.75, 0.334, 1.4, 0.490), (1.0, 0.334, 1.45, 0.470)]
+
+
+def test_general_within_margin_picks_the_best_general_score_near_the_best_accuracy():
+    # By hand: the best accuracy is 0.334 (alpha 0.75 and 1.0; the tie goes to 0.75). Within 0.01 of it:
+    # 0.326 (alpha 0.5; 0.008 below), 0.334, 0.334; 0.300 is 0.034 below. Their general scores:
+    # 0.512, 0.490, 0.470: alpha 0.5.
+    chosen, why = choose_alpha(synthetic(CURVE), "general_within_margin", 0.01)
+    assert chosen["alpha"] == 0.5
+    assert why == ("chose alpha 0.50: best general score 0.512 among alphas within 0.01 of the best domain "
+                   "accuracy 0.334 (alpha 0.75)")
+    # a margin of exactly the gap counts as within (0.334 - 0.324 is not 0.01 in floats)
+    edge = [(0.5, 0.324, 1.5, 0.6), (1.0, 0.334, 1.4, 0.5)]
+    assert choose_alpha(synthetic(edge), "general_within_margin", 0.01)[0]["alpha"] == 0.5
+    # margin 0: only the most accurate alphas, the better general score of the two (0.490 at 0.75)
+    assert choose_alpha(synthetic(CURVE), "general_within_margin", 0.0)[0]["alpha"] == 0.75
+    # a wide margin reaches alpha 0.25 (0.034 below) but not alpha 0 (0.134 below): 0.540
+    assert choose_alpha(synthetic(CURVE), "general_within_margin", 0.05)[0]["alpha"] == 0.25
+    # equal general scores: the smaller alpha
+    tie = [(0.5, 0.33, 1.5, 0.5), (0.75, 0.334, 1.4, 0.5), (1.0, 0.334, 1.4, 0.4)]
+    assert choose_alpha(synthetic(tie), "general_within_margin", 0.01)[0]["alpha"] == 0.5
+
+
+def test_general_within_margin_falls_back_to_domain_accuracy():
+    # no general score at all: the most accurate alpha (ties: the smaller)
+    chosen, why = choose_alpha(synthetic([(a, acc, loss, None) for a, acc, loss, _ in CURVE]), "general_within_margin")
+    assert chosen["alpha"] == 0.75
+    assert why == ("chose alpha 0.75: best domain accuracy 0.334; no alpha has a general score (no GeneralBenchmarks "
+                   "callback, or every task left out), so domain accuracy decides")
+    # general scores only where the domain is far from its best (general_alphas: [0, 0.25])
+    partial = [(a, acc, loss, g if a <= 0.25 else None) for a, acc, loss, g in CURVE]
+    chosen, why = choose_alpha(synthetic(partial), "general_within_margin")
+    assert chosen["alpha"] == 0.75 and "no alpha within 0.01 of it has a general score (WiSEFT.general_alphas)" in why
+    # a NaN accuracy ranks last
+    assert choose_alpha(synthetic([(0.0, math.nan, 1.0, 0.9), (1.0, 0.1, 2.0, 0.2)]), "general_within_margin")[0]["alpha"] == 1.0
+
+
+def test_the_domain_rules():
+    chosen, why = choose_alpha(synthetic(CURVE), "accuracy")
+    assert chosen["alpha"] == 0.75 and why == "chose alpha 0.75: best domain accuracy 0.334 (ties: the smaller alpha)"
+    chosen, why = choose_alpha(synthetic(CURVE), "loss")
+    assert chosen["alpha"] == 0.75 and why == "chose alpha 0.75: lowest target NLL 1.4000 (ties: the smaller alpha)"
+
+
 def test_state_dict_round_trip():
     callback = WiSEFT(alphas=[0.0, 1.0])
     callback.results = [{"alpha": 0.0, "metrics": {"loss": 2.0}}, {"alpha": 1.0, "metrics": {"loss": 1.0}}]
-    callback.chosen_alpha = 1.0
+    callback.chosen_alpha, callback.choice = 1.0, "chose alpha 1.00: lowest target NLL 1.0000"
     resumed = WiSEFT(alphas=[0.0, 1.0])
     resumed.load_state_dict(callback.state_dict())
-    assert resumed.results == callback.results and resumed.chosen_alpha == 1.0
+    assert resumed.results == callback.results and resumed.chosen_alpha == 1.0 and resumed.choice == callback.choice
 
 
 def test_lora_runs_fail_clearly(tiny_model_dir):
@@ -105,12 +181,24 @@ class FinalWeights(Callback):
         self.state = {k: v.detach().clone() for k, v in pl_module.lm.state_dict().items()}
 
 
+LIMIT = 8  # ARC-Easy documents per general benchmark event
+
+
 @pytest.fixture(scope="module")
 def fitted(tiny_model_dir, tmp_path_factory):
     """8 training rows, 2 optimizer steps, validation after each: the best checkpoint (step 1 on
-    ties) differs from the final weights (step 2)."""
+    ties) differs from the final weights (step 2). quickstart.yaml brings ForgettingMonitor;
+    GeneralBenchmarks runs 8 ARC-Easy documents per event."""
     out = tmp_path_factory.mktemp("wiseft")
-    cli = build_cli([
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(out)  # lm-eval records `git describe` of the working directory; keep it out of the repo
+        cli = fit_with_wiseft(tiny_model_dir, out)
+    log_dir = Path(cli.trainer.log_dir)
+    return cli, log_dir, json.loads((log_dir / "wiseft.json").read_text())["results"]
+
+
+def fit_with_wiseft(tiny_model_dir, out):
+    return build_cli([
         "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
         "--model.model", str(tiny_model_dir),
         "--model.max_new_tokens", "4",
@@ -123,12 +211,13 @@ def fitted(tiny_model_dir, tmp_path_factory):
         "--trainer.val_check_interval", "0.5",  # an int 1 would checkpoint only at epoch end
         "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.callbacks+=callbacks.general_benchmarks.GeneralBenchmarks",
+        "--trainer.callbacks.tasks=[talr_arc_easy]", f"--trainer.callbacks.data_dir={SHARED / 'data'}",
+        f"--trainer.callbacks.limit={LIMIT}", "--trainer.callbacks.batch_size=4", "--trainer.callbacks.threshold=0.0",
         "--trainer.callbacks+=callbacks.model_averaging.WiSEFT",
         "--trainer.callbacks.alphas=[0.0,0.5,1.0]",
         "--trainer.callbacks+=test_model_averaging.FinalWeights",
     ])
-    log_dir = Path(cli.trainer.log_dir)
-    return cli, log_dir, json.loads((log_dir / "wiseft.json").read_text())
 
 
 def by_alpha(results: list[dict]) -> dict[float, dict[str, float]]:
@@ -178,11 +267,26 @@ def assert_export_is_the_mix(export: Path, tiny_model_dir: Path, best_path: str,
         torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6, msg=key)
 
 
+def general_record(log_dir: Path, name: str) -> dict:
+    return json.loads((log_dir / "general" / f"{name}.json").read_text())
+
+
 def test_chosen_alpha_is_exported_plotted_and_logged(fitted, tiny_model_dir):
     cli, log_dir, results = fitted
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, WiSEFT))
-    top = max(r["metrics"]["accuracy"] for r in results)
-    assert callback.chosen_alpha == min(r["alpha"] for r in results if r["metrics"]["accuracy"] == top)
+    # the default rule, worked here from the files: the best general score among the alphas within 0.01 of the
+    # best accuracy (ties: the smaller alpha)
+    accuracy = {r["alpha"]: r["metrics"]["accuracy"] for r in results}
+    general = {a: general_record(log_dir, f"wiseft_alpha{a:.2f}")["general"]["score"] for a in accuracy}
+    top = max(accuracy.values())
+    within = [a for a in sorted(accuracy) if accuracy[a] >= top - 0.01 - 1e-9]
+    expected = max(within, key=lambda a: (general[a], -a))
+    assert callback.chosen_alpha == expected
+    report = json.loads((log_dir / "wiseft.json").read_text())
+    assert report["chosen_alpha"] == expected and report["select"] == "general_within_margin" and report["margin"] == 0.01
+    assert report["chosen"] == next(r for r in results if r["alpha"] == expected)
+    assert report["choice"].startswith(f"chose alpha {expected:.2f}: best general score {general[expected]:.3f} among "
+                                       f"alphas within 0.01 of the best domain accuracy {top:.3f}")
     assert_export_is_the_mix(log_dir / "wiseft_export", tiny_model_dir,
                              cli.trainer.checkpoint_callback.best_model_path, callback.chosen_alpha)
 
@@ -197,15 +301,96 @@ def test_chosen_alpha_is_exported_plotted_and_logged(fitted, tiny_model_dir):
     assert {0, 50, 100} <= set(logged)
     assert [logged[s] for s in (0, 50, 100)] == pytest.approx([r["metrics"]["accuracy"] for r in results])
     assert {e.step for e in events.Scalars("wiseft/loss")} >= {0, 50, 100}
+    logged = {e.step: e.value for e in events.Scalars("wiseft/general/score")}
+    assert [logged[s] for s in (0, 50, 100)] == pytest.approx([general[a] for a in (0.0, 0.5, 1.0)])
+    logged = {e.step: e.value for e in events.Scalars("wiseft/forgetting/kl")}
+    assert [logged[s] for s in (0, 50, 100)] == pytest.approx([r["forgetting"][0]["kl"] for r in results])
+    # GeneralBenchmarks' own curve holds only its events: before training and the best checkpoint at fit end
+    assert [e.step for e in events.Scalars("general/score")] == [0, cli.trainer.global_step]
+
+
+def test_general_scores_at_the_endpoints_are_the_initial_and_the_best_models(fitted):
+    """alpha 0 is the initial model (GeneralBenchmarks' fit-start event), alpha 1 the best checkpoint
+    (its fit-end event): the same primary metrics and per-document vectors, measured again."""
+    cli, log_dir, results = fitted
+    start, end = general_record(log_dir, "fit_start"), general_record(log_dir, "fit_end")
+    at0, at1 = general_record(log_dir, "wiseft_alpha0.00"), general_record(log_dir, "wiseft_alpha1.00")
+    assert end["weights"].startswith("best checkpoint")
+    for mixed, reference in ((at0, start), (at1, end)):
+        assert mixed["primary"] == reference["primary"]
+        assert mixed["per_document"] == reference["per_document"]
+        assert mixed["per_document"]["talr_arc_easy"]["doc_ids"] == list(range(LIMIT))
+        assert mixed["general"] == reference["general"]
+    assert at0["weights"].startswith("WiSE-FT alpha 0.00: 1 x initial model + 0 x best checkpoint")
+    # the paired comparison with the initial model: alpha 0 against itself changes nothing, alpha 1 is the fit end's
+    paired = at0["paired"]["talr_arc_easy"]
+    assert (paired["n"], paired["b"], paired["c"], paired["delta"]) == (LIMIT, 0, 0, 0.0)
+    assert at1["paired"] == end["paired"] and at1["general_paired"] == end["general_paired"]
+    # the middle alpha: its delta is its own score minus the initial one, from its own documents
+    middle = general_record(log_dir, "wiseft_alpha0.50")
+    before = start["per_document"]["talr_arc_easy"]["values"]
+    after = middle["per_document"]["talr_arc_easy"]["values"]
+    assert sum(after) / LIMIT == pytest.approx(middle["primary"]["talr_arc_easy"])
+    assert middle["paired"]["talr_arc_easy"]["delta"] == pytest.approx((sum(after) - sum(before)) / LIMIT)
+    # GeneralBenchmarks kept its own events as they were: WiSE-FT's records are not among them
+    benchmark = next(c for c in cli.trainer.callbacks if isinstance(c, GeneralBenchmarks))
+    assert [e["event"] for e in benchmark.events] == ["fit_start", "fit_end"]
+
+
+def test_forgetting_at_alpha_0_is_the_initial_models_and_at_alpha_1_the_best_steps(fitted):
+    cli, log_dir, results = fitted
+    by_alpha_forgetting = {r["alpha"]: r["forgetting"][0] for r in results}
+    initial = by_alpha_forgetting[0.0]
+    assert initial["kl"] == pytest.approx(0.0, abs=1e-6) and initial["nll_increase"] == pytest.approx(0.0, abs=1e-6)
+    assert initial["agreement"] == 1.0
+    # every number at alpha 0 is the initial model's (the monitor's step 0; kl_calibrated there is the KL at the
+    # best-fitting temperature, not 1, so it need not be 0), and alpha 1 holds the best checkpoint's weights,
+    # which the monitor scored at that step's validation
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, ForgettingMonitor))
+    best_step = torch.load(cli.trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=True)["global_step"]
+    at_best = next(e for e in monitor.curve if e["step"] == best_step)
+    for alpha, reference in ((0.0, monitor.curve[0]), (1.0, at_best)):
+        for key in ("kl", "nll_increase", "agreement", "entropy", "kl_calibrated", "temperature", "nll"):
+            assert by_alpha_forgetting[alpha][key] == pytest.approx(reference[key], abs=1e-6), (alpha, key)
+    assert by_alpha_forgetting[0.5]["tokens"] == at_best["tokens"]
+    # the monitor's own curve: one entry per validation, none from WiSE-FT
+    assert [e["step"] for e in monitor.curve] == [0, 1, 2]
+    assert [e["step"] for e in json.loads((log_dir / "forgetting" / "curve.json").read_text())] == [0, 1, 2]
+
+
+def test_every_alpha_is_a_row_of_the_run_summary(fitted):
+    cli, log_dir, results = fitted
+    summary = json.loads((log_dir / "summary.json").read_text())
+    rows = {row["alpha"]: row for row in summary["wiseft"]}
+    assert sorted(rows) == [0.0, 0.5, 1.0] and summary["wiseft_select"] == "general_within_margin"
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, WiSEFT))
+    assert summary["wiseft_alpha"] == callback.chosen_alpha
+    for result in results:
+        row = rows[result["alpha"]]
+        record = general_record(log_dir, f"wiseft_alpha{result['alpha']:.2f}")
+        assert row["val_accuracy_best"] == result["metrics"]["accuracy"] and row["val_loss_best"] == result["metrics"]["loss"]
+        assert row["general_best"] == record["general"]["score"]
+        assert row["general_delta"] == pytest.approx(record["general"]["score"] - summary["general_initial"])
+        assert row["general_file_best"] == f"general/wiseft_alpha{result['alpha']:.2f}.json"
+        assert row["forgetting_kl_best"] == result["forgetting"][0]["kl"]
+        assert row["domain_generations_file"] == f"generations/wiseft_alpha{result['alpha']:.2f}.jsonl"
+        assert row["wiseft_chosen"] == (result["alpha"] == callback.chosen_alpha)
+    # alpha 1 is the run's best checkpoint, on the domain and the general side
+    assert rows[1.0]["val_accuracy_best"] == summary["domain_best"] and rows[1.0]["general_best"] == summary["general_best"]
+    assert rows[0.0]["val_accuracy_best"] == summary["domain_initial"]
 
 
 def test_a_middle_alpha_selected_on_loss_is_exported_as_the_mix(fitted, tiny_model_dir, tmp_path):
     """Rerun the sweep on the fitted trainer with one alpha strictly inside (0, 1)."""
     cli, log_dir, _ = fitted
     live = {k: v.clone() for k, v in cli.model.lm.state_dict().items()}
-    callback = WiSEFT(alphas=[0.3], select="loss", dirpath=str(tmp_path))
+    callback = WiSEFT(alphas=[0.3], select="loss", general_alphas=[], dirpath=str(tmp_path))
     callback.on_fit_end(cli.trainer, cli.model)
-    assert callback.chosen_alpha == 0.3 and json.loads((tmp_path / "wiseft.json").read_text())[0]["alpha"] == 0.3
+    report = json.loads((tmp_path / "wiseft.json").read_text())
+    assert callback.chosen_alpha == 0.3 and report["results"][0]["alpha"] == 0.3 and report["chosen_alpha"] == 0.3
+    # general_alphas: [] leaves lm-eval out (forgetting is still measured)
+    assert "general" not in report["results"][0] and report["results"][0]["forgetting"]
+    assert not (log_dir / "general" / "wiseft_alpha0.30.json").exists()
     assert_export_is_the_mix(tmp_path / "wiseft_export", tiny_model_dir,
                              cli.trainer.checkpoint_callback.best_model_path, 0.3)
     assert all(torch.equal(v, live[k]) for k, v in cli.model.lm.state_dict().items())

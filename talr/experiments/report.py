@@ -2,7 +2,9 @@
 
 x is the domain score at the best checkpoint, y the general score there (the paper's Figure 1
 layout); the initial model is the star. Runs that differ only in their seed are averaged. Points
-that no other point beats on both axes form the Pareto frontier. Writes `pareto.png` and
+that no other point beats on both axes form the Pareto frontier. A run with WiSE-FT adds a curve
+through its alphas' rows (`alpha` set in the table), from the initial model (alpha 0) to the
+fine-tuned one (alpha 1), and a table of them. Writes `pareto.png` and
 `pareto.md` beside the table (or into `--out`).
 
 Error bars are 95% intervals. On an axis whose column has paired changes from the initial model
@@ -37,21 +39,49 @@ def trade_off_table(results: pd.DataFrame, x: str = "domain_best", y: str = "gen
     missing = [c for c in (*GROUP, x, y, "status") if c not in results.columns]
     if missing:
         raise ValueError(f"the results table lacks column(s) {missing}; is it a `talr sweep` results.csv?")
-    done = results[results["status"] == "done"]
+    done = fine_tuned_runs(results)
+    done = done[done["status"] == "done"]
     if done.empty:
         raise ValueError("no finished run in the results table")
     if done[y].isna().all():
         raise ValueError(f"column {y!r} is empty in every run: add the GeneralBenchmarks callback to the runs "
                          "(configs/general/) or choose another --y column")
-    table = done.groupby(GROUP, sort=True).agg(
-        domain=(x, "mean"), domain_std=(x, "std"), general=(y, "mean"), general_std=(y, "std"), runs=(x, "size"),
-    ).reset_index()
-    for axis, column in (("domain", x), ("general", y)):
-        bounds = [_bar(rows, column) for _, rows in done.groupby(GROUP, sort=True)]
-        table[f"{axis}_low"], table[f"{axis}_high"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    table = _cells(done, GROUP, x, y)
     sign = lambda lower: -1.0 if lower else 1.0  # noqa: E731  (a loss is negated, so higher is better)
     table["pareto"] = pareto_front((sign(x_lower_better) * table["domain"]).tolist(),
                                    (sign(y_lower_better) * table["general"]).tolist())
+    return table
+
+
+def fine_tuned_runs(results: pd.DataFrame) -> pd.DataFrame:
+    """The runs' own rows, without the WiSE-FT alphas' rows (`alpha` set) that `talr sweep` adds."""
+    return results[results["alpha"].isna()] if "alpha" in results.columns else results
+
+
+def wiseft_table(results: pd.DataFrame, x: str = "domain_best", y: str = "general_best") -> pd.DataFrame:
+    """The WiSE-FT alphas' rows averaged over seeds: one row per (loss, learning rate, alpha), with
+    mean, std, count, 95% bars as for the runs, and in how many runs the alpha was the chosen one
+    (`chosen`). Empty where no run used WiSE-FT."""
+    columns = [*GROUP, "alpha", "domain", "general", "runs", "chosen"]
+    if "alpha" not in results.columns or x not in results.columns or y not in results.columns:
+        return pd.DataFrame(columns=columns)
+    alphas = results[results["alpha"].notna() & (results["status"] == "done")]
+    if alphas.empty:
+        return pd.DataFrame(columns=columns)
+    table = _cells(alphas, [*GROUP, "alpha"], x, y)
+    chosen = alphas.get("wiseft_chosen", pd.Series(False, index=alphas.index)).astype(str).eq("True")
+    table["chosen"] = chosen.groupby([alphas[k] for k in (*GROUP, "alpha")], sort=True).sum().to_numpy()
+    return table
+
+
+def _cells(done: pd.DataFrame, group: list[str], x: str, y: str) -> pd.DataFrame:
+    """Rows averaged per `group`: mean, std and count of x (domain) and y (general), with 95% bars."""
+    table = done.groupby(group, sort=True).agg(
+        domain=(x, "mean"), domain_std=(x, "std"), general=(y, "mean"), general_std=(y, "std"), runs=(x, "size"),
+    ).reset_index()
+    for axis, column in (("domain", x), ("general", y)):
+        bounds = [_bar(rows, column) for _, rows in done.groupby(group, sort=True)]
+        table[f"{axis}_low"], table[f"{axis}_high"] = [b[0] for b in bounds], [b[1] for b in bounds]
     return table
 
 
@@ -82,34 +112,52 @@ def pareto_front(xs: list[float], ys: list[float]) -> list[bool]:
 
 
 def initial_point(results: pd.DataFrame, x: str = "domain_initial", y: str = "general_initial") -> tuple[float, float] | None:
-    done = results[results["status"] == "done"] if "status" in results else results
+    done = fine_tuned_runs(results)
+    done = done[done["status"] == "done"] if "status" in done else done
     if x not in done or y not in done or done[[x, y]].isna().all().any():
         return None
     return float(done[x].mean()), float(done[y].mean())
 
 
 def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, ylabel: str,
-         x_lower_better: bool = False, y_lower_better: bool = False, y_log: bool = False):
+         x_lower_better: bool = False, y_lower_better: bool = False, y_log: bool = False,
+         curves: pd.DataFrame | None = None):
     """The Pareto figure: one marker per strategy, learning rates as labels, the frontier as a line.
-    An axis whose column is a loss is reversed, so better is always to the right and up. `y_log`
+    `curves` (`wiseft_table`): each run's WiSE-FT alphas as one connected line, labelled
+    `WiSE-FT <loss> <learning rate>`, from alpha 0 (the initial model) to alpha 1 (the fine-tuned
+    one). An axis whose column is a loss is reversed, so better is always to the right and up. `y_log`
     draws y on a symmetric log scale, linear below the smallest nonzero value, so a drift that
     spans orders of magnitude stays readable and the initial model's zero stays on the plot."""
     import matplotlib.pyplot as plt  # headless machines get the Agg backend by default
 
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     markers = dict(zip(sorted(table["loss"].unique()), "osD^vP*X"))
+    colors = {}
     for loss, rows in table.groupby("loss"):
-        ax.errorbar(rows["domain"], rows["general"], xerr=_extent(rows, "domain"), yerr=_extent(rows, "general"),
-                    fmt=markers[loss], capsize=3, label=str(loss), linestyle="none")
+        bars = ax.errorbar(rows["domain"], rows["general"], xerr=_extent(rows, "domain"), yerr=_extent(rows, "general"),
+                           fmt=markers[loss], capsize=3, label=str(loss), linestyle="none")
+        colors[loss] = bars.lines[0].get_color()
         for _, row in rows.iterrows():
             ax.annotate(f"{row['learning_rate']:g}", (row["domain"], row["general"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
+    for (loss, rate), rows in (curves if curves is not None else pd.DataFrame(columns=GROUP)).groupby(GROUP, sort=True):
+        points = rows.sort_values("alpha").dropna(subset=["domain", "general"])
+        if points.empty:
+            continue
+        ax.plot(points["domain"], points["general"], marker=".", linewidth=1, alpha=0.8, color=colors.get(loss),
+                label=f"WiSE-FT {loss} {rate:g}")
+        chosen = points[points["chosen"] > 0]  # the alpha WiSE-FT exported (in at least one seed)
+        ax.scatter(chosen["domain"], chosen["general"], s=80, facecolors="none", edgecolors=colors.get(loss), zorder=4)
+        for _, end in points.iloc[[0, -1]].iterrows():
+            ax.annotate(f"alpha {end['alpha']:g}", (end["domain"], end["general"]), textcoords="offset points",
+                        xytext=(5, -10), fontsize=7)
     front = table[table["pareto"]].sort_values("domain")
     ax.plot(front["domain"], front["general"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
     if initial is not None:
         ax.scatter([initial[0]], [initial[1]], marker="*", s=220, color="black", zorder=5, label="initial model")
     if y_log:
-        values = pd.concat([table["general"], pd.Series([initial[1]] if initial else [], dtype=float)]).abs()
+        values = pd.concat([table["general"], pd.Series([initial[1]] if initial else [], dtype=float),
+                            *([curves["general"].astype(float)] if curves is not None else [])]).abs()
         nonzero = values[values > 0]
         ax.set_yscale("symlog", linthresh=float(nonzero.min()) if len(nonzero) else 1.0)
     if x_lower_better:
@@ -145,6 +193,22 @@ def markdown(table: pd.DataFrame, initial: tuple[float, float] | None, x: str = 
     return "\n".join(lines) + "\n"
 
 
+def wiseft_markdown(curves: pd.DataFrame, x: str = "domain", y: str = "general") -> str:
+    """The WiSE-FT section of the report: every alpha's numbers with 95% intervals; empty without alphas."""
+    if curves.empty:
+        return ""
+    lines = ["## WiSE-FT: (1 - alpha) theta_0 + alpha theta", "",
+             f"| loss | learning rate | alpha | {x} | {x} 95% CI | {y} | {y} 95% CI | runs | chosen in |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, row in curves.sort_values([*GROUP, "alpha"]).iterrows():
+        interval = lambda axis: ("-" if math.isnan(row[f"{axis}_low"])  # noqa: E731
+                                 else f"[{row[f'{axis}_low']:.4f}, {row[f'{axis}_high']:.4f}]")
+        lines.append(f"| {row['loss']} | {row['learning_rate']:g} | {row['alpha']:.2f} | {row['domain']:.4f} | "
+                     f"{interval('domain')} | {row['general']:.4f} | {interval('general')} | {int(row['runs'])} | "
+                     f"{int(row['chosen'])}/{int(row['runs'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
     """`change [low, high] | p | test` cells; a missing comparison gets a numbered note."""
     if isinstance(outcome, str):
@@ -159,6 +223,7 @@ def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
 def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
     """The significance section of the report: each cell against the initial model, and every two
     strategies at the same learning rate, on the domain and the general side."""
+    results = fine_tuned_runs(results)  # a WiSE-FT alpha is no seed of its run's cell
     notes: list[str] = []
     lines = [f"## Significance (95% intervals; two-sided p; **bold**: p < {alpha:g})", "",
              "Change from the initial model, paired on the same held-out rows (domain accuracy at the best step) "
@@ -207,12 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     table = trade_off_table(results, args.x, args.y, args.x_lower_better, args.y_lower_better)
     initial = initial_point(results, args.x.replace("_best", "_initial"), args.y.replace("_best", "_initial"))
     out = Path(args.out) if args.out else path.parent
+    curves = wiseft_table(results, args.x, args.y)
     figure = plot(table, initial, f"domain ({args.x})", f"general ({args.y})", args.x_lower_better, args.y_lower_better,
-                  args.y_log)
+                  args.y_log, curves)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     png = write_atomic(out / "pareto.png", buffer.getvalue())
-    text = markdown(table, initial, args.x, args.y) + "\n" + significance_markdown(results, args.alpha)
+    text = "\n".join(part for part in (markdown(table, initial, args.x, args.y), wiseft_markdown(curves, args.x, args.y),
+                                        significance_markdown(results, args.alpha)) if part)
     write_atomic(out / "pareto.md", text)
     print(text)
     print(f"[report] {png}, {out / 'pareto.md'}")

@@ -81,7 +81,8 @@ def comparison_columns(side: str, outcome: Outcome) -> dict[str, Any]:
 def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
     """A finished run's sweep-table columns beside its summary: its domain accuracy at the best step
     against the initial model on the same held-out rows (`comparison_columns("domain", ...)`), the
-    files the report pairs runs with (absolute paths) and the run's held-out split."""
+    files the report pairs runs with (absolute paths) and the run's held-out split. A summary that
+    names `domain_generations_file` is compared on those generations instead of the best step's."""
     log_dir = Path(summary["log_dir"]).resolve() if summary.get("log_dir") else None
     out: dict[str, Any] = {"heldout_split": heldout_split(summary.get("config_file"))}
     for when in ("initial", "best"):  # GeneralBenchmarks names them relative to the log directory
@@ -94,7 +95,9 @@ def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
     elif log_dir is None:
         outcome = "the run names no log directory"
     else:
-        initial, best = generations_file(log_dir, 0), generations_file(log_dir, summary["best_step"])
+        initial = generations_file(log_dir, 0)
+        named = summary.get("domain_generations_file")  # other weights' (a WiSE-FT alpha's), relative to log_dir
+        best = log_dir / named if named else generations_file(log_dir, summary["best_step"])
         out["domain_generations_best"] = str(best)
         missing = [str(p) for p in (initial, best) if not p.is_file()]
         if missing:
