@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from talr.data import Example
 from talr.general_prompts import GENERAL_PROMPTS, GeneralPrompt, load_prompts
 from talr.generation import stop_token_ids
+from talr.initial_cache import cache_key, load_cached, source_digest, store_cached
 from talr.models import eval_mode
 from talr.progress import track
 from talr.results import GuardsResults, write_atomic
@@ -164,13 +165,26 @@ class ForgettingMonitor(GuardsResults):
                     f"ForgettingMonitor: resuming at step {trainer.global_step} without this callback's state in the "
                     "checkpoint; the reference answers come from the checkpoint's weights, not the initial model"
                 )
-            # rank zero's answers for every rank: sampling need not agree bit for bit across devices
-            self.responses = trainer.strategy.broadcast(self.sample_initial_responses(pl_module), src=0)
-            initial = self.score_responses(pl_module)
-            for response, scores in zip(self.responses, initial):
-                response["initial_nll"] = scores.nll.tolist()
-                response["initial_argmax"] = scores.argmax.tolist()
-            self.curve = [self.curve_entry(trainer, initial)]
+            # A fresh run in one process: the answers and their initial scores depend only on the initial
+            # weights, the prompts and the settings, so an earlier run's are loaded from disk (talr.initial_cache).
+            fresh = trainer.global_step == 0 and trainer.ckpt_path is None and trainer.world_size == 1
+            tokenizer = pl_module.tokenizer
+            key = cache_key(pl_module.net, pl_module.device, "forgetting", [(p.category, p.text) for p in self.prompts],
+                            tokenizer.chat_template, len(tokenizer), self.samples_per_prompt, self.max_new_tokens,
+                            self.seed, self.batch_size, str(trainer.precision), source_digest(__file__)) if fresh else None
+            cached = load_cached("forgetting", key) if key else None
+            if cached is not None:
+                self.responses, self.curve = cached["responses"], [cached["initial"]]
+            else:
+                # rank zero's answers for every rank: sampling need not agree bit for bit across devices
+                self.responses = trainer.strategy.broadcast(self.sample_initial_responses(pl_module), src=0)
+                initial = self.score_responses(pl_module)
+                for response, scores in zip(self.responses, initial):
+                    response["initial_nll"] = scores.nll.tolist()
+                    response["initial_argmax"] = scores.argmax.tolist()
+                self.curve = [self.curve_entry(trainer, initial)]
+                if key:
+                    store_cached("forgetting", key, {"responses": self.responses, "initial": self.curve[0]})
             self.log_entry(trainer, self.curve[-1])
         if trainer.is_global_zero:
             lines = "".join(json.dumps(r) + "\n" for r in self.responses)

@@ -3,6 +3,8 @@
 Training batches are whole optimizer steps: `batch_size` sequences, sorted by length and cut into
 micro-batches of `micro_batch_size`, so the module can count the step's target tokens before the
 first backward pass (exact gradient accumulation) and pad each micro-batch only to its own length.
+`micro_batch_size: auto` leaves the size to the module, which measures the largest that fits
+`memory_budget` before training (talr.memory_budget).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from talr.memory_budget import parse_budget
 from talr.models import load_tokenizer
 from talr.progress import track
 from talr.tasks.base import DataError, Row, Task
@@ -239,7 +242,15 @@ class SFTDataModule(L.LightningDataModule):
             reported), 'error' stops before training naming the first such row.
         val_size: rows held out for validation (an int) or a fraction of the rows (a float < 1).
         batch_size: sequences per optimizer step on each device.
-        micro_batch_size: sequences per forward pass; batch_size must be a multiple of it.
+        micro_batch_size: sequences per forward pass; batch_size must be a multiple of it. `auto`: the
+            largest that fits `memory_budget` (any size up to batch_size: the last micro-batch of a step
+            may be smaller), measured with trial steps before training; activation checkpointing is
+            turned on where even 1 does not fit without it (talr.memory_budget). Results are the same
+            at any size.
+        memory_budget: the memory a training step may use with `micro_batch_size: auto`: an amount
+            (`4GiB`, `3.5GB`, `2048MiB`) or a share of the free memory (`50%`); the process's peak
+            resident set on a CPU, allocated device memory on a GPU. A fixed micro_batch_size (a
+            config's auto overridden on the command line) wins; the log then says the budget was not applied.
         seed: the split and the batch order.
     """
 
@@ -252,7 +263,8 @@ class SFTDataModule(L.LightningDataModule):
         overlength: Overlength = "truncate",
         val_size: int | float = 0.1,
         batch_size: int = 8,
-        micro_batch_size: int = 4,
+        micro_batch_size: int | Literal["auto"] = 4,
+        memory_budget: str | None = None,
         eval_batch_size: int = 8,
         seed: int = 0,
         num_workers: int = 0,
@@ -263,7 +275,15 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"data.overlength must be 'truncate', 'drop' or 'error', got {overlength!r}")
         if max_length < 2:
             raise ValueError(f"data.max_length must be at least 2, got {max_length}")
-        if batch_size < 1 or micro_batch_size < 1 or batch_size % micro_batch_size:
+        if micro_batch_size == "auto":
+            if memory_budget is None:
+                raise ValueError("data.micro_batch_size: auto needs data.memory_budget (for example 4GiB, or 50% "
+                                 "of the free memory)")
+            if batch_size < 1:
+                raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        if memory_budget is not None:
+            parse_budget(memory_budget)  # a malformed budget fails here, before any model is loaded
+        elif batch_size < 1 or micro_batch_size < 1 or batch_size % micro_batch_size:
             raise ValueError(
                 f"data.batch_size ({batch_size}) must be a positive multiple of data.micro_batch_size ({micro_batch_size})"
             )
@@ -277,6 +297,7 @@ class SFTDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size
+        self.memory_budget = memory_budget
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.num_workers = num_workers
@@ -340,7 +361,16 @@ class SFTDataModule(L.LightningDataModule):
     def task_for(self, split: str) -> Task:
         return self.test_task if split == "test" and self.test_task is not None else self.task
 
+    def longest_micro_batch(self, size: int) -> dict[str, torch.Tensor]:
+        """The first micro-batch of `size` rows that StepCollator makes of a step holding the longest
+        training rows: the most memory any micro-batch of that size can take."""
+        longest = sorted(self.datasets["train"].examples, key=lambda e: len(e.input_ids), reverse=True)
+        return StepCollator(self.tokenizer.pad_token_id, size)(longest[:size])["micro_batches"][0]
+
     def train_dataloader(self) -> DataLoader:
+        if self.micro_batch_size == "auto":
+            raise RuntimeError("data.micro_batch_size is still 'auto': SFTModule sets it at fit start "
+                               "(talr.memory_budget.apply_memory_budget); with another module, call that first")
         data = self.datasets["train"]
         sampler = LengthGroupedSampler(
             [len(e.input_ids) for e in data.examples], self.batch_size, self.seed, shuffle=True

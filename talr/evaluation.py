@@ -71,6 +71,17 @@ class DomainEvaluation:
         for index, text in zip(batch["row_index"].tolist(), texts):
             self.records.append(EvalRecord(index, task.score(text, rows[index]), text))
 
+    def snapshot(self) -> dict[str, Any]:
+        """What this pass computed so far, for a disk cache: the token sums and each row's generation."""
+        return {"sums": self.sums.clone(), "tokens": self.tokens,
+                "generations": [(r.row_index, r.text) for r in self.records]}
+
+    def restore(self, snapshot: dict[str, Any], task: Task, rows: list[dict]) -> None:
+        """Continue from a `snapshot`; its generations are scored again by `task` (cheap, and current)."""
+        self.sums = snapshot["sums"].clone().double()
+        self.tokens = int(snapshot["tokens"])
+        self.records = [EvalRecord(index, task.score(text, rows[index]), text) for index, text in snapshot["generations"]]
+
     def finish(self, task: Task, rows: list[dict]) -> tuple[dict[str, float], list[EvalRecord]]:
         """Metrics over every rank's rows (each row once) and the records sorted by row; resets."""
         gathered = all_gather_objects((self.records, self.sums, self.tokens))

@@ -157,11 +157,25 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        set_gradient_checkpointing(model, True)
     if lora is not None:
         model = add_lora(model, lora)
     return model
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Activation checkpointing on or off, active in training mode only (transformers' own, non-reentrant:
+    it works with frozen inputs, LoRA and FSDP2). The gradients stay the same; one more forward runs."""
+    # transformers 5 renamed gradient_* to activation_* (the old names warn); 4.x has only the old ones
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enabled:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    elif any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
 LORA_DEFAULTS: dict[str, Any] = {"r": 64, "alpha": 128, "dropout": 0.0, "target_modules": "all-linear"}

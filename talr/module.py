@@ -21,7 +21,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from talr.checkpoint_io import check_checkpoint_fits
 from talr.evaluation import DomainEvaluation, describe_metrics, publish_records
 from talr.flow_prepass import flow_sequence_weights
+from talr.initial_cache import cache_key, load_cached, store_cached
 from talr.losses import TALR, LossStrategy, TokenBatch, anchor_copies
+from talr.memory_budget import GIB, apply_memory_budget, gib, process_peak_memory
 from talr.nonfinite import NonFiniteSteps, gradient_norm
 from talr.models import (TokenNLLModel, check_model_name, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype,
                          shard_fsdp2)
@@ -124,6 +126,8 @@ class SFTModule(L.LightningModule):
         self._evaluation = DomainEvaluation()
         self._split = "val"
         self._generations_guard = ResultGuard("model.overwrite_results")
+        self._initial_key: str | None = None  # set for a validation of the initial weights (cached on disk)
+        self._from_cache = False
 
     # -- model ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -190,6 +194,8 @@ class SFTModule(L.LightningModule):
         self.refuse_earlier_results()  # trainer.ckpt_path is known from here on: a resumed run keeps its files
         if self.loss_fn.needs.sequence_weights and self.flow_weights is None:  # a resumed run has them
             self.flow_weights = self.flow_sequence_weights()
+        # data.micro_batch_size auto: measured here, where the model is on its device and the loader not yet built
+        apply_memory_budget(self, self.trainer.datamodule)
 
     def flow_sequence_weights(self) -> torch.Tensor:
         """FLOW's static weight of every training row, from one pass of the initial model (cached)."""
@@ -250,6 +256,23 @@ class SFTModule(L.LightningModule):
             batch.seq_weights = self.flow_weights.to(self.device)[micro["row_index"]]
         return batch
 
+    def trial_step(self, micro: dict[str, torch.Tensor], in_a_larger_step: bool) -> None:
+        """Forward, loss and backward of one micro-batch as `training_step` runs them (with TALR's
+        step-loss pass when the step has more micro-batches), without an optimizer step: what
+        `data.memory_budget` measures (talr.memory_budget). The gradients stay for the caller to
+        measure and drop; the random state is restored, so the run trains as it would without it."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.trainer.precision_plugin.train_step_context():
+            was_training = self.net.training
+            self.net.train()
+            try:
+                step_losses = None
+                if self.loss_fn.needs.step_losses and (in_a_larger_step or self.trainer.world_size > 1):
+                    step_losses = self.step_sequence_losses([micro])
+                self.loss_fn(self.token_batch(micro, step_losses)).total.backward()
+            finally:
+                self.net.train(was_training)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
@@ -297,6 +320,7 @@ class SFTModule(L.LightningModule):
         self.log("train/nll", nll_sum / local_tokens)
         self.log("train/lr", scheduler.get_last_lr()[0])
         self.log("train/target_tokens", tokens, reduce_fx="sum")
+        self.log("train/peak_memory_gib", process_peak_memory(self.device) / GIB)
         for key, values in strategy_metrics.items():
             self.log(f"train/{self.loss_fn.name}/{key}", torch.stack(values).float().mean())
         return loss
@@ -341,20 +365,42 @@ class SFTModule(L.LightningModule):
                 self._eval_step(self.transfer_batch_to_device(batch, self.device, 0))
             return self._finish_evaluation(tag)
 
+    def initial_validation_key(self) -> str | None:
+        """The cache key of a validation of the initial weights in one process (validate-before-fit, or
+        `talr validate` without a checkpoint); None for every other validation. The weights, rows and
+        settings in the key fix its numbers and generations (talr.initial_cache)."""
+        trainer, hp = self.trainer, self.hparams
+        if (trainer.state.fn != TrainerFn.VALIDATING or trainer.ckpt_path is not None or self.global_step
+                or trainer.world_size > 1 or trainer.sanity_checking):
+            return None
+        datamodule = trainer.datamodule
+        rows = [(e.row_index, e.input_ids, e.prompt_len) for e in datamodule.datasets["val"].examples]
+        return cache_key(self.net, self.device, "validation", rows, datamodule.eval_batch_size, str(trainer.precision),
+                         trainer.limit_val_batches, hp.max_new_tokens if hp.generate else None)
+
     def on_validation_epoch_start(self) -> None:
         self._split = "val"
         self._evaluation.reset()
+        self._initial_key = self.initial_validation_key()
+        cached = load_cached("validation", self._initial_key) if self._initial_key else None
+        self._from_cache = cached is not None
+        if cached is not None:
+            datamodule = self.trainer.datamodule
+            self._evaluation.restore(cached, datamodule.task_for("val"), datamodule.rows("val"))
 
     def on_test_epoch_start(self) -> None:
         self._split = "test"
         self._evaluation.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        if not self._from_cache:  # a cached first validation has all its numbers already
+            self._eval_step(batch)
 
     test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
+        if self._initial_key and not self._from_cache:
+            store_cached("validation", self._initial_key, self._evaluation.snapshot())
         metrics = self._log_evaluation()
         if not self.trainer.sanity_checking:
             rank_zero_info(f"[validation] step {self.global_step}: " + describe_metrics(metrics))
@@ -367,9 +413,18 @@ class SFTModule(L.LightningModule):
         # WiSE-FT) reopened them. The module's hook runs after every callback's: flush once, here.
         for logger in self.trainer.loggers:
             logger.finalize("success")
-        if self.trainer.logger is not None and self.trainer.log_dir:
-            rank_zero_info(f"[talr] logs, checkpoints and generations: {self.trainer.log_dir} "
-                           f"(tensorboard --logdir {self.trainer.log_dir})")
+
+    def teardown(self, stage: str) -> None:
+        # After every callback's teardown (RunSummary's before / best / last lines): the fit's last
+        # lines are its peak memory and where this run's results went (a new logger version each run).
+        if stage != "fit" or self.trainer.interrupted:
+            return
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None  # a broadcast: every rank asks
+        what = f"allocated on {self.device}" if self.device.type == "cuda" else "the process's peak resident set"
+        rank_zero_info(f"[talr] peak memory {gib(process_peak_memory(self.device))} ({what})")
+        if log_dir:
+            rank_zero_info(f"[talr] this run's logs, checkpoints, generations and export: {log_dir}\n"
+                           f"[talr] plots: tensorboard --logdir {log_dir}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["talr_bad_steps"] = self.nonfinite.skipped

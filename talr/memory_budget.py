@@ -1,0 +1,307 @@
+"""Memory as a budget: the largest micro-batch, with activation checkpointing only where needed, whose
+training step fits `data.memory_budget`, measured with trial steps on the real model and data.
+
+Who decides what. The data module owns the micro-batch size and the module owns the model; both are
+known, and the model sits on its device, in `SFTModule.on_fit_start` (after FLOW's pre-pass, before
+Lightning builds the training loader). There the module calls `choose_memory_settings` with a trial
+function that runs its own training path on one micro-batch (forward, loss, backward; no optimizer
+step), and applies the answer: `datamodule.micro_batch_size` and the model's gradient checkpointing.
+The choice cannot change results: the module divides each step's loss by the step's target-token
+count before any backward (exact accumulation at any micro-batch size), and checkpointing recomputes
+activations, it does not approximate them.
+
+What is measured. `PeakMemory` reads the peak of the process since a reset: on a CPU the resident
+set (Linux: VmHWM after resetting it through /proc/self/clear_refs, exact; elsewhere psutil sampled
+every millisecond), on a GPU `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`. A
+trial runs the longest micro-batch the data can produce (the longest rows, padded to the longest, as
+StepCollator's first chunk of a step holds them). AdamW's two moments per trainable weight do not
+exist yet at that point (the first optimizer step allocates them, with one more weight-sized
+temporary while it runs), so they are added to the trial's peak: the need of a setting is
+max(trial peak, memory after backward + weights) + 2 x weights, in bytes of the trainable weights.
+
+The search: micro-batch 1, then 2, then the size that a straight line through the measured points
+predicts for the budget, verified by its own trial, until the largest fitting size is known (memory
+grows linearly with the micro-batch at a fixed padded length). Without checkpointing first (it costs
+about one more forward per step); with it only when even micro-batch 1 does not fit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from talr.models import set_gradient_checkpointing
+
+GIB = 2**30
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|[kmgt]i?b|b)\s*$", re.IGNORECASE)
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+MAX_TRIALS = 6  # per checkpointing setting; the search needs 3 or 4 on real data
+
+
+class MemoryBudgetError(ValueError):
+    """The budget cannot hold a training step (a user error: the message names the budget and the need)."""
+
+
+def parse_budget(text: str) -> tuple[float, bool]:
+    """`'4GiB'` -> (4 * 2**30, False); `'50%'` -> (0.5, True): bytes, or a share of the free memory.
+
+    Units: B, KB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of 1024), any case."""
+    match = _BUDGET.match(str(text))
+    if not match:
+        raise MemoryBudgetError(
+            f"data.memory_budget: cannot read {text!r}; write an amount such as 4GiB, 3.5GB, 2048MiB, "
+            "or a share of the free memory such as 50%")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise MemoryBudgetError(f"data.memory_budget: a share must be in (0%, 100%], got {text!r}")
+        return value / 100, True
+    if value <= 0:
+        raise MemoryBudgetError(f"data.memory_budget must be positive, got {text!r}")
+    return value * _UNITS[unit], False
+
+
+def budget_bytes(text: str, device: torch.device) -> int:
+    """The budget in bytes. A share counts what the process already holds as free: on a CPU it is a
+    share of (available system memory + this process's resident set), on a GPU of (free device
+    memory + what torch has reserved)."""
+    value, share = parse_budget(text)
+    if not share:
+        return int(value)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(value * (free + torch.cuda.memory_reserved(device)))
+    import psutil  # a dependency of peft
+
+    return int(value * (psutil.virtual_memory().available + psutil.Process().memory_info().rss))
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+# -- measuring ------------------------------------------------------------------------------------------
+def _vm_kib(field: str) -> int | None:
+    """A `Vm...` line of /proc/self/status in KiB; None where there is no /proc."""
+    try:
+        text = _PROC_STATUS.read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _release_freed_heap() -> None:
+    """Give freed heap pages back to the system (glibc), so one trial's leftovers do not count in the next."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """The peak memory of this process on `device` since `reset()`, and over its whole life.
+
+    A reset forgets the peak so far, so the process-wide peak before each reset is kept in a
+    class-level record (the process has one peak, whichever meter reset it)."""
+
+    _peak_before_resets: dict[str, int] = {}
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._sampler: threading.Thread | None = None
+        self._sampled = 0
+        self._stop = threading.Event()
+
+    @property
+    def _key(self) -> str:
+        return str(self.device) if self.device.type == "cuda" else "cpu"
+
+    def current(self) -> int:
+        """Memory held now: resident set on a CPU, allocated tensors on a GPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        rss = _vm_kib("VmRSS")
+        if rss is not None:
+            return rss * 1024
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def _raw_peak(self) -> int:
+        """The peak since the last reset (or since the process started)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        hwm = _vm_kib("VmHWM")
+        if hwm is not None:
+            return hwm * 1024
+        if self._sampler is not None:
+            return max(self._sampled, self.current())
+        import resource  # macOS: ru_maxrss in bytes, never reset there (no sampler ran)
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+    def reset(self) -> None:
+        """Start a new peak from the memory held now."""
+        record = PeakMemory._peak_before_resets
+        record[self._key] = max(record.get(self._key, 0), self._raw_peak())
+        self.stop()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        _release_freed_heap()
+        try:
+            _PROC_CLEAR_REFS.write_text("5")  # Linux: resets VmHWM to the current resident set
+            if _vm_kib("VmHWM") is not None:
+                return
+        except OSError:
+            pass
+        self._sampled = self.current()  # elsewhere: sample the resident set every millisecond
+        self._stop.clear()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._sampled = max(self._sampled, self.current())
+
+    def stop(self) -> None:
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+            self._sampled = max(self._sampled, self.current())
+
+    def peak(self) -> int:
+        """The peak since `reset()`."""
+        return self._raw_peak()
+
+    def process_peak(self) -> int:
+        """The peak over the process's life (on a GPU: of allocated tensors on this device)."""
+        return max(PeakMemory._peak_before_resets.get(self._key, 0), self._raw_peak())
+
+
+def process_peak_memory(device: torch.device | str) -> int:
+    """The process's peak memory so far: resident set on a CPU, allocated tensors on a GPU."""
+    return PeakMemory(device).process_peak()
+
+
+# -- choosing -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryChoice:
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    need_bytes: int  # the chosen setting's measured need (trial peak plus the optimizer's state)
+    budget_bytes: int
+    batch_size: int
+    trials: int
+
+    def describe(self) -> str:
+        return (f"memory budget {gib(self.budget_bytes)}: micro-batch {self.micro_batch_size} of {self.batch_size} rows, "
+                f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}; trial step peak "
+                f"{gib(self.need_bytes)} (with the optimizer's state; {self.trials} trial steps)")
+
+
+def largest_fitting(batch_size: int, budget: int, need: Callable[[int], int]) -> tuple[int | None, dict[int, int]]:
+    """The largest micro-batch size in 1..batch_size whose `need` fits `budget` (None if 1 does not),
+    and every size measured. `need` is taken to grow with the size; sizes are tried as the module
+    docstring says, so a trial far above the budget is never run once a smaller size has been measured."""
+    measured: dict[int, int] = {}
+
+    def measure(size: int) -> int:
+        measured[size] = need(size)
+        return measured[size]
+
+    if measure(1) > budget:
+        return None, measured
+    best, above = 1, batch_size + 1  # largest known to fit, smallest known not to
+    if batch_size >= 2:
+        if measure(2) <= budget:
+            best = 2
+        else:
+            above = 2
+    while best + 1 < above and len(measured) < MAX_TRIALS:
+        if above <= batch_size:  # interpolate between the largest fitting and the smallest failing size
+            lower, upper = best, above
+        else:  # extrapolate from the two largest fitting sizes
+            lower, upper = max(m for m in measured if m < best), best
+        slope = (measured[upper] - measured[lower]) / (upper - lower)
+        guess = batch_size if slope <= 0 else best + int((budget - measured[best]) // slope)
+        size = min(max(guess, best + 1), above - 1)
+        if measure(size) <= budget:
+            best = size
+        else:
+            above = size
+    return best, measured
+
+
+def choose_memory_settings(batch_size: int, budget: int, need: Callable[[int, bool], int],
+                           checkpointing_options: tuple[bool, ...] = (False, True)) -> MemoryChoice:
+    """The largest micro-batch (without checkpointing where it fits at all) whose `need(size,
+    checkpointing)` in bytes fits `budget`; MemoryBudgetError naming both when nothing does."""
+    smallest = {}
+    for checkpointing in checkpointing_options:
+        size, measured = largest_fitting(batch_size, budget, lambda m: need(m, checkpointing))
+        if size is not None:
+            return MemoryChoice(size, checkpointing, measured[size], budget, batch_size,
+                                trials=sum(len(v) for v in smallest.values()) + len(measured))
+        smallest[checkpointing] = measured
+    tried = "; ".join(f"{'with' if c else 'without'} gradient checkpointing {gib(m[1])}" for c, m in smallest.items())
+    raise MemoryBudgetError(
+        f"data.memory_budget {gib(budget)} is too small for one training step: micro-batch 1 of the longest rows "
+        f"needs {tried} (measured with a trial step, the optimizer's state included). Raise data.memory_budget, "
+        "lower data.max_length, or set model.loss_chunk_size")
+
+
+# -- applying -------------------------------------------------------------------------------------------
+def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
+    """Set `datamodule.micro_batch_size` and the model's gradient checkpointing for
+    `datamodule.memory_budget` when the micro-batch size is `auto` (else do nothing, return None).
+
+    `module` is an SFTModule with its model on its device (from `on_fit_start`): its `trial_step` runs
+    one micro-batch through the training path. Every rank runs the same trials; each trial's need is
+    the largest over ranks, and the budget is rank zero's, so all ranks choose the same."""
+    if getattr(datamodule, "micro_batch_size", None) != "auto":
+        if getattr(datamodule, "memory_budget", None) is not None:
+            rank_zero_info(f"[talr] data.memory_budget {datamodule.memory_budget} not applied: data.micro_batch_size is "
+                           f"fixed at {datamodule.micro_batch_size} (set it to auto to measure)")
+        return None
+    trainer, device = module.trainer, module.device
+    batch_size = min(int(datamodule.batch_size), len(datamodule.datasets["train"]))
+    trainable = [p for p in module.net.parameters() if p.requires_grad]
+    weight_bytes = sum(_local(p).numel() * p.element_size() for p in trainable)
+    meter = PeakMemory(device)
+
+    def need(size: int, checkpointing: bool) -> int:
+        set_gradient_checkpointing(module.lm, checkpointing)
+        micro = {k: v.to(device) for k, v in datamodule.longest_micro_batch(size).items()}
+        meter.reset()
+        module.trial_step(micro, in_a_larger_step=size < batch_size)
+        after_backward = meter.current()
+        peak = meter.peak()
+        module.net.zero_grad(set_to_none=True)
+        total = max(peak, after_backward + weight_bytes) + 2 * weight_bytes
+        return int(trainer.strategy.reduce(torch.tensor(float(total), device=device), reduce_op="max").item())
+
+    budget = int(trainer.strategy.broadcast(budget_bytes(datamodule.memory_budget, device), src=0))
+    options = (True,) if module.hparams.gradient_checkpointing else (False, True)
+    choice = choose_memory_settings(batch_size, budget, need, options)
+    set_gradient_checkpointing(module.lm, choice.gradient_checkpointing)
+    datamodule.micro_batch_size = choice.micro_batch_size
+    meter.reset()  # the trials' leftovers are not the training's
+    rank_zero_info(f"[talr] {choice.describe()}")
+    return choice
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (a DTensor); the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
