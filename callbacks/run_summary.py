@@ -26,8 +26,8 @@ class RunSummary(Callback):
     one JSON with what a sweep table needs: `domain_initial` / `domain_best` (the checkpoint the paper
     selects) with its `best_step` / `domain_last` on `monitor`, the options that define the run, and
     the numbers of every callback that provides `summary_scores(best_step)` (`ContributesScores`:
-    GeneralBenchmarks' general score, ForgettingMonitor's drift at the best step, ...). `talr fit`
-    adds one to every run that has none.
+    GeneralBenchmarks' general score, ForgettingMonitor's drift at the best step, WiSEFT's one row per
+    alpha under `wiseft`, ...). `talr fit` adds one to every run that has none.
 
     Args:
         path: the JSON file; default `<log_dir>/summary.json`, written when a fit finishes.

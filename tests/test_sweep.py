@@ -1,7 +1,7 @@
 """`talr sweep` and `talr report` end to end with the tiny model: 2 learning rates x 2 strategies,
-each with WiSE-FT over 3 alphas, the results table checked against each run's own TensorBoard,
-lm-eval and WiSE-FT files, the Pareto plot with the WiSE-FT curves and notebook, and a restart that
-runs nothing new."""
+the results table checked against each run's own TensorBoard and lm-eval files, the Pareto plot
+and notebook, and a restart that runs nothing new; and a run with WiSE-FT over 3 alphas, whose
+alphas become rows of the table (checked against its WiSE-FT files) and a curve of the plot."""
 
 import json
 import math
@@ -16,7 +16,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SHARED
+from conftest import SHARED, tiny_fit_config
 from talr.experiments.report import initial_point, pareto_front, plot, trade_off_table, wiseft_table
 from talr.experiments.report import main as report_main
 from talr.experiments.sweep import Sweep, collect, run_name
@@ -43,7 +43,6 @@ def sweep(tiny_model_dir, tmp_path_factory):
             "--trainer.callbacks+=callbacks.general_benchmarks.GeneralBenchmarks",
             "--trainer.callbacks.tasks=[talr_arc_easy]", "--trainer.callbacks.limit=8",
             "--trainer.callbacks.threshold=0.0",
-            "--trainer.callbacks+=callbacks.model_averaging.WiSEFT", "--trainer.callbacks.alphas=[0.0,0.5,1.0]",
         ],
         "out": str(root / "out"),
         "record": ["val/loss"],
@@ -55,17 +54,9 @@ def sweep(tiny_model_dir, tmp_path_factory):
     return path, Path(spec["out"]), done
 
 
-ALPHAS = (0.0, 0.5, 1.0)
-
-
-def runs_of(table: pd.DataFrame) -> pd.DataFrame:
-    """The runs' own rows, without the WiSE-FT alphas' rows."""
-    return table[table["alpha"].isna()]
-
-
 def test_sweep_table_matches_each_runs_own_logs(sweep):
     path, out, _ = sweep
-    table = runs_of(pd.read_csv(out / "results.csv"))
+    table = pd.read_csv(out / "results.csv")
     assert len(table) == 4 and set(table["status"]) == {"done"}
     assert sorted(zip(table["loss"], table["learning_rate"])) == [("ce", 1e-4), ("ce", 3e-2), ("talr", 1e-4), ("talr", 3e-2)]
     for _, row in table.iterrows():
@@ -109,73 +100,7 @@ def test_sweep_table_matches_each_runs_own_logs(sweep):
         assert any(tag.startswith("token_probs/") for tag in scalars.Tags()["histograms"])
         assert list(run_dir.rglob("token_probs/step_*.parquet")) and list(run_dir.rglob("forgetting/curve.json"))
     full = json.loads((out / "results.json").read_text())
-    assert all(r["summary"]["history"] for r in full if "@alpha=" not in r["run"])
-
-
-def test_every_wiseft_alpha_is_a_row_of_the_table(sweep):
-    _, out, _ = sweep
-    table = pd.read_csv(out / "results.csv")
-    runs = runs_of(table)
-    assert len(table) == 4 * (1 + len(ALPHAS))
-    for _, run in runs.iterrows():
-        run_dir = out / run["run"]
-        alphas = table[table["wiseft_of"] == run["run"]].set_index("alpha")
-        assert list(alphas.index) == list(ALPHAS)
-        assert list(alphas["run"]) == [f"{run['run']}@alpha={a:.2f}" for a in ALPHAS]
-        report = json.loads(next(run_dir.rglob("wiseft.json")).read_text())
-        assert (alphas["wiseft_chosen"].astype(str) == "True").sum() == 1
-        assert alphas.loc[report["chosen_alpha"], "wiseft_chosen"] in (True, "True")
-        for result in report["results"]:
-            row = alphas.loc[result["alpha"]]
-            tag = f"wiseft_alpha{result['alpha']:.2f}"
-            # the same columns as a run's: loss, learning rate and the initial model's numbers of the run ...
-            assert (row["loss"], row["learning_rate"], row["status"]) == (run["loss"], run["learning_rate"], "done")
-            assert row["domain_initial"] == run["domain_initial"] and row["general_initial"] == run["general_initial"]
-            # ... and the alpha's own: domain accuracy, general score and drift, from WiSE-FT's files
-            assert row["domain_best"] == pytest.approx(result["metrics"]["accuracy"])
-            assert row["val_loss_best"] == pytest.approx(result["metrics"]["loss"])
-            record = json.loads(next(run_dir.rglob(f"general/{tag}.json")).read_text())
-            assert row["general_best"] == pytest.approx(record["primary"]["talr_arc_easy"])
-            assert row["general_file_best"] == str(next(run_dir.rglob(f"general/{tag}.json")).resolve())
-            assert row["forgetting_kl_best"] == pytest.approx(result["forgetting"][0]["kl"])
-            # the paired domain change, counted here from the alpha's generations and the step-0 ones
-            def correct(name):
-                lines = next(run_dir.rglob(f"generations/{name}.jsonl")).read_text().splitlines()
-                return {r["row_index"]: int(r["correct"]) for r in map(json.loads, lines)}
-            before, after = correct("val_step000000"), correct(tag)
-            b, c, p = mcnemar_by_hand([before[i] for i in sorted(after)], [after[i] for i in sorted(after)])
-            assert (row["domain_n"], row["domain_delta"], row["domain_p"]) == pytest.approx((len(after), (c - b) / len(after), p))
-            assert row["general_delta"] == pytest.approx(row["general_best"] - row["general_initial"])
-        # alpha 0 is the initial model, alpha 1 the run's best checkpoint
-        assert alphas.loc[0.0, "domain_best"] == run["domain_initial"] and alphas.loc[0.0, "general_best"] == run["general_initial"]
-        assert alphas.loc[0.0, "forgetting_kl_best"] == pytest.approx(0.0, abs=1e-6)
-        assert alphas.loc[1.0, "domain_best"] == run["domain_best"] and alphas.loc[1.0, "general_best"] == run["general_best"]
-        assert run["wiseft_alpha"] == report["chosen_alpha"]
-
-
-def test_report_draws_each_runs_wiseft_alphas_as_a_curve(sweep, tmp_path):
-    _, out, _ = sweep
-    done = talr("report", str(out / "results.csv"), "--out", str(tmp_path))
-    assert done.returncode == 0, done.stderr[-2000:]
-    table = pd.read_csv(out / "results.csv")
-    markdown = (tmp_path / "pareto.md").read_text()
-    assert "## WiSE-FT" in markdown
-    for _, row in table[table["alpha"].notna()].iterrows():
-        line = f"| {row['loss']} | {row['learning_rate']:g} | {row['alpha']:.2f} | {row['domain_best']:.4f} |"
-        assert any(text.startswith(line) for text in markdown.splitlines()), line
-    runs = runs_of(table)
-    axes = plot(trade_off_table(table), initial_point(table), "x", "y", curves=wiseft_table(table)).axes[0]
-    curves = {line.get_label(): line for line in axes.get_lines() if line.get_label().startswith("WiSE-FT")}
-    assert set(curves) == {f"WiSE-FT {r['loss']} {r['learning_rate']:g}" for _, r in runs.iterrows()}
-    for _, run in runs.iterrows():
-        alphas = table[table["wiseft_of"] == run["run"]].sort_values("alpha")
-        line = curves[f"WiSE-FT {run['loss']} {run['learning_rate']:g}"]
-        # one connected line from alpha 0 (the initial model) to alpha 1 (the fine-tuned model)
-        assert list(line.get_xdata()) == pytest.approx(list(alphas["domain_best"]))
-        assert list(line.get_ydata()) == pytest.approx(list(alphas["general_best"]))
-        assert (line.get_xdata()[0], line.get_ydata()[0]) == pytest.approx((run["domain_initial"], run["general_initial"]))
-        assert (line.get_xdata()[-1], line.get_ydata()[-1]) == pytest.approx((run["domain_best"], run["general_best"]))
-        assert line.get_linestyle() == "-"
+    assert all(r["summary"]["history"] for r in full)
 
 
 def test_restarting_a_finished_sweep_runs_nothing(sweep):
@@ -194,7 +119,7 @@ def test_report_draws_the_pareto_plot_and_table(sweep):
     done = talr("report", str(out / "results.csv"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = runs_of(pd.read_csv(out / "results.csv"))
+    table = pd.read_csv(out / "results.csv")
     markdown = (out / "pareto.md").read_text()
     # the frontier marks, recomputed here by brute force over the four points
     points = {(r["loss"], r["learning_rate"]): (r["domain_best"], r["general_best"]) for _, r in table.iterrows()}
@@ -212,7 +137,7 @@ def test_report_with_a_loss_on_each_axis(sweep, tmp_path):
                 "--y", "forgetting_kl_best", "--y-lower-better", "--y-log", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "pareto.png").is_file()
-    table = runs_of(pd.read_csv(out / "results.csv"))
+    table = pd.read_csv(out / "results.csv")
     points = {(r["loss"], r["learning_rate"]): (r["val_loss_best"], r["forgetting_kl_best"]) for _, r in table.iterrows()}
     markdown = (tmp_path / "pareto.md").read_text()
     for key, (x, y) in points.items():  # lower is better on both axes
@@ -242,6 +167,95 @@ def test_pareto_notebook_executes_on_the_sweep(sweep, monkeypatch):
     pareto = next(i for i, c in enumerate(code) if "trade_off_table(results, x, y" in c.source)
     drift = next(i for i, c in enumerate(code) if "drift = trade_off_table" in c.source)
     assert {pareto, drift} <= drew, "the notebook drew no Pareto or no drift figure"
+
+
+# -- WiSE-FT: every alpha a row of the table and a point of a curve --------------------------------
+ALPHAS = (0.0, 0.5, 1.0)
+
+
+@pytest.fixture(scope="module")
+def wiseft_sweep(tiny_model_dir, tmp_path_factory):
+    """One run (ce, 2 steps) with ForgettingMonitor, GeneralBenchmarks and WiSE-FT over 3 alphas."""
+    root = tmp_path_factory.mktemp("wiseft-sweep")
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"monitor": "val/accuracy", "mode": "max", "save_last": True}},
+        {"class_path": "callbacks.forgetting_monitor.ForgettingMonitor", "init_args": {"max_new_tokens": 8}},
+        {"class_path": "callbacks.general_benchmarks.GeneralBenchmarks",
+         "init_args": {"tasks": ["talr_arc_easy"], "limit": 8, "batch_size": 4, "threshold": 0.0}},
+        {"class_path": "callbacks.model_averaging.WiSEFT", "init_args": {"alphas": list(ALPHAS)}},
+    ]
+    base = tiny_fit_config(tiny_model_dir, root, "v0", callbacks, validate_before_fit=True,
+                           trainer={"max_steps": 2, "val_check_interval": 1},
+                           model={"loss": "CrossEntropy", "generate": True, "max_new_tokens": 4})
+    spec = {"base": [str(base)], "grid": {"model.learning_rate": [3.0e-2]}, "out": str(root / "out")}
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = talr("sweep", "--config", str(path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return Path(spec["out"])
+
+
+def test_every_wiseft_alpha_is_a_row_of_the_table(wiseft_sweep):
+    out = wiseft_sweep
+    table = pd.read_csv(out / "results.csv")
+    (run,) = [row for _, row in table[table["alpha"].isna()].iterrows()]
+    alphas = table[table["wiseft_of"] == run["run"]].set_index("alpha")
+    assert len(table) == 1 + len(ALPHAS) and list(alphas.index) == list(ALPHAS)
+    assert list(alphas["run"]) == [f"{run['run']}@alpha={a:.2f}" for a in ALPHAS]
+    run_dir = out / run["run"]
+    report = json.loads(next(run_dir.rglob("wiseft.json")).read_text())
+    assert run["wiseft_alpha"] == report["chosen_alpha"]
+    assert [a for a in ALPHAS if alphas.loc[a, "wiseft_chosen"] in (True, "True")] == [report["chosen_alpha"]]
+    for result in report["results"]:
+        row = alphas.loc[result["alpha"]]
+        tag = f"wiseft_alpha{result['alpha']:.2f}"
+        # the run's options and its initial model's numbers ...
+        assert (row["loss"], row["learning_rate"], row["status"]) == (run["loss"], run["learning_rate"], "done")
+        assert row["domain_initial"] == run["domain_initial"] and row["general_initial"] == run["general_initial"]
+        # ... and the alpha's own in the columns of a run's best checkpoint, read here from WiSE-FT's files
+        assert row["domain_best"] == pytest.approx(result["metrics"]["accuracy"])
+        assert row["val_loss_best"] == pytest.approx(result["metrics"]["loss"])
+        general = next(run_dir.rglob(f"general/{tag}.json"))
+        assert row["general_best"] == pytest.approx(json.loads(general.read_text())["primary"]["talr_arc_easy"])
+        assert row["general_file_best"] == str(general.resolve())
+        assert row["general_delta"] == pytest.approx(row["general_best"] - row["general_initial"])
+        assert row["forgetting_kl_best"] == pytest.approx(result["forgetting"][0]["kl"])
+        # the paired domain change, counted here from the alpha's generations and the step-0 ones
+        def correct(name):
+            lines = next(run_dir.rglob(f"generations/{name}.jsonl")).read_text().splitlines()
+            return {r["row_index"]: int(r["correct"]) for r in map(json.loads, lines)}
+        before, after = correct("val_step000000"), correct(tag)
+        b, c, p = mcnemar_by_hand([before[i] for i in sorted(after)], [after[i] for i in sorted(after)])
+        assert (row["domain_n"], row["domain_delta"], row["domain_p"]) == pytest.approx((len(after), (c - b) / len(after), p))
+    # alpha 0 is the initial model, alpha 1 the run's best checkpoint
+    assert (alphas.loc[0.0, "domain_best"], alphas.loc[0.0, "general_best"]) == (run["domain_initial"], run["general_initial"])
+    assert alphas.loc[0.0, "forgetting_kl_best"] == pytest.approx(0.0, abs=1e-6)
+    assert (alphas.loc[1.0, "domain_best"], alphas.loc[1.0, "general_best"]) == (run["domain_best"], run["general_best"])
+
+
+def test_report_draws_the_wiseft_alphas_as_a_curve(wiseft_sweep):
+    out = wiseft_sweep
+    done = talr("report", str(out / "results.csv"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = pd.read_csv(out / "results.csv")
+    run = table[table["alpha"].isna()].iloc[0]
+    alphas = table[table["alpha"].notna()].sort_values("alpha")
+    markdown = (out / "pareto.md").read_text()
+    assert "## WiSE-FT" in markdown
+    for _, row in alphas.iterrows():  # the WiSE-FT table: one line per alpha
+        assert f"| ce | 0.03 | {row['alpha']:.2f} | {row['domain_best']:.4f} |" in markdown
+    # the runs' table and the significance table count the run once, not its alphas as seeds
+    assert sum(line.startswith("| ce | 0.03 |") and line.endswith("| 1 | yes |") for line in markdown.splitlines()) == 1
+    assert "| ce | 0.03 | 1 |" in markdown
+    axes = plot(trade_off_table(table), initial_point(table), "x", "y", curves=wiseft_table(table)).axes[0]
+    (curve,) = [line for line in axes.get_lines() if line.get_label() == "WiSE-FT ce 0.03"]
+    # one connected line through every alpha, from the initial model (alpha 0) to the fine-tuned one (alpha 1)
+    assert curve.get_linestyle() == "-"
+    assert list(curve.get_xdata()) == pytest.approx(list(alphas["domain_best"]))
+    assert list(curve.get_ydata()) == pytest.approx(list(alphas["general_best"]))
+    assert (curve.get_xdata()[0], curve.get_ydata()[0]) == pytest.approx((run["domain_initial"], run["general_initial"]))
+    assert (curve.get_xdata()[-1], curve.get_ydata()[-1]) == pytest.approx((run["domain_best"], run["general_best"]))
 
 
 def test_sweep_file_errors_and_run_names(tmp_path):
