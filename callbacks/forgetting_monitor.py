@@ -244,7 +244,7 @@ class ForgettingMonitor(GuardsResults):
         with torch.random.fork_rng(devices=devices), eval_mode(lm):
             torch.manual_seed(self.seed)
             for start in track(range(0, len(texts), self.batch_size), "forgetting: initial answers",
-                               enabled=pl_module.global_rank == 0):
+                               enabled=getattr(pl_module, "global_rank", 0) == 0):  # a bare module: one process
                 batch = tokenizer(texts[start:start + self.batch_size], add_special_tokens=False, padding=True,
                                   padding_side="left", return_tensors="pt").to(pl_module.device)
                 generated = pl_module.net.generate(  # through the net: FSDP2 gathers its root weights there

@@ -40,7 +40,7 @@ def test_the_fingerprint_sees_one_changed_bit_of_the_weights(tiny_model_dir):
 
 def validate(tiny_model_dir: Path, out: Path, *extra: str):
     config = tiny_fit_config(tiny_model_dir, out, "run", [], validate_before_fit=False, trainer={},
-                             model={"loss": "ce", "generate": True, "max_new_tokens": 6})
+                             model={"loss": "CrossEntropy", "generate": True, "max_new_tokens": 6})
     return build_cli(["validate", "--config", str(config), *extra])
 
 
@@ -71,7 +71,7 @@ def fit_with_monitor(tiny_model_dir: Path, out: Path, max_new_tokens: int = 8):
     monitor = {"class_path": "callbacks.forgetting_monitor.ForgettingMonitor",
                "init_args": {"max_new_tokens": max_new_tokens, "batch_size": 32}}
     config = tiny_fit_config(tiny_model_dir, out, "run", [monitor], validate_before_fit=False,
-                             trainer={"max_steps": 1, "limit_val_batches": 0}, model={"loss": "ce"})
+                             trainer={"max_steps": 1, "limit_val_batches": 0}, model={"loss": "CrossEntropy"})
     cli = build_cli(["fit", "--config", str(config)])
     return cli, next(c for c in cli.trainer.callbacks if isinstance(c, ForgettingMonitor))
 

@@ -118,7 +118,7 @@ def test_the_search_never_runs_far_above_the_budget_when_memory_is_not_linear():
 def fit(tiny_model_dir: Path, out: Path, version: str, data: dict):
     config = tiny_fit_config(tiny_model_dir, out, version, [], validate_before_fit=False,
                              trainer={"max_steps": 2, "limit_val_batches": 0},
-                             model={"loss": "talr", "learning_rate": 1e-3})
+                             model={"loss": "TALR", "learning_rate": 1e-3})
     return build_cli(["fit", "--config", str(config), *[f"--data.{k}={v}" for k, v in data.items()]])
 
 
