@@ -79,12 +79,14 @@ def test_the_export_card_carries_the_run_summarys_numbers(run):
 
 
 def test_the_wiseft_card_carries_the_chosen_mixs_numbers(run):
-    curve = json.loads((run / "wiseft.json").read_text())
+    report = json.loads((run / "wiseft.json").read_text())
+    curve = report["results"]
     by_alpha = {point["alpha"]: point["metrics"] for point in curve}
     card = ModelCard.load(run / "wiseft_export" / "README.md")
     assert "wise-ft" in card.data.to_dict()["tags"]
     results = {result.metric_type: result.metric_value for result in card.data.eval_results}
     chosen = min(curve, key=lambda point: (point["metrics"]["loss"], point["alpha"]))  # select: loss, ties to smaller
+    assert report["chosen_alpha"] == chosen["alpha"]
     assert results["val_loss"] == chosen["metrics"]["loss"]
     rows = {cells[0]: cells for cells in table(card.text, "metric")}
     assert number(rows["val_loss"][2]) == pytest.approx(by_alpha[0.0]["loss"], rel=1e-5)  # alpha 0: the initial model

@@ -52,7 +52,8 @@ def test_talr_fit_with_stdout_in_a_file_prints_plain_progress_lines(tiny_model_d
         ], validate_before_fit=True, trainer={"max_steps": steps, "val_check_interval": 2, "enable_progress_bar": True},
         model={"loss": "TALR", "learning_rate": 1e-3})
     log, errors = tmp_path / "fit.log", tmp_path / "fit.err"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    # a cold cache of the initial model's answers: an earlier test's entries would skip the pass this test reads
+    env = {**os.environ, "TALR_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     with log.open("w") as out, errors.open("w") as err:  # a file, as under SLURM or nohup: not a terminal
         done = subprocess.run([sys.executable, "-m", "cli", "fit", "--config", str(config)], stdout=out, stderr=err,
                               cwd=REPO, env=env, timeout=900)
