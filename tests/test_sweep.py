@@ -6,6 +6,8 @@ alphas become rows of the table (checked against its WiSE-FT files) and a curve 
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -451,3 +453,35 @@ def test_runs_with_different_held_out_rows_are_not_paired(synthetic_sweep):
     (pair,) = [line for line in lines if line.startswith("| 0.0001 | ce | talr | 1 |")]
     assert "| - (1) |" in pair and "McNemar" in pair  # the general side is still paired
     assert "(1) the runs held out different rows (data.task / val_size / seed differ, or a config is missing)" in lines
+
+
+def test_the_gpu_sweep_prints_a_slurm_array_of_valid_fit_commands(tmp_path, monkeypatch, capsys):
+    """configs/sweeps/paper_gpu.yaml: the paper's setting as a SLURM array; its commands only (no run)."""
+    from cli import build_cli
+    from talr.experiments.sweep import main as sweep_main
+
+    monkeypatch.chdir(REPO)  # the sweep file's config paths are relative to the repository
+    assert sweep_main(["--config", "configs/sweeps/paper_gpu.yaml", "--print-commands", "--out", str(tmp_path)]) == 0
+    script = capsys.readouterr().out
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # bash accepts it
+    spec = yaml.safe_load((REPO / "configs" / "sweeps" / "paper_gpu.yaml").read_text())
+    expected = math.prod(len(values) for values in spec["grid"].values())
+    assert expected == 6 * 2 * 3  # six strategies, the paper's two learning rates, three seeds
+    assert f"#SBATCH --array=0-{expected - 1}" in script.splitlines()
+    assert "#SBATCH --gres=gpu:1" in script.splitlines()
+    cases = re.findall(r"^  (\d+)\) (talr fit .*) \$\{RESUME\[@\]\+\"\$\{RESUME\[@\]\}\"\} >> \"\$RUN/fit.log\" 2>&1 ;;$",
+                       script, re.M)
+    assert [int(i) for i, _ in cases] == list(range(expected))
+    runs = re.search(r"^RUNS=\(\n(.*?)\n\)", script, re.M | re.S)[1].split()
+    commands = [shlex.split(command) for _, command in cases]
+    for run, argv in zip(runs, commands, strict=True):  # task i writes into the i-th run's directory
+        assert f"--trainer.default_root_dir={run}" in argv and Path(run).parent == tmp_path
+    seen = {(argv[3], next(a for a in argv if a.startswith("--model.learning_rate="))) for argv in commands}
+    assert len(seen) == 12 and {lr for _, lr in seen} == {"--model.learning_rate=1e-06", "--model.learning_rate=5e-06"}
+    for argv in {argv[3]: argv for argv in commands}.values():  # one command per strategy: the real parser accepts it
+        with pytest.raises(SystemExit) as parsed:
+            build_cli(argv[1:] + ["--print_config"])
+        assert parsed.value.code in (0, None)
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["model"]["model"] == "Qwen/Qwen2.5-3B-Instruct" and config["trainer"]["precision"] == "bf16-mixed"
+        assert any(c["class_path"] == "callbacks.run_summary.RunSummary" for c in config["trainer"]["callbacks"])

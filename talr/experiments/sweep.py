@@ -11,6 +11,11 @@ and resumes an interrupted one from its `last.ckpt`.
 
     talr sweep --config configs/sweeps/medcalc_lr.yaml              # run everything, one after another
     talr sweep --config configs/sweeps/medcalc_lr.yaml --print-commands   # for a cluster scheduler
+
+A sweep file with a `slurm:` section (sbatch options, e.g. `{gres: "gpu:1", time: "08:00:00"}`) makes
+`--print-commands` print a SLURM array script instead of bare commands: one array task per unfinished
+run, each resuming its run from `last.ckpt` when one exists at the time the task starts
+(`talr sweep --print-commands > sweep.sbatch && sbatch sweep.sbatch`, then `--collect`).
     talr sweep --config configs/sweeps/medcalc_lr.yaml --collect          # only rebuild the table
 """
 
@@ -50,6 +55,7 @@ class Sweep:
     monitor: str = "val/accuracy"
     mode: str = "max"
     record: list[str] = field(default_factory=list)
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> "Sweep":
@@ -57,9 +63,12 @@ class Sweep:
         if not path.is_file():
             raise FileNotFoundError(f"sweep file not found: {path}")
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        unknown = set(spec) - {"base", "grid", "args", "out", "monitor", "mode", "record"}
+        keys = ("base", "grid", "args", "out", "monitor", "mode", "record", "slurm")
+        unknown = set(spec) - set(keys)
         if unknown:
-            raise ValueError(f"{path}: unknown sweep key(s) {sorted(unknown)}; expected base, grid, args, out, monitor, mode, record")
+            raise ValueError(f"{path}: unknown sweep key(s) {sorted(unknown)}; expected {', '.join(keys)}")
+        if not isinstance(spec.get("slurm") or {}, dict):
+            raise ValueError(f"{path}: slurm must map sbatch options to values (for example gres: gpu:1), got {spec['slurm']!r}")
         base = spec.get("base") or []
         base = [base] if isinstance(base, str) else list(base)
         grid = spec.get("grid") or {}
@@ -73,7 +82,8 @@ class Sweep:
         # relative config paths are relative to the working directory, like `talr fit --config`
         return cls(base=base, grid=grid, args=[str(a) for a in spec.get("args") or []],
                    out=str(spec.get("out", cls.out)), monitor=spec.get("monitor", cls.monitor),
-                   mode=spec.get("mode", cls.mode), record=list(spec.get("record") or []))
+                   mode=spec.get("mode", cls.mode), record=list(spec.get("record") or []),
+                   slurm=dict(spec.get("slurm") or {}))
 
     def runs(self) -> list[dict[str, Any]]:
         """Every combination of the grid, in the grid's order (the last key varies fastest)."""
@@ -111,6 +121,26 @@ def fit_command(sweep: Sweep, values: dict[str, Any], run_dir: Path) -> list[str
     if sweep.record:
         command.append(f"--trainer.callbacks.record=[{', '.join(sweep.record)}]")
     return command
+
+
+def slurm_array(sweep: Sweep, todo: list[dict[str, Any]], out: Path, sweep_file: str) -> str:
+    """A SLURM array script: task i runs the i-th unfinished run of `todo`, its output in the run's fit.log,
+    resuming from the run's last checkpoint if one exists when the task starts (a requeued or rerun task)."""
+    options = {"job-name": Path(sweep.out).name or "talr-sweep", **sweep.slurm,
+               "array": f"0-{len(todo) - 1}", "output": str(out / "slurm-%A_%a.out")}
+    lines = ["#!/bin/bash", *(f"#SBATCH --{key}={value}" for key, value in options.items()),
+             f"# {len(todo)} unfinished runs of {sweep_file}; submit from the directory the sweep paths are relative to:",
+             "#   sbatch <this file>",
+             f"# then the table: talr sweep --config {sweep_file} --collect", "set -euo pipefail", "RUNS=("]
+    lines += [f"  {_quote(str(out / run_name(values)))}" for values in todo]
+    lines += [")", 'RUN="${RUNS[$SLURM_ARRAY_TASK_ID]}"', 'mkdir -p "$RUN"', "RESUME=()",
+              'if [ -n "$(find "$RUN" -name \'last*.ckpt\' -print -quit)" ]; then RESUME=(--ckpt_path last); fi',
+              'case "$SLURM_ARRAY_TASK_ID" in']
+    for i, values in enumerate(todo):
+        command = " ".join(_quote(c) for c in fit_command(sweep, values, out / run_name(values)))
+        lines.append(f'  {i}) {command} ${{RESUME[@]+"${{RESUME[@]}}"}} >> "$RUN/fit.log" 2>&1 ;;')
+    lines.append("esac")
+    return "\n".join(lines) + "\n"
 
 
 def has_last_checkpoint(run_dir: Path) -> bool:
@@ -183,7 +213,7 @@ def wiseft_rows(run_row: dict[str, Any], summary: dict[str, Any], grid_keys: lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="talr sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the sweep file (YAML)")
-    parser.add_argument("--print-commands", action="store_true", help="print one `talr fit` command per unfinished run and exit")
+    parser.add_argument("--print-commands", action="store_true", help="print one `talr fit` command per unfinished run (a SLURM array script if the sweep file has `slurm:`) and exit")
     parser.add_argument("--collect", action="store_true", help="only rebuild results.csv/json from the finished runs")
     parser.add_argument("--out", help="output directory (default: the sweep file's `out`)")
     args = parser.parse_args(argv)
@@ -192,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or sweep.out)
     runs = sweep.runs()
     todo = [v for v in runs if not (out / run_name(v) / SUMMARY).is_file()]
+    if args.print_commands and sweep.slurm:
+        if todo:
+            out.mkdir(parents=True, exist_ok=True)  # SLURM writes each task's output file there from the start
+            print(slurm_array(sweep, todo, out, args.config), end="")
+        print(f"# {len(todo)} unfinished runs; then: talr sweep --config {args.config} --collect", file=sys.stderr)
+        return 0
     if args.print_commands:
         for values in todo:
             run_dir = out / run_name(values)

@@ -1,0 +1,87 @@
+"""The quickstart with and without its memory budget: peak resident memory and time, measured in one run.
+
+Both variants run `talr fit --config configs/quickstart.yaml` in their own subprocess, one after the
+other, each in a fresh run directory and with its own cold cache of the initial model's numbers (the
+converted embedded model is shared through a link), so neither reuses the other's work:
+
+- `budget`: the quickstart as shipped (`data.micro_batch_size: auto`, `data.memory_budget: 3.5GiB`);
+- `no budget`: one micro-batch of the whole step (`data.micro_batch_size: 8`, no budget), the setting
+  the quickstart had before the budget.
+
+Peak memory is the child's own peak resident set (`ru_maxrss` of `os.wait4`, exact on Linux); time is
+its wall time, process start to exit. The targets (issue 16): the budgeted peak at most 4 GB and its
+time at most 1.3x the unbudgeted one.
+
+    python benchmarks/memory_budget.py                       # the whole quickstart twice, ~15 min on 2 cores
+    python benchmarks/memory_budget.py --rows 24 --val-size 4 # a shorter check of the same comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from talr.models import EMBEDDED_ALIAS, cache_dir
+
+REPO = Path(__file__).resolve().parents[1]
+GB = 10**9
+VARIANTS = {
+    "budget": [],
+    "no budget": ["--data.micro_batch_size", "8", "--data.memory_budget", "null"],
+}
+
+
+def run_quickstart(extra: list[str], workdir: Path) -> tuple[float, float, str]:
+    """Wall seconds, peak resident bytes and the combined output of one quickstart in `workdir`."""
+    cache = workdir / "cache"
+    cache.mkdir(parents=True)
+    (cache / EMBEDDED_ALIAS).symlink_to(cache_dir() / EMBEDDED_ALIAS, target_is_directory=True)
+    env = {**os.environ, "TALR_CACHE": str(cache), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    log = workdir / "fit.log"
+    args = [sys.executable, "-m", "cli", "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
+            "--trainer.enable_progress_bar", "false", *extra]
+    start = time.perf_counter()
+    with log.open("w") as out:
+        child = subprocess.Popen(args, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text()
+    if child.returncode != 0:
+        sys.exit(f"memory_budget: the quickstart failed (exit {child.returncode}):\n{text[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024, text  # Linux reports kilobytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, help="generated training rows (the quickstart: 108)")
+    parser.add_argument("--val-size", type=int, help="validation rows (the quickstart: 12)")
+    args = parser.parse_args()
+    if not (cache_dir() / EMBEDDED_ALIAS).is_dir():
+        sys.exit(f"memory_budget: convert the embedded model first (`make quickstart` or `talr fit` once): "
+                 f"{cache_dir() / EMBEDDED_ALIAS} is missing")
+    shorter = [*(["--data.task.init_args.num_synthetic", str(args.rows)] if args.rows else []),
+               *(["--data.val_size", str(args.val_size)] if args.val_size else [])]
+    measured = {}
+    with tempfile.TemporaryDirectory(prefix="talr-memory-budget-") as tmp:
+        for name, extra in VARIANTS.items():
+            seconds, peak, text = run_quickstart([*extra, *shorter], Path(tmp) / name.replace(" ", "_"))
+            choice = re.search(r"^\[talr\] memory budget .*$", text, re.M)
+            measured[name] = seconds, peak
+            print(f"{name:>9}: {seconds:7.1f} s, peak resident {peak / GB:5.2f} GB"
+                  + (f"   ({choice[0]})" if choice else ""), flush=True)
+    (t_budget, peak_budget), (t_full, peak_full) = measured["budget"], measured["no budget"]
+    print(f"peak memory: {peak_budget / GB:.2f} GB with the budget (target <= 4 GB: "
+          f"{'met' if peak_budget <= 4 * GB else 'NOT met'}), {peak_full / peak_budget:.2f}x less than without")
+    print(f"time: {t_budget / t_full:.2f}x the unbudgeted run (target <= 1.3x: "
+          f"{'met' if t_budget <= 1.3 * t_full else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
