@@ -241,6 +241,9 @@ class SFTDataModule(L.LightningDataModule):
         overlength: 'truncate' cuts the target's tail, 'drop' removes the row (both counted and
             reported), 'error' stops before training naming the first such row.
         val_size: rows held out for validation (an int) or a fraction of the rows (a float < 1).
+        split_by: a row field whose rows stay together on one side of the split (ESCI's `query`: no
+            query of the validation rows is seen in training); whole groups are drawn by seed until
+            they hold at least `val_size` rows. None: rows are split one by one.
         batch_size: sequences per optimizer step on each device.
         micro_batch_size: sequences per forward pass; batch_size must be a multiple of it. `auto`: the
             largest that fits `memory_budget` (any size up to batch_size: the last micro-batch of a step
@@ -262,6 +265,7 @@ class SFTDataModule(L.LightningDataModule):
         max_length: int = 1024,
         overlength: Overlength = "truncate",
         val_size: int | float = 0.1,
+        split_by: str | None = None,
         batch_size: int = 8,
         micro_batch_size: int | Literal["auto"] = 4,
         memory_budget: str | None = None,
@@ -295,6 +299,7 @@ class SFTDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.overlength: Overlength = overlength
         self.val_size = val_size
+        self.split_by = split_by
         self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size
         self.memory_budget = memory_budget
@@ -311,12 +316,33 @@ class SFTDataModule(L.LightningDataModule):
         n_val = int(round(len(rows) * self.val_size)) if isinstance(self.val_size, float) else int(self.val_size)
         if not 0 < n_val < len(rows):
             raise DataError(f"{self.task.name}: val_size={self.val_size} leaves no train or no validation rows of {len(rows)}")
-        order = list(range(len(rows)))
-        random.Random(self.seed).shuffle(order)
-        val = sorted(order[:n_val])
-        train = sorted(order[n_val:])
+        groups = self.split_groups(rows)
+        random.Random(self.seed).shuffle(groups)
+        val: list[int] = []
+        taken = 0  # whole groups from the front of the shuffled order (single rows: the first n_val)
+        while len(val) < n_val:
+            val += groups[taken]
+            taken += 1
+        groups = groups[taken:]
+        if not groups:
+            raise DataError(f"{self.task.name}: val_size={self.val_size} takes every {self.split_by!r} group of "
+                            f"{len(rows)} rows; nothing is left to train on")
+        val = sorted(val)
+        train = sorted(i for group in groups for i in group)
         self.source_rows.update(train=train, val=val)  # to name a row of the source in errors
         return [rows[i] for i in train], [rows[i] for i in val]
+
+    def split_groups(self, rows: list[Row]) -> list[list[int]]:
+        """Row indices grouped by the `split_by` field (one row a group without it), in first-seen order."""
+        if self.split_by is None:
+            return [[i] for i in range(len(rows))]
+        groups: dict[Any, list[int]] = {}
+        for i, row in enumerate(rows):
+            if self.split_by not in row:
+                raise DataError(f"{self.task.name}: data.split_by={self.split_by!r}, but row {i + 1} has no such field "
+                                f"(it has {', '.join(sorted(row))})")
+            groups.setdefault(row[self.split_by], []).append(i)
+        return list(groups.values())
 
     def encode(self, task: Task, rows: list[Row], split: str) -> ExampleDataset:
         end_text = turn_end_text(self.tokenizer)

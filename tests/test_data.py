@@ -126,3 +126,25 @@ def test_bad_configurations_fail_before_training(embedded_dir):
                        max_length=64, overlength="drop", val_size=4)
     with pytest.raises(DataError, match="zero usable rows"):
         dm.setup("fit")
+
+
+def test_split_by_keeps_each_query_on_one_side_and_single_rows_split_as_before():
+    """ESCI pairs grouped by query: the held-out queries are never trained on. Without split_by the
+    split is the seeded shuffle of row positions, written here from its definition."""
+    import random
+
+    from talr.tasks import ESCI
+
+    rows = [{"query": f"q{i // 3}", "product_info": f"p{i}", "label": i % 4} for i in range(30)]  # 10 queries x 3
+    task = ESCI(source="unused.json")
+    grouped = SFTDataModule(task, val_size=7, split_by="query", seed=3)
+    train, val = grouped.split_rows(rows)
+    assert {r["query"] for r in train}.isdisjoint({r["query"] for r in val})
+    assert len(val) == 9 and len(train) == 21  # whole queries until at least 7 rows: three queries
+    assert sorted(map(id, train + val)) == sorted(map(id, rows))  # every row on exactly one side
+    order = list(range(30))
+    random.Random(3).shuffle(order)
+    _, val = SFTDataModule(task, val_size=7, seed=3).split_rows(rows)
+    assert val == [rows[i] for i in sorted(order[:7])]
+    with pytest.raises(DataError, match="split_by='querry', but row 1 has no such field"):
+        SFTDataModule(task, val_size=7, split_by="querry").split_rows(rows)
