@@ -132,24 +132,44 @@ def target_token_statistics(
     and `seq_index`. Inputs as `target_token_nll`.
     """
     mask, targets = shift_targets(labels)
-    scales = torch.tensor(temperatures, dtype=torch.float32, device=hidden.device).reciprocal()
     picked = hidden[mask]
     parts: dict[str, list[torch.Tensor]] = {"nll": [], "argmax": [], "entropy": [], "nll_at_temperature": []}
     for start in range(0, picked.shape[0], chunk_size):
         logits, _ = _chunk_logits(picked[start:start + chunk_size], head_weight, bias, logit_softcap)
         target = targets[start:start + chunk_size]
-        log_probs = torch.log_softmax(logits, dim=-1)
-        parts["nll"].append(-log_probs.gather(1, target[:, None])[:, 0])
         parts["argmax"].append(logits.argmax(dim=-1))
-        parts["entropy"].append(-(log_probs.exp() * log_probs).sum(-1))
-        target_logit = logits.gather(1, target[:, None])  # [n, 1]
-        scaled = [torch.logsumexp(logits * scale, dim=-1) - target_logit[:, 0] * scale for scale in scales]
-        parts["nll_at_temperature"].append(torch.stack(scaled, dim=-1))
+        # everything below from d = logits - max (<= 0): logsumexp(s z) - s z_t = log sum exp(s d) - s d_t
+        logits -= logits.max(dim=-1, keepdim=True).values
+        target_d = logits.gather(1, target[:, None])[:, 0]
+        sums, tilted = _exp_sums(logits, (1.0, *(1.0 / t for t in temperatures)))
+        log_z = sums[:, 0].log()
+        parts["nll"].append(log_z - target_d)
+        parts["entropy"].append(log_z - tilted / sums[:, 0])  # H = log Z - E_p[d]
+        scales = torch.tensor([1.0 / t for t in temperatures], dtype=sums.dtype, device=sums.device)
+        parts["nll_at_temperature"].append(sums[:, 1:].log() - target_d[:, None] * scales)
     out = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
     if not parts["nll"]:
         out["nll_at_temperature"] = torch.empty(0, len(temperatures))
     out.update(targets=targets, seq_index=mask.nonzero(as_tuple=True)[0])
     return out
+
+
+def _exp_sums(shifted: torch.Tensor, scales: tuple[float, ...], rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_v exp(s * d_v) for each scale s (columns), and sum_v exp(d_v) * d_v, of `shifted` logits d.
+    A few rows at a time into one reused buffer: the block stays in cache across the scales, about 6x
+    faster on a CPU than a logsumexp per temperature over the whole chunk."""
+    sums = shifted.new_empty(shifted.shape[0], len(scales))
+    tilted = shifted.new_empty(shifted.shape[0])
+    buffer = shifted.new_empty(min(rows, shifted.shape[0]), shifted.shape[1])
+    for start in range(0, shifted.shape[0], rows):
+        block = shifted[start:start + rows]
+        work = buffer[: block.shape[0]]
+        for k, scale in enumerate(scales):
+            torch.mul(block, scale, out=work).exp_()
+            sums[start:start + rows, k] = work.sum(-1)
+            if k == 0:  # scale 1: also the entropy's sum exp(d) * d
+                tilted[start:start + rows] = work.mul_(block).sum(-1)
+    return sums, tilted
 
 
 def _chunk_logits(
