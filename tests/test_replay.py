@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
@@ -22,7 +23,7 @@ from talr.models import TokenNLLModel, load_model, load_tokenizer
 from talr.replay import MixedDataset, Replay, ReplayMixSampler, check_replay_compatible
 from talr.replay_prepass import initial_replay_answers
 from talr.replay_prompts import REPLAY_PROMPTS
-from talr.tasks import MedCalc
+from talr.tasks import DataError, MedCalc, PromptResponse
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -216,3 +217,51 @@ def test_replay_on_the_forgetting_monitors_prompts_stops(tiny_model_dir, tmp_pat
     with pytest.raises(ValueError, match="trains on 3 of the ForgettingMonitor's prompts"):
         build_cli(["fit", "--config", str(config), "--data.replay.ratio", "0.25",
                    "--data.replay.prompts_file", str(prompts)])
+
+
+def test_a_prompt_response_file_is_replayed_as_given(tiny_model_dir, tmp_path):
+    pairs = tmp_path / "general.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "Say {w}.", "response": "{w}"}}\n' for w in ("yes", "no", "maybe")))
+    task = PromptResponse(str(pairs))
+    data = SFTDataModule(MedCalc(source="synthetic", num_synthetic=16, calculators=["bmi"]), tokenizer=str(tiny_model_dir),
+                         val_size=4, batch_size=4, micro_batch_size=2, max_length=384, replay=Replay(0.5, task=task))
+    data.setup("fit")
+    replay = data.datasets["replay"].examples
+    assert [e.replay for e in replay] == [True] * 3 and data.replay_prompts() == {"Say yes.", "Say no.", "Say maybe."}
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert tokenizer.decode(replay[1].input_ids[replay[1].prompt_len:]) == "no<|im_end|>"  # the response is the target
+    steps = list(data.train_dataloader())
+    assert len(steps) == data.steps_per_epoch() == 6  # 12 domain rows, 2 a step
+    assert [int(sum(m["replay"].sum() for m in s["micro_batches"])) for s in steps] == [2] * 6
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,response\nhi,there\n")
+    with pytest.raises(DataError, match="bad.csv: missing required column\\(s\\): prompt"):
+        PromptResponse(str(bad)).read()
+
+
+class StopAfterOneStep(L.Callback):
+    """Ends a 2-step fit after its first step, as an interrupted run (the schedule keeps its 2-step length)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = True
+
+
+def test_a_resumed_run_continues_the_mix_exactly(replay_run, tiny_model_dir, tmp_path, monkeypatch):
+    """1 of 2 steps, checkpoint, resume with generation forbidden (the resumed weights are no longer the
+    initial ones, so the answers must come from the checkpoint): the same weights, bit for bit, as the
+    uninterrupted 2-step run."""
+    monkeypatch.setenv("TALR_CACHE", str(tmp_path / "cache"))
+    every_step = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1, "save_last": True}}
+
+    def fit(version: str, callbacks: list, *extra: str):
+        config = tiny_fit_config(tiny_model_dir, tmp_path, version, callbacks, trainer={"max_steps": 2},
+                                 model={"loss": "CrossEntropy"}, validate_before_fit=False)
+        return build_cli(["fit", "--config", str(config), "--data.replay", REPLAY, *extra])
+
+    assert fit("first", [every_step, {"class_path": "test_replay.StopAfterOneStep"}]).trainer.global_step == 1
+    monkeypatch.setattr(TokenNLLModel, "generate", lambda *a, **k: pytest.fail("generated again on resume"))
+    resumed = fit("resumed", [every_step], "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.trainer.global_step == 2
+    expected = replay_run.model.net.state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in resumed.model.net.state_dict().items())
