@@ -22,10 +22,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from talr.data import Example
 from talr.general_prompts import GENERAL_PROMPTS, GeneralPrompt, load_prompts
-from talr.generation import stop_token_ids
+from talr.generation import cut_at_stop, stop_token_ids
 from talr.initial_cache import cache_key, load_cached, source_digest, store_cached
 from talr.models import eval_mode
 from talr.progress import track
+from talr.replay import refuse_shared_prompts
 from talr.results import GuardsResults, write_atomic
 from talr.scoring import TokenScores, score_examples
 from talr.token_loss import CALIBRATION_TEMPERATURES, IGNORE_INDEX
@@ -153,6 +154,13 @@ class ForgettingMonitor(GuardsResults):
         return [out / RESPONSES_FILE, out / CURVE_FILE]
 
     # -- hooks, in lifecycle order -------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Replay (data.replay) must not train on the answers this callback measures drift on.
+        replay_prompts = getattr(trainer.datamodule, "replay_prompts", None)
+        if callable(replay_prompts):
+            refuse_shared_prompts(replay_prompts(), self.prompts)
+        super().on_fit_start(trainer, pl_module)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_start, not on_fit_start: some strategies restore callback state after on_fit_start,
         # and a resumed run must find its stored answers before deciding to sample.
@@ -300,14 +308,6 @@ class ForgettingMonitor(GuardsResults):
 def summary_columns(entry: dict[str, Any] | None, when: str) -> dict[str, float]:
     """A curve entry's sweep-table columns `forgetting_<metric>_<when>` (NaN without an entry)."""
     return {f"forgetting_{key}_{when}": float(entry[key]) if entry else math.nan for key in PER_CATEGORY}
-
-
-def cut_at_stop(token_ids: list[int], stops: list[int]) -> list[int]:
-    """Generated ids up to and including the first end-of-turn token (the padding after it dropped)."""
-    for i, token in enumerate(token_ids):
-        if token in stops:
-            return token_ids[: i + 1]
-    return token_ids
 
 
 def divergence(pairs: list[tuple[dict[str, Any], TokenScores]]) -> dict[str, float]:

@@ -10,6 +10,7 @@ first backward pass (exact gradient accumulation) and pad each micro-batch only 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Sequence
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from talr.memory_budget import parse_budget
 from talr.models import load_tokenizer
 from talr.progress import track
+from talr.replay import MixedDataset, Replay, ReplayMixSampler
 from talr.tasks.base import DataError, Row, Task
 from talr.token_loss import IGNORE_INDEX
 
@@ -36,6 +38,8 @@ class Example:
     labels: list[int]  # IGNORE_INDEX on prompt positions
     prompt_len: int
     truncated: bool = False
+    replay: bool = False  # a replay row (data.replay): trained on, logged apart, never validated
+
 
     @property
     def num_targets(self) -> int:
@@ -72,6 +76,13 @@ def encode_example(
     where = where or f"{task.name}: row {row_index}"
     prompt_ids = tokenizer(prompt_text(tokenizer, task, row), add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(task.target(row) + end_text, add_special_tokens=False)["input_ids"]
+    return example_from_ids(prompt_ids, target_ids, row_index, max_length, overlength, where)
+
+
+def example_from_ids(
+    prompt_ids: list[int], target_ids: list[int], row_index: int, max_length: int, overlength: Overlength, where: str,
+) -> Example | None:
+    """An example of token ids, with `overlength` applied (None: dropped, or no target token fits)."""
     if not target_ids:
         raise DataError(f"{where} has an empty target")
     truncated = False
@@ -213,7 +224,8 @@ class StepCollator:
         micro = []
         for i in range(0, len(ordered), self.micro_batch_size):
             part = ordered[i : i + self.micro_batch_size]
-            micro.append({**pad_examples(part, self.pad_id), "row_index": torch.tensor([e.row_index for e in part])})
+            micro.append({**pad_examples(part, self.pad_id), "row_index": torch.tensor([e.row_index for e in part]),
+                          "replay": torch.tensor([e.replay for e in part])})
         return {"micro_batches": micro, "num_target_tokens": sum(e.num_targets for e in examples)}
 
 
@@ -245,6 +257,10 @@ class SFTDataModule(L.LightningDataModule):
             query of the validation rows is seen in training); whole groups are drawn by seed until
             they hold at least `val_size` rows. None: rows are split one by one.
         batch_size: sequences per optimizer step on each device.
+        replay: general data mixed into every training step against forgetting (`talr.replay.Replay`):
+            `{ratio: 0.25}` makes a quarter of each step's rows the initial model's own answers to
+            built-in general prompts (generated once, cached); `task` replays a dataset instead.
+            Replay rows never enter validation.
         micro_batch_size: sequences per forward pass; batch_size must be a multiple of it. `auto`: the
             largest that fits `memory_budget` (any size up to batch_size: the last micro-batch of a step
             may be smaller), measured with trial steps before training; activation checkpointing is
@@ -273,6 +289,7 @@ class SFTDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         group_by_length: bool = True,
+        replay: Replay | None = None,
     ) -> None:
         super().__init__()
         if overlength not in ("truncate", "drop", "error"):
@@ -293,6 +310,9 @@ class SFTDataModule(L.LightningDataModule):
             )
         if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
             raise ValueError(f"data.val_size as a fraction must be in (0, 1), got {val_size}")
+        if replay is not None:
+            replay.rows_per_step(batch_size)  # a ratio that gives no whole number of rows fails here
+        self.replay = replay
         self.task = task
         self.test_task = test_task
         self.tokenizer_name = tokenizer
@@ -376,6 +396,8 @@ class SFTDataModule(L.LightningDataModule):
             train_rows, val_rows = self.split_rows(self.task.read())
             self.datasets["train"] = self.encode(self.task, train_rows, "train")
             self.datasets["val"] = self.encode(self.task, val_rows, "val")
+            if self.replay is not None and self.replay.task is not None:
+                self.set_replay_examples(self.encode(self.replay.task, self.replay.task.read(), "replay"))
         if stage in (None, "test") and "test" not in self.datasets:
             if self.test_task is None:
                 raise DataError("`talr test` needs data.test_task (a task reading the held-out rows)")
@@ -387,10 +409,63 @@ class SFTDataModule(L.LightningDataModule):
     def task_for(self, split: str) -> Task:
         return self.test_task if split == "test" and self.test_task is not None else self.task
 
+    # -- replay (data.replay) ----------------------------------------------------------------------
+    def set_replay_examples(self, data: ExampleDataset) -> None:
+        """The replay rows: a task's (at setup) or the initial model's answers (at fit start)."""
+        for example in data.examples:
+            example.replay = True
+        self.datasets["replay"] = data
+
+    def replay_prompt_ids(self) -> list[list[int]]:
+        """The generated replay source's prompts in the chat template, ready for generation."""
+        assert self.replay is not None and self.tokenizer is not None
+        return [self.tokenizer(self.tokenizer.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False,
+                                                                  add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"] for p in self.replay.prompts]
+
+    def set_replay_answers(self, prompt_ids: list[list[int]], answers: list[list[int]]) -> None:
+        """The generated replay rows: each prompt with the initial model's answer as the target."""
+        assert self.replay is not None
+        examples, rows = [], []
+        for i, (prompt, answer, source) in enumerate(zip(prompt_ids, answers, self.replay.prompts)):
+            where = f"replay: answer to prompt {i + 1} ({source.text[:40]!r})"
+            example = example_from_ids(prompt, answer, len(examples), self.max_length, self.overlength, where)
+            if example is not None:
+                examples.append(example)
+                rows.append({"prompt": source.text, "category": source.category})
+        if len(examples) < len(answers):
+            log.warning("replay: %d of %d prompts with their answers longer than max_length=%d left out (overlength=%r)",
+                        len(answers) - len(examples), len(answers), self.max_length, self.overlength)
+        if not examples:
+            raise DataError(f"replay: no prompt with its answer fits data.max_length={self.max_length}")
+        self.set_replay_examples(ExampleDataset(examples, rows))
+
+    def replay_prompts(self) -> set[str]:
+        """The user prompts the replay rows train on (empty without replay)."""
+        if self.replay is None:
+            return set()
+        if self.replay.task is None:
+            return {p.text.strip() for p in self.replay.prompts}
+        task = self.replay.task
+        return {next((m["content"] for m in reversed(task.prompt_messages(row)) if m["role"] == "user"), "").strip()
+                for row in self.rows("replay")} - {""}
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Optimizer steps in one pass over the domain training rows (each rank's batches)."""
+        rows = len(self.datasets["train"])
+        if self.replay is None:
+            return math.ceil(math.ceil(rows / world_size) / self.batch_size)
+        domain_per_step = world_size * (self.batch_size - self.replay.rows_per_step(self.batch_size))
+        return math.ceil(rows / domain_per_step)
+
+    def training_examples(self) -> list[Example]:
+        """Every row a training step may hold: the domain's and the replay rows."""
+        return self.datasets["train"].examples + (self.datasets["replay"].examples if "replay" in self.datasets else [])
+
     def longest_micro_batch(self, size: int) -> dict[str, torch.Tensor]:
         """The first micro-batch of `size` rows that StepCollator makes of a step holding the longest
-        training rows: the most memory any micro-batch of that size can take."""
-        longest = sorted(self.datasets["train"].examples, key=lambda e: len(e.input_ids), reverse=True)
+        training rows (replay rows included): the most memory any micro-batch of that size can take."""
+        longest = sorted(self.training_examples(), key=lambda e: len(e.input_ids), reverse=True)
         return StepCollator(self.tokenizer.pad_token_id, size)(longest[:size])["micro_batches"][0]
 
     def train_dataloader(self) -> DataLoader:
@@ -401,6 +476,8 @@ class SFTDataModule(L.LightningDataModule):
         sampler = LengthGroupedSampler(
             [len(e.input_ids) for e in data.examples], self.batch_size, self.seed, shuffle=True
         ) if self.group_by_length else None
+        if self.replay is not None:
+            data, sampler = self.mixed_training_data()
         return ResumableDataLoader(
             data,
             batch_size=self.batch_size,
@@ -411,6 +488,26 @@ class SFTDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed) if sampler is None else None,
             progress=self._progress if self.trainer is not None else None,
         )
+
+    def mixed_training_data(self) -> tuple[MixedDataset, ReplayMixSampler]:
+        """The domain and replay rows with the sampler that mixes them at data.replay.ratio."""
+        if "replay" not in self.datasets:
+            raise RuntimeError("data.replay: the replay rows do not exist yet; SFTModule generates them at fit start "
+                               "(with another module, call set_replay_answers first)")
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        replay_per_step = self.replay.rows_per_step(self.batch_size)
+        domain = self.datasets["train"].examples
+        lengths = [len(e.input_ids) for e in domain]
+        group = world_size * (self.batch_size - replay_per_step) if self.group_by_length else 1
+
+        def domain_order(epoch: int) -> list[int]:
+            order = LengthGroupedSampler(lengths, group, self.seed, shuffle=True)
+            order.set_epoch(epoch)
+            return list(order)
+
+        sampler = ReplayMixSampler(domain_order, len(domain), len(self.datasets["replay"]), self.batch_size,
+                                   replay_per_step, self.seed, world_size)
+        return MixedDataset(domain, self.datasets["replay"].examples), sampler
 
     def _progress(self) -> dict[str, int]:
         # `processed` also counts the batch in flight when a checkpoint is written from its end hooks

@@ -19,8 +19,16 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def cut_at_stop(token_ids: list[int], stops: list[int]) -> list[int]:
+    """Generated ids up to and including the first end-of-turn token (the padding after it dropped)."""
+    for i, token in enumerate(token_ids):
+        if token in stops:
+            return token_ids[: i + 1]
+    return token_ids
+
+
 @torch.no_grad()
-def generate_texts(
+def generate_token_ids(
     model: nn.Module,
     tokenizer: Any,
     prompt_ids: torch.Tensor,
@@ -28,8 +36,8 @@ def generate_texts(
     max_new_tokens: int,
     temperature: float | None = None,
     top_p: float | None = None,
-) -> list[str]:
-    """Continuations of left-padded prompts up to the end of the turn, decoded without special tokens.
+) -> torch.Tensor:
+    """The new tokens after left-padded prompts, up to the end of the turn (padded after it).
 
     Greedy by default (scoring); with a `temperature`, sampled (with `top_p` nucleus sampling if set).
     The model's own generation_config defaults are overridden either way.
@@ -47,5 +55,20 @@ def generate_texts(
             use_cache=True,
             **sampling,
         )
-    new_tokens = out[:, prompt_ids.shape[1] :]
+    return out[:, prompt_ids.shape[1] :]
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float | None = None,
+    top_p: float | None = None,
+) -> list[str]:
+    """Continuations of left-padded prompts up to the end of the turn, decoded without special tokens
+    (`generate_token_ids`'s tokens)."""
+    new_tokens = generate_token_ids(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

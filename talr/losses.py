@@ -44,6 +44,14 @@ class TokenBatch:
 class LossOutput:
     total: torch.Tensor  # weighted sum over the micro-batch's target tokens
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached, for logging
+    # [N] each target token's detached share of `total` (they sum to it): lets the module report the
+    # loss of a subset of tokens (replay vs domain rows) without the strategy knowing of subsets
+    token_losses: torch.Tensor | None = None
+
+    @classmethod
+    def of_tokens(cls, token_losses: torch.Tensor, metrics: dict[str, torch.Tensor] | None = None) -> LossOutput:
+        """The output of a strategy whose total is the sum of its per-token losses."""
+        return cls(token_losses.sum(), metrics or {}, token_losses.detach())
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ class CrossEntropy(LossStrategy):
     name = "ce"
 
     def __call__(self, batch: TokenBatch) -> LossOutput:
-        return LossOutput(batch.nll.sum())
+        return LossOutput.of_tokens(batch.nll)
 
 
 class TALR(LossStrategy):
@@ -179,7 +187,7 @@ class TALR(LossStrategy):
         if nll.numel():
             metrics["weight_mean"] = w.mean()
             metrics["cutoff_share"] = (w <= self.w_min).float().mean()
-        return LossOutput((w * nll).sum(), metrics)
+        return LossOutput.of_tokens(w * nll, metrics)
 
 
 class HardGate(LossStrategy):
@@ -205,7 +213,7 @@ class HardGate(LossStrategy):
     def __call__(self, batch: TokenBatch) -> LossOutput:
         passed = torch.exp(-batch.nll.detach()) > self.threshold
         metrics = {"passed_share": passed.float().mean()} if batch.nll.numel() else {}
-        return LossOutput((passed.to(batch.nll.dtype) * batch.nll).sum(), metrics)
+        return LossOutput.of_tokens(passed.to(batch.nll.dtype) * batch.nll, metrics)
 
 
 class DFT(LossStrategy):
@@ -219,7 +227,7 @@ class DFT(LossStrategy):
     def __call__(self, batch: TokenBatch) -> LossOutput:
         weights = torch.exp(-batch.nll.detach())
         metrics = {"weight_mean": weights.mean()} if batch.nll.numel() else {}
-        return LossOutput((weights * batch.nll).sum(), metrics)
+        return LossOutput.of_tokens(weights * batch.nll, metrics)
 
 
 def flow_weights(seq_losses: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +272,7 @@ class FLOW(LossStrategy):
             raise RuntimeError("flow: sequence weights are missing (the pre-pass did not run)")
         weights = batch.seq_weights.to(batch.nll.dtype)[batch.seq_index]
         metrics = {"weight_mean": weights.mean()} if batch.nll.numel() else {}
-        return LossOutput((weights * batch.nll).sum(), metrics)
+        return LossOutput.of_tokens(weights * batch.nll, metrics)
 
 
 class EAFT(LossStrategy):
@@ -311,7 +319,7 @@ class EAFT(LossStrategy):
             raise RuntimeError("eaft: the logits at the target positions are missing")
         weights = self.weights(batch.logits).to(batch.nll.dtype)
         metrics = {"weight_mean": weights.mean()} if batch.nll.numel() else {}
-        return LossOutput((weights * batch.nll).sum(), metrics)
+        return LossOutput.of_tokens(weights * batch.nll, metrics)
 
 
 class SelectiveTokenMasking(LossStrategy):
@@ -346,7 +354,7 @@ class SelectiveTokenMasking(LossStrategy):
             raise RuntimeError("stm: the reference model's NLL is missing")
         keep = (batch.ref_nll.detach() <= math.log(self.threshold)).to(batch.nll.dtype)
         metrics = {"kept_share": keep.mean()} if batch.nll.numel() else {}
-        return LossOutput((keep * batch.nll).sum(), metrics)
+        return LossOutput.of_tokens(keep * batch.nll, metrics)
 
 
 class Rho1(LossStrategy):
@@ -384,11 +392,11 @@ class Rho1(LossStrategy):
             raise RuntimeError("rho1: the reference model's NLL is missing")
         nll = batch.nll
         if not nll.numel():
-            return LossOutput(nll.sum())
+            return LossOutput.of_tokens(nll)
         excess = nll.detach() - batch.ref_nll.detach()
         chosen = excess.topk(math.ceil(self.ratio * nll.numel())).indices
         keep = torch.zeros_like(nll).index_fill_(0, chosen, 1.0)
-        return LossOutput((keep * nll).sum(), {"excess_loss_mean": excess.mean(), "kept_share": keep.mean()})
+        return LossOutput.of_tokens(keep * nll, {"excess_loss_mean": excess.mean(), "kept_share": keep.mean()})
 
 
 class Regularized(LossStrategy):
@@ -539,4 +547,5 @@ class KLToInitial(Regularized):
         metrics = dict(out.metrics)
         if kl.numel():
             metrics["kl"] = kl.detach().mean()
-        return LossOutput(out.total + self.beta * kl.sum(), metrics)
+        token_losses = None if out.token_losses is None else out.token_losses + self.beta * kl.detach()
+        return LossOutput(out.total + self.beta * kl.sum(), metrics, token_losses)

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from talr.checkpoint_io import check_checkpoint_fits
 from talr.evaluation import DomainEvaluation, describe_metrics, publish_records
@@ -27,6 +27,8 @@ from talr.memory_budget import GIB, apply_memory_budget, gib, process_peak_memor
 from talr.nonfinite import NonFiniteSteps, gradient_norm
 from talr.models import (TokenNLLModel, check_model_name, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype,
                          shard_fsdp2)
+from talr.replay import check_replay_compatible
+from talr.replay_prepass import initial_replay_answers
 from talr.results import ResultGuard
 from talr.schedule import adamw_warmup_cosine, schedule_length
 from talr.token_loss import sequence_mean_losses
@@ -122,6 +124,7 @@ class SFTModule(L.LightningModule):
         self._reference: list[TokenNLLModel] = []  # the frozen reference (none: LoRA's adapter-free model)
         self._anchors: list[torch.Tensor] = []  # L2's theta_0, one per trainable parameter
         self.flow_weights: torch.Tensor | None = None  # FLOW's static weight of each training row
+        self.replay_answers: list[list[int]] | None = None  # data.replay's generated answers (kept in checkpoints)
         self.nonfinite = NonFiniteSteps(max_bad_steps)
         self._evaluation = DomainEvaluation()
         self._split = "val"
@@ -131,6 +134,8 @@ class SFTModule(L.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if getattr(self.trainer.datamodule, "replay", None) is not None:
+            check_replay_compatible(self.loss_fn)  # before validate-before-fit spends time
         if stage != "fit":  # validate-before-fit, validate, test: check before their first write
             self.refuse_earlier_results()
 
@@ -194,6 +199,7 @@ class SFTModule(L.LightningModule):
         self.refuse_earlier_results()  # trainer.ckpt_path is known from here on: a resumed run keeps its files
         if self.loss_fn.needs.sequence_weights and self.flow_weights is None:  # a resumed run has them
             self.flow_weights = self.flow_sequence_weights()
+        self.prepare_replay()
         # data.micro_batch_size auto: measured here, where the model is on its device and the loader not yet built
         apply_memory_budget(self, self.trainer.datamodule)
 
@@ -203,6 +209,21 @@ class SFTModule(L.LightningModule):
         return flow_sequence_weights(self.net, self.trainer.datamodule, self.tokenizer.pad_token_id, self.device,
                                      f"{hp.model}|{hp.dtype}|{hp.lora}", self.trainer.is_global_zero,
                                      self.loss_fn.token_strategy.tau)
+
+    def prepare_replay(self) -> None:
+        """data.replay without a task: the initial model's answers to the replay prompts (cached on
+        disk; a resumed run takes them from its checkpoint, since its weights are no longer initial)."""
+        datamodule = self.trainer.datamodule
+        replay = getattr(datamodule, "replay", None)
+        if replay is None or not replay.generated:
+            return
+        prompt_ids = datamodule.replay_prompt_ids()
+        if self.replay_answers is None:
+            trainer = self.trainer
+            self.replay_answers = initial_replay_answers(
+                self.net, self.tokenizer, prompt_ids, replay.max_new_tokens, replay.generation_batch_size, self.device,
+                str(trainer.precision), trainer.is_global_zero, lambda value: trainer.strategy.broadcast(value, src=0))
+        datamodule.set_replay_answers(prompt_ids, self.replay_answers)
 
     # -- training --------------------------------------------------------------------------------
     def global_token_count(self, local: int) -> torch.Tensor:
@@ -285,6 +306,7 @@ class SFTModule(L.LightningModule):
             step_losses = self.step_sequence_losses(micro_batches)
         weighted_sum = torch.zeros((), device=self.device)
         nll_sum = torch.zeros((), device=self.device)
+        by_source = SourceSums(self.device) if getattr(self.trainer.datamodule, "replay", None) is not None else None
         strategy_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         for micro in micro_batches:
             tokens_in = self.token_batch(micro, step_losses)
@@ -292,6 +314,8 @@ class SFTModule(L.LightningModule):
             self.manual_backward(out.total * scale)
             weighted_sum += out.total.detach()
             nll_sum += tokens_in.nll.detach().sum()
+            if by_source is not None:
+                by_source.add(micro["replay"].to(self.device)[tokens_in.seq_index], tokens_in.nll.detach(), out.token_losses)
             for key, value in out.metrics.items():
                 strategy_metrics[key].append(value)
         if self.loss_fn.needs.anchor:  # after the backend averaged the token-loss gradients
@@ -323,7 +347,27 @@ class SFTModule(L.LightningModule):
         self.log("train/peak_memory_gib", process_peak_memory(self.device) / GIB)
         for key, values in strategy_metrics.items():
             self.log(f"train/{self.loss_fn.name}/{key}", torch.stack(values).float().mean())
+        if by_source is not None:
+            self.log_sources(by_source)
         return loss
+
+    def log_sources(self, sums: SourceSums) -> None:
+        """Replay's per-source logs: `train/loss/<source>` (the mean per-target-token loss of the
+        source's tokens in the step: train/loss restricted to them), `train/nll/<source>`, and the
+        step's target tokens of each source over all ranks (`train/target_tokens/<source>`)."""
+        tokens = sums.tokens.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tokens)
+        for i, source in enumerate(SourceSums.SOURCES):
+            local = sums.tokens[i].clamp_min(1.0)
+            if sums.has_losses:
+                self.log(f"train/loss/{source}", sums.loss[i] / local)
+            self.log(f"train/nll/{source}", sums.nll[i] / local)
+            self.log(f"train/target_tokens/{source}", tokens[i], reduce_fx="sum")
+        if not sums.has_losses and not getattr(self, "_warned_token_losses", False):
+            self._warned_token_losses = True
+            rank_zero_warn(f"data.replay: loss {self.loss_fn!r} gives no per-token losses (LossOutput.token_losses), "
+                           "so train/loss/domain and train/loss/replay are not logged; train/nll/<source> is")
 
     # -- validation and test ---------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any]) -> None:
@@ -428,6 +472,8 @@ class SFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["talr_bad_steps"] = self.nonfinite.skipped
+        if self.replay_answers is not None:
+            checkpoint["talr_replay_answers"] = self.replay_answers
         if self.flow_weights is not None:
             checkpoint["talr_flow_weights"] = self.flow_weights
 
@@ -437,3 +483,26 @@ class SFTModule(L.LightningModule):
             check_checkpoint_fits(self.state_dict(), checkpoint, self.hparams.model)
         self.nonfinite.skipped = int(checkpoint.get("talr_bad_steps", 0))
         self.flow_weights = checkpoint.get("talr_flow_weights", self.flow_weights)
+        self.replay_answers = checkpoint.get("talr_replay_answers", self.replay_answers)
+
+
+class SourceSums:
+    """One optimizer step's target tokens, NLL and strategy loss summed per source (domain, replay)."""
+
+    SOURCES = ("domain", "replay")
+
+    def __init__(self, device: torch.device) -> None:
+        self.tokens = torch.zeros(2, device=device)
+        self.nll = torch.zeros(2, device=device)
+        self.loss = torch.zeros(2, device=device)
+        self.has_losses = True
+
+    def add(self, is_replay: torch.Tensor, nll: torch.Tensor, token_losses: torch.Tensor | None) -> None:
+        """A micro-batch's tokens: `is_replay`, `nll` and the strategy's `token_losses` per target token."""
+        source = is_replay.long()
+        self.tokens += torch.bincount(source, minlength=2).to(self.tokens.dtype)
+        self.nll.index_add_(0, source, nll.to(self.nll.dtype))
+        if token_losses is None:
+            self.has_losses = False
+        else:
+            self.loss.index_add_(0, source, token_losses.to(self.loss.dtype))

@@ -25,8 +25,7 @@ def schedule_length(trainer: "L.Trainer") -> int:
     the training iterator before a checkpoint's loop state is restored and so defeats the
     mid-epoch resume of the training loader.
     """
-    rows = len(trainer.datamodule.datasets["train"])
-    per_epoch = math.ceil(math.ceil(rows / trainer.world_size) / trainer.datamodule.batch_size)
+    per_epoch = trainer.datamodule.steps_per_epoch(trainer.world_size)
     limit = trainer.limit_train_batches
     if isinstance(limit, float):
         per_epoch = int(per_epoch * limit) if limit < 1.0 else per_epoch
