@@ -223,8 +223,10 @@ class WeightSpaceSearch(GuardsResults):
     measure against the x coordinate) and `<name>_export/` (the chosen point's model, with a model
     card at teardown) under `dirpath`, logs the curves to TensorBoard as `<name>/[<series>/]<metric>`
     with x in percent on the step axis, and gives RunSummary one row per point under `<name>`
-    (`summary_scores`). The live module gets its fine-tuned weights back afterwards. The weights are
-    full state dicts on the CPU on every rank (DDP, FSDP2), so every rank scores the same candidates.
+    (`summary_scores`). The live module gets its fine-tuned weights back afterwards. theta_0, theta
+    and each candidate are whole state dicts on the CPU of every rank, built the same way on each (DDP:
+    every rank scores the same candidate, `evaluate` gathers). Sharded weights (FSDP2) are not handled:
+    the live state dict would be shards.
     """
 
     name: str  # files, TensorBoard tags and the summary's key
@@ -601,7 +603,7 @@ class WiSEFT(WeightSpaceSearch):
         self.chosen = None if alpha is None else {"alpha": alpha}
 
     @property
-    def state_key(self) -> str:
+    def state_key(self) -> str:  # as before the shared base: earlier checkpoints' callback state still matches
         return self._generate_state_key(alphas=self.alphas, source=self.source, select=self.select)
 
     def grid(self) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
+from callbacks.contracts import ContributesScores
 from callbacks.model_averaging import TaskVectorMerge, merge_task_vector
 from cli import build_cli
 from conftest import tiny_fit_config, validation_history
@@ -123,6 +124,7 @@ def test_bad_merge_input_is_refused_with_the_option_named():
         TaskVectorMerge(general_weights=[2.0])
     with pytest.raises(ValueError, match="TaskVectorMerge.select must be one of"):
         TaskVectorMerge(select="general")
+    assert isinstance(TaskVectorMerge(), ContributesScores)  # RunSummary takes its rows
     grid = TaskVectorMerge(methods=["dare_linear", "ties"], densities=[0.5, 0.2], weights=[1.0]).grid()
     assert [(p["merge_method"], p["merge_density"]) for p in grid] == [
         ("dare_linear", 0.2), ("dare_linear", 0.5), ("ties", 0.2), ("ties", 0.5)]
