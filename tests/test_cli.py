@@ -110,7 +110,7 @@ STRATEGY_CONFIGS = sorted(p for p in (REPO / "configs" / "medcalc").glob("*.yaml
 
 
 def test_every_strategy_has_a_config():
-    assert {p.stem for p in STRATEGY_CONFIGS} >= {"ce", "talr", "l2", "kl", "flow", "dft", "lora", "wise-ft", "gate", "eaft", "asft", "stm", "rho1"}
+    assert {p.stem for p in STRATEGY_CONFIGS} >= {"ce", "talr", "l2", "kl", "flow", "dft", "lora", "wise-ft", "gate", "eaft", "asft", "stm", "rho1", "ties"}
 
 
 def assert_written_in(written: dict, stored: dict) -> None:

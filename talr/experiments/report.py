@@ -4,7 +4,8 @@ x is the domain score at the best checkpoint, y the general score there (the pap
 layout); the initial model is the star. Runs that differ only in their seed are averaged. Points
 that no other point beats on both axes form the Pareto frontier. A run with WiSE-FT adds a curve
 through its alphas' rows (`alpha` set in the table), from the initial model (alpha 0) to the
-fine-tuned one (alpha 1), and a table of them. Writes `pareto.png` and
+fine-tuned one (alpha 1), and a table of them; a run with task-vector merging (TIES, DARE) a table
+of its grid points (`merge_method` set), kept out of the runs' cells as the alphas are. Writes `pareto.png` and
 `pareto.md` beside the table (or into `--out`).
 
 Error bars are 95% intervals. On an axis whose column has paired changes from the initial model
@@ -54,23 +55,38 @@ def trade_off_table(results: pd.DataFrame, x: str = "domain_best", y: str = "gen
 
 
 def fine_tuned_runs(results: pd.DataFrame) -> pd.DataFrame:
-    """The runs' own rows, without the WiSE-FT alphas' rows (`alpha` set) that `talr sweep` adds."""
-    return results[results["alpha"].isna()] if "alpha" in results.columns else results
+    """The runs' own rows, without the WiSE-FT alphas' (`alpha` set) and task-vector merge points' rows
+    (`merge_method` set) that `talr sweep` adds."""
+    own = pd.Series(True, index=results.index)
+    for column in ("alpha", "merge_method"):
+        if column in results.columns:
+            own &= results[column].isna()
+    return results[own]
 
 
 def wiseft_table(results: pd.DataFrame, x: str = "domain_best", y: str = "general_best") -> pd.DataFrame:
     """The WiSE-FT alphas' rows averaged over seeds: one row per (loss, learning rate, alpha), with
     mean, std, count, 95% bars as for the runs, and in how many runs the alpha was the chosen one
     (`chosen`). Empty where no run used WiSE-FT."""
-    columns = [*GROUP, "alpha", "domain", "general", "runs", "chosen"]
-    if "alpha" not in results.columns or x not in results.columns or y not in results.columns:
+    return _points_table(results, ["alpha"], "wiseft_chosen", x, y)
+
+
+def merge_table(results: pd.DataFrame, x: str = "domain_best", y: str = "general_best") -> pd.DataFrame:
+    """The task-vector merge points' rows averaged over seeds: one row per (loss, learning rate,
+    merge_method, merge_density, merge_weight), as `wiseft_table`. Empty where no run merged."""
+    return _points_table(results, ["merge_method", "merge_density", "merge_weight"], "merge_chosen", x, y)
+
+
+def _points_table(results: pd.DataFrame, keys: list[str], chosen_column: str, x: str, y: str) -> pd.DataFrame:
+    columns = [*GROUP, *keys, "domain", "general", "runs", "chosen"]
+    if keys[0] not in results.columns or x not in results.columns or y not in results.columns:
         return pd.DataFrame(columns=columns)
-    alphas = results[results["alpha"].notna() & (results["status"] == "done")]
-    if alphas.empty:
+    points = results[results[keys[0]].notna() & (results["status"] == "done")]
+    if points.empty:
         return pd.DataFrame(columns=columns)
-    table = _cells(alphas, [*GROUP, "alpha"], x, y)
-    chosen = alphas.get("wiseft_chosen", pd.Series(False, index=alphas.index)).astype(str).eq("True")
-    table["chosen"] = chosen.groupby([alphas[k] for k in (*GROUP, "alpha")], sort=True).sum().to_numpy()
+    table = _cells(points, [*GROUP, *keys], x, y)
+    chosen = points.get(chosen_column, pd.Series(False, index=points.index)).astype(str).eq("True")
+    table["chosen"] = chosen.groupby([points[k] for k in (*GROUP, *keys)], sort=True).sum().to_numpy()
     return table
 
 
@@ -195,15 +211,29 @@ def markdown(table: pd.DataFrame, initial: tuple[float, float] | None, x: str = 
 
 def wiseft_markdown(curves: pd.DataFrame, x: str = "domain", y: str = "general") -> str:
     """The WiSE-FT section of the report: every alpha's numbers with 95% intervals; empty without alphas."""
-    if curves.empty:
+    return _points_markdown("## WiSE-FT: (1 - alpha) theta_0 + alpha theta", {"alpha": "{:.2f}"}, curves, x, y)
+
+
+def merge_markdown(points: pd.DataFrame, x: str = "domain", y: str = "general") -> str:
+    """The task-vector merging section of the report: every grid point's numbers with 95% intervals;
+    empty without merges."""
+    return _points_markdown("## Task-vector merging: theta_0 + weight x merge(theta - theta_0, density)",
+                            {"merge_method": "{}", "merge_density": "{:.2f}", "merge_weight": "{:.2f}"}, points, x, y)
+
+
+def _points_markdown(title: str, keys: dict[str, str], points: pd.DataFrame, x: str, y: str) -> str:
+    """A table of a weight-space search's points (`keys`: their columns and formats) with 95% intervals."""
+    if points.empty:
         return ""
-    lines = ["## WiSE-FT: (1 - alpha) theta_0 + alpha theta", "",
-             f"| loss | learning rate | alpha | {x} | {x} 95% CI | {y} | {y} 95% CI | runs | chosen in |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for _, row in curves.sort_values([*GROUP, "alpha"]).iterrows():
+    names = [key.removeprefix("merge_") for key in keys]
+    lines = [title, "",
+             f"| loss | learning rate | {' | '.join(names)} | {x} | {x} 95% CI | {y} | {y} 95% CI | runs | chosen in |",
+             "|---|---|" + "---|" * len(keys) + "---|---|---|---|---|---|"]
+    for _, row in points.sort_values([*GROUP, *keys]).iterrows():
         interval = lambda axis: ("-" if math.isnan(row[f"{axis}_low"])  # noqa: E731
                                  else f"[{row[f'{axis}_low']:.4f}, {row[f'{axis}_high']:.4f}]")
-        lines.append(f"| {row['loss']} | {row['learning_rate']:g} | {row['alpha']:.2f} | {row['domain']:.4f} | "
+        cells = " | ".join(form.format(row[key]) for key, form in keys.items())
+        lines.append(f"| {row['loss']} | {row['learning_rate']:g} | {cells} | {row['domain']:.4f} | "
                      f"{interval('domain')} | {row['general']:.4f} | {interval('general')} | {int(row['runs'])} | "
                      f"{int(row['chosen'])}/{int(row['runs'])} |")
     return "\n".join(lines) + "\n"
@@ -223,7 +253,7 @@ def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
 def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
     """The significance section of the report: each cell against the initial model, and every two
     strategies at the same learning rate, on the domain and the general side."""
-    results = fine_tuned_runs(results)  # a WiSE-FT alpha is no seed of its run's cell
+    results = fine_tuned_runs(results)  # a WiSE-FT alpha or a merge point is no seed of its run's cell
     notes: list[str] = []
     lines = [f"## Significance (95% intervals; two-sided p; **bold**: p < {alpha:g})", "",
              "Change from the initial model, paired on the same held-out rows (domain accuracy at the best step) "
@@ -279,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     figure.savefig(buffer, format="png", dpi=120)
     png = write_atomic(out / "pareto.png", buffer.getvalue())
     text = "\n".join(part for part in (markdown(table, initial, args.x, args.y), wiseft_markdown(curves, args.x, args.y),
+                                        merge_markdown(merge_table(results, args.x, args.y), args.x, args.y),
                                         significance_markdown(results, args.alpha)) if part)
     write_atomic(out / "pareto.md", text)
     print(text)

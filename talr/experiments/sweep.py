@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 SUMMARY = "summary.json"
 # a run's numbers of its fine-tuned weights (best / last checkpoint and their paired changes), which a
-# WiSE-FT alpha's row replaces by the alpha's own
+# WiSE-FT alpha's or a merge point's row replaces by its own
 PER_WEIGHTS = re.compile(r"_(best|last|delta|delta_low|delta_high|p|n|test)$")
 
 
@@ -149,7 +149,8 @@ def has_last_checkpoint(run_dir: Path) -> bool:
 
 def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     """One row per run of the grid: its grid values, status, scores and config; written as CSV and JSON.
-    A run with WiSE-FT adds one row per alpha after its own (`wiseft_rows`).
+    A run with WiSE-FT or task-vector merging adds one row per alpha or merge point after its own
+    (`weight_space_rows`).
 
     A finished run's row also holds its paired changes from the initial model with 95% intervals
     (`domain_delta`, `_delta_low`, `_delta_high`, `_p`, `_n`, `_test`; `general_*` the same, from
@@ -169,7 +170,7 @@ def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
             row["config"] = summary.get("config_file", values.get("config"))
             row.update(run_columns(summary))  # domain change from the initial model; the files to pair runs with
             rows.append(row)
-            rows.extend(wiseft_rows(row, summary, list(values)))
+            rows.extend(weight_space_rows(row, summary, list(values)))
         else:
             row["status"] = "interrupted" if (out / name).exists() else "pending"
             rows.append(row)
@@ -187,26 +188,35 @@ def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def wiseft_rows(run_row: dict[str, Any], summary: dict[str, Any], grid_keys: list[str]) -> list[dict[str, Any]]:
-    """One row per WiSE-FT alpha of a finished run (the summary's `wiseft` list), named `<run>@alpha=0.50`,
-    with `alpha` and `wiseft_of` (the run). It keeps the run's grid values and what describes the run or
-    its initial model (`*_initial`, options, files); the alpha's numbers go into the columns of the
-    run's best checkpoint (`domain_best` on the run's monitor, `general_best`, `forgetting_*_best`,
-    `val_*_best`) with their paired changes from the initial model, so the report reads them as it
-    reads a run's."""
+# a weight-space search's rows in a run summary (callbacks.model_averaging): the summary's key, the
+# column naming the run, and each row's name after `<run>@`
+WEIGHT_SPACE_ROWS = (
+    ("wiseft", "wiseft_of", lambda e: f"alpha={e['alpha']:.2f}"),
+    ("merge", "merge_of", lambda e: f"{e['merge_method']},density={e['merge_density']:.2f},weight={e['merge_weight']:.2f}"),
+)
+
+
+def weight_space_rows(run_row: dict[str, Any], summary: dict[str, Any], grid_keys: list[str]) -> list[dict[str, Any]]:
+    """One row per WiSE-FT alpha (the summary's `wiseft` list), named `<run>@alpha=0.50` with `alpha` and
+    `wiseft_of` (the run), and one per task-vector merge point (`merge`), named
+    `<run>@ties,density=0.50,weight=1.00` with `merge_method`, `merge_density`, `merge_weight` and
+    `merge_of`. Each keeps the run's grid values and what describes the run or its initial model
+    (`*_initial`, options, files); the point's numbers go into the columns of the run's best checkpoint
+    (`domain_best` on the run's monitor, `general_best`, `forgetting_*_best`, `val_*_best`) with their
+    paired changes from the initial model, so the report reads them as it reads a run's."""
     from talr.experiments.significance import run_columns
 
     kept = {k: v for k, v in run_row.items() if k in grid_keys or not PER_WEIGHTS.search(k)}
     monitor = str(summary.get("monitor", "")).replace("/", "_")
     rows = []
-    for entry in summary.get("wiseft") or []:
-        numbers = {k: v for k, v in entry.items() if not isinstance(v, (dict, list))}
-        domain = numbers.get(f"{monitor}_best", math.nan)
-        row = {**kept, "run": f"{run_row['run']}@alpha={entry['alpha']:.2f}", "wiseft_of": run_row["run"], **numbers,
-               "domain_best": domain}
-        row.update(run_columns({**summary, "domain_best": domain, "general_file_best": entry.get("general_file_best"),
-                                "domain_generations_file": entry.get("domain_generations_file")}))
-        rows.append(row)
+    for key, of, name in WEIGHT_SPACE_ROWS:
+        for entry in summary.get(key) or []:
+            numbers = {k: v for k, v in entry.items() if not isinstance(v, (dict, list))}
+            domain = numbers.get(f"{monitor}_best", math.nan)
+            row = {**kept, "run": f"{run_row['run']}@{name(entry)}", of: run_row["run"], **numbers, "domain_best": domain}
+            row.update(run_columns({**summary, "domain_best": domain, "general_file_best": entry.get("general_file_best"),
+                                    "domain_generations_file": entry.get("domain_generations_file")}))
+            rows.append(row)
     return rows
 
 
