@@ -770,6 +770,11 @@ class TaskVectorMerge(WeightSpaceSearch):
 
 
 def _require_full_weights(pl_module: L.LightningModule, owner: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in pl_module.lm.parameters()):
+        raise ValueError(f"{owner} builds each candidate from whole weight tensors, which FSDP2 shards across "
+                         "processes; run it with one device or DDP (trainer.strategy: ddp)")
     if hasattr(pl_module.lm, "peft_config"):
         raise ValueError(f"{owner} needs full fine-tuning weights to build its candidates from; this run trains a "
                          "peft (LoRA) adapter")
