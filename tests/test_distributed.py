@@ -24,6 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 TALR = str(Path(sys.executable).with_name("talr"))
 STRATEGIES = {"ddp": REPO / "configs" / "distributed" / "ddp.yaml", "fsdp2": REPO / "configs" / "distributed" / "fsdp2.yaml"}
 CLIP = {"ce": None, "talr": 0.05}  # ce: unclipped, so the gradients' scale is compared; talr: clipping runs sharded
+# the strategies' command-line forms; ASFT is DFT plus KL(initial || model) over the vocabulary (configs/medcalc/asft.yaml)
+LOSSES = {"ce": ["CrossEntropy"], "talr": ["TALR"], "eaft": ["EAFT"], "stm": ["SelectiveTokenMasking"],
+          "asft": ["KLToInitial", "--model.loss.estimator", "exact", "--model.loss.direction", "initial_model",
+                   "--model.loss.base", "DFT"]}
 
 
 def talr_fit(model_dir, out, cache, *extra):
@@ -73,8 +77,8 @@ def one_step(model_dir: Path, out: Path, loss: str, layout: str, strategy: str |
         configs += ["--model.gradient_checkpointing", "true"]
     args = [
         "fit", *configs, "--config", str(callbacks),
-        "--model.model", str(model_dir), "--model.loss", {"ce": "CrossEntropy", "talr": "TALR"}[loss], *loss_options,
-        "--model.learning_rate", "1e-3", "--model.warmup_ratio", "0", "--model.gradient_clip_val", json.dumps(CLIP[loss]),
+        "--model.model", str(model_dir), "--model.loss", *LOSSES[loss], *loss_options,
+        "--model.learning_rate", "1e-3", "--model.warmup_ratio", "0", "--model.gradient_clip_val", json.dumps(CLIP.get(loss)),
         "--model.generate", "true", "--model.max_new_tokens", "4", "--validate_before_fit", "false",
         "--data.task.init_args.num_synthetic", "6", "--data.val_size", "2",
         "--data.batch_size", str(batch), "--data.micro_batch_size", str(micro), "--data.eval_batch_size", "2",
@@ -164,6 +168,17 @@ def test_one_step_is_the_same_for_one_two_processes_and_accumulation(tiny_model_
         assert one["tau"] == [] and one["weights"] == {}
     # the export of the 2-process run (FSDP2: gathered from shards, or consolidated from the sharded
     # best checkpoint for ce) loads with from_pretrained and holds the same weights: checked above
+
+
+@pytest.mark.parametrize("loss", ["eaft", "stm", "asft"])
+def test_newer_strategies_step_the_same_on_two_ddp_processes(tiny_model_dir, tmp_path, single_process_runs, loss):
+    """EAFT's entropy weights, STM's reference mask and ASFT's exact KL to the initial model are per token:
+    split over two processes, the step's gradients and weights equal one process's. (Rho-1 is left out:
+    it ranks tokens within each micro-batch, so its selection follows the micro-batch layout by design.)"""
+    one = single_process_runs(loss, "one")
+    two = one_step(tiny_model_dir, tmp_path / "two", loss, "two", "ddp")
+    assert_same_step(two, one)
+    assert two["generations"] == one["generations"] and len(one["generations"]) == 2
 
 
 def test_local_tau_scope_uses_each_process_median(tiny_model_dir, tmp_path, single_process_runs):
