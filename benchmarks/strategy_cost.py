@@ -5,6 +5,7 @@ model and generated MedCalc rows; the first steps warm up, the median of the res
 
     python benchmarks/strategy_cost.py                 # all strategies, CPU, about 10 minutes
     python benchmarks/strategy_cost.py --steps 6 --max-length 512 --batch-size 4
+    python benchmarks/strategy_cost.py --strategies eaft asft stm rho1   # these, and ce to compare with
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), metavar="NAME",
+                        help=f"measure only these (ce is always measured, as the baseline): {', '.join(STRATEGIES)}")
     parser.add_argument("--only", choices=list(STRATEGIES), help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args()
     shape = (args.steps, args.warmup, args.max_length, args.batch_size, args.micro_batch_size)
@@ -84,7 +87,7 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.only, *shape)))
         return
     results = {}
-    for name in STRATEGIES:
+    for name in ["ce", *[s for s in args.strategies if s != "ce"]] if args.strategies else STRATEGIES:
         out = subprocess.run([sys.executable, __file__, "--only", name, "--steps", str(args.steps),
                               "--warmup", str(args.warmup), "--max-length", str(args.max_length),
                               "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size)],

@@ -70,7 +70,9 @@ def lm_state_from_checkpoint(path: str | Path, prefix: str) -> dict[str, torch.T
     """
     if Path(path).is_dir():
         return _lm_state_from_distributed_checkpoint(Path(path), prefix)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # mapped, not read: only the model's tensors are paged in, not the optimizer's state (twice the
+    # weights), which would otherwise sit in memory beside the live model and optimizer at fit end
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise ValueError(f"{path}: no '{prefix}*' weights; is this a talr SFTModule checkpoint?")

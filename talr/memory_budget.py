@@ -15,9 +15,10 @@ set (Linux: VmHWM after resetting it through /proc/self/clear_refs, exact; elsew
 every millisecond), on a GPU `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`. A
 trial runs the longest micro-batch the data can produce (the longest rows, padded to the longest, as
 StepCollator's first chunk of a step holds them). AdamW's two moments per trainable weight do not
-exist yet at that point (the first optimizer step allocates them, with one more weight-sized
-temporary while it runs), so they are added to the trial's peak: the need of a setting is
-max(trial peak, memory after backward + weights) + 2 x weights, in bytes of the trainable weights.
+exist yet at that point (the first optimizer step allocates them, with temporaries while it runs:
+weight-sized on a GPU's foreach path, one tensor's worth on a CPU, talr.schedule.adamw_foreach), so
+they are added to the trial's peak: the need of a setting is max(trial peak, memory after backward +
+the step's temporaries) + 2 x weights, in bytes of the trainable weights.
 
 The search: micro-batch 1, then 2, then the size that a straight line through the measured points
 predicts for the budget, verified by its own trial, until the largest fitting size is known (memory
@@ -38,6 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from talr.models import set_gradient_checkpointing
+from talr.schedule import adamw_foreach
 
 GIB = 2**30
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -105,6 +107,24 @@ def _release_freed_heap() -> None:
     """Give freed heap pages back to the system (glibc), so one trial's leftovers do not count in the next."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+HEAP_THRESHOLD = 128 * 2**10
+
+
+def return_large_blocks_at_once() -> None:
+    """Make glibc map every block above 128 KiB on its own and give it back when freed (on a CPU under a
+    budget). By default glibc raises that threshold to the largest block freed so far (up to 32 MiB),
+    after which activations come from a heap that keeps freed pages: measured on the quickstart, the
+    real steps then peaked 0.6 GiB above the trial step; with fixed thresholds, 0.3 GiB (the same as
+    MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072 in the environment)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, HEAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, HEAP_THRESHOLD)
     except (OSError, AttributeError):
         pass
 
@@ -245,15 +265,27 @@ def largest_fitting(batch_size: int, budget: int, need: Callable[[int], int]) ->
 
 
 def choose_memory_settings(batch_size: int, budget: int, need: Callable[[int, bool], int],
-                           checkpointing_options: tuple[bool, ...] = (False, True)) -> MemoryChoice:
+                           checkpointing_options: tuple[bool, ...] = (False, True),
+                           split_costs_a_forward: bool = False) -> MemoryChoice:
     """The largest micro-batch (without checkpointing where it fits at all) whose `need(size,
-    checkpointing)` in bytes fits `budget`; MemoryBudgetError naming both when nothing does."""
+    checkpointing)` in bytes fits `budget`; MemoryBudgetError naming both when nothing does.
+
+    `split_costs_a_forward`: the strategy needs the step's sequence losses before any backward (TALR's
+    tau), so a step split into micro-batches pays a no-grad forward of every row first. Checkpointing
+    the whole step as one micro-batch pays the same one forward (its recompute) with larger matmuls
+    and no split, so where that fits it is taken over a split step without checkpointing."""
     smallest = {}
     for checkpointing in checkpointing_options:
         size, measured = largest_fitting(batch_size, budget, lambda m: need(m, checkpointing))
+        trials = sum(len(v) for v in smallest.values()) + len(measured)
+        if size is not None and not checkpointing and size < batch_size and split_costs_a_forward \
+                and True in checkpointing_options:
+            whole = need(batch_size, True)
+            if whole <= budget:
+                return MemoryChoice(batch_size, True, whole, budget, batch_size, trials=trials + 1)
+            trials += 1
         if size is not None:
-            return MemoryChoice(size, checkpointing, measured[size], budget, batch_size,
-                                trials=sum(len(v) for v in smallest.values()) + len(measured))
+            return MemoryChoice(size, checkpointing, measured[size], budget, batch_size, trials=trials)
         smallest[checkpointing] = measured
     tried = "; ".join(f"{'with' if c else 'without'} gradient checkpointing {gib(m[1])}" for c, m in smallest.items())
     raise MemoryBudgetError(
@@ -276,9 +308,14 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
                            f"fixed at {datamodule.micro_batch_size} (set it to auto to measure)")
         return None
     trainer, device = module.trainer, module.device
+    if device.type == "cpu":
+        return_large_blocks_at_once()  # before the trials, so they and the training allocate alike
     batch_size = min(int(datamodule.batch_size), len(datamodule.datasets["train"]))
     trainable = [p for p in module.net.parameters() if p.requires_grad]
     weight_bytes = sum(_local(p).numel() * p.element_size() for p in trainable)
+    # AdamW's step temporaries: weight-sized on the foreach path, one tensor's worth on the per-tensor loop
+    step_temporary = weight_bytes if adamw_foreach(device) is not False else max(
+        (_local(p).numel() * p.element_size() for p in trainable), default=0)
     meter = PeakMemory(device)
 
     def need(size: int, checkpointing: bool) -> int:
@@ -289,12 +326,13 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
         after_backward = meter.current()
         peak = meter.peak()
         module.net.zero_grad(set_to_none=True)
-        total = max(peak, after_backward + weight_bytes) + 2 * weight_bytes
+        total = max(peak, after_backward + step_temporary) + 2 * weight_bytes
         return int(trainer.strategy.reduce(torch.tensor(float(total), device=device), reduce_op="max").item())
 
     budget = int(trainer.strategy.broadcast(budget_bytes(datamodule.memory_budget, device), src=0))
     options = (True,) if module.hparams.gradient_checkpointing else (False, True)
-    choice = choose_memory_settings(batch_size, budget, need, options)
+    choice = choose_memory_settings(batch_size, budget, need, options,
+                                    split_costs_a_forward=module.loss_fn.needs.step_losses)
     set_gradient_checkpointing(module.lm, choice.gradient_checkpointing)
     datamodule.micro_batch_size = choice.micro_batch_size
     meter.reset()  # the trials' leftovers are not the training's

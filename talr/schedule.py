@@ -39,13 +39,20 @@ def schedule_length(trainer: "L.Trainer") -> int:
     return max(1, int(total))
 
 
+def adamw_foreach(device: torch.device) -> bool | None:
+    """AdamW's multi-tensor (foreach) path on accelerators; on a CPU the per-tensor loop, which is about as
+    fast there and needs one tensor's temporaries instead of a whole weight-sized set at the step's peak."""
+    return False if device.type == "cpu" else None
+
+
 def adamw_warmup_cosine(params: list[torch.nn.Parameter], learning_rate: float, betas: tuple[float, float],
                         weight_decay: float, warmup_ratio: float, total_steps: int) -> dict[str, Any]:
     """AdamW and its per-step schedule, as `configure_optimizers` returns them."""
     # Decay matrices only: decaying norms and biases hurts and is not what the paper's AdamW runs do.
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+    device = params[0].device if params else torch.device("cpu")
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=adamw_foreach(device))
     warmup = math.ceil(warmup_ratio * total_steps)
     schedule = partial(warmup_cosine, warmup=warmup, total=total_steps)
     return {"optimizer": optimizer,

@@ -96,6 +96,25 @@ def test_a_budget_too_small_for_one_row_without_checkpointing_turns_checkpointin
     assert tried[0] == (1, False) and (1, True) in tried
 
 
+def test_a_strategy_that_needs_the_steps_losses_checkpoints_one_whole_step_rather_than_split_it():
+    """TALR splits a step at the price of a forward of every row (its tau pass); checkpointing the whole
+    step costs the same forward once, so the whole step with checkpointing wins where it fits."""
+    # without: 1 GiB + 0.5 GiB per row (4 of 8 fit 3.2 GiB); with: 1 GiB + 0.125 GiB per row (8 rows: 2 GiB)
+    tried: list = []
+    choice = choose_memory_settings(8, int(3.2 * GIB), hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True)
+    assert (choice.micro_batch_size, choice.gradient_checkpointing) == (8, True)
+    assert choice.need_bytes == 2 * GIB and tried[-1] == (8, True) and choice.trials == len(tried)
+    # the whole step does not fit even with checkpointing (1 GiB + 8 x 0.375 GiB = 4 GiB): the split step stays
+    tried = []
+    kept = choose_memory_settings(8, int(3.2 * GIB), lambda rows, ckpt: (tried.append((rows, ckpt)), int(
+        GIB + rows * (0.375 if ckpt else 0.5) * GIB))[1], split_costs_a_forward=True)
+    assert (kept.micro_batch_size, kept.gradient_checkpointing) == (4, False) and tried[-1] == (8, True)
+    # a strategy without the pass (ce): never tried
+    plain: list = []
+    assert choose_memory_settings(8, int(3.2 * GIB), hand_need(GIB, 0.5 * GIB, plain)).micro_batch_size == 4
+    assert all(not ckpt for _, ckpt in plain)
+
+
 def test_a_budget_too_small_for_anything_names_the_budget_and_the_measured_need():
     with pytest.raises(MemoryBudgetError) as error:
         choose_memory_settings(8, int(0.5 * GIB), hand_need(GIB, 2 * GIB, []))
@@ -129,9 +148,9 @@ def test_auto_measures_trials_on_the_real_model(tiny_model_dir, tmp_path, monkey
     needs: dict[int, int] = {}
     real = memory_budget.choose_memory_settings
 
-    def record(batch_size, budget, need, options):
+    def record(batch_size, budget, need, options, **kwargs):
         return real(batch_size, budget, lambda rows, checkpointing: needs.setdefault(rows, need(rows, checkpointing)),
-                    options)
+                    options, **kwargs)
 
     monkeypatch.setattr(memory_budget, "choose_memory_settings", record)
     cli = fit(tiny_model_dir, tmp_path, "auto", {"micro_batch_size": "auto", "memory_budget": "90%"})
