@@ -271,6 +271,10 @@ def export_pretrained(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer keeps its last call's padding and
+        if backend is not None:  # truncation in tokenizer.json; each call sets its own, so clear them for the file
+            backend.no_padding()
+            backend.no_truncation()
         tokenizer.save_pretrained(staging)
         if out.exists():
             backup = out.with_name(out.name + ".old")

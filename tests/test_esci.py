@@ -364,7 +364,24 @@ def test_no_cot_target_tokens_are_the_digit_the_close_tag_and_the_turn_end(token
 
 # ------------------------------------------------------------------------ configs, CLI
 
-ESCI_CONFIGS = sorted((REPO / "configs" / "esci").glob("*.yaml"))
+# cpu.yaml is the CPU-scale study setup (real second-life rows, split by query), not a paper-setup config
+ESCI_CONFIGS = sorted(p for p in (REPO / "configs" / "esci").glob("*.yaml") if p.stem != "cpu")
+
+
+def test_the_cpu_study_config_splits_the_shared_pairs_by_query(tmp_path, capsys):
+    """configs/esci/cpu.yaml reads the 1,332 shared pairs label-only and holds out whole queries."""
+    from talr.data import SFTDataModule
+
+    settings = yaml.safe_load((REPO / "configs" / "esci" / "cpu.yaml").read_text())
+    task = ESCI(**{k: v.replace("../shared", str(SHARED)) if isinstance(v, str) else v
+                   for k, v in settings["data"]["task"]["init_args"].items()})
+    rows = task.read()
+    assert len(rows) == 1332 and not task.cot
+    data = settings["data"]
+    module = SFTDataModule(task, val_size=data["val_size"], split_by=data["split_by"], seed=0)
+    train, val = module.split_rows(rows)
+    assert {r["query"] for r in train}.isdisjoint({r["query"] for r in val}) and len(val) >= data["val_size"]
+    assert len(train) + len(val) == 1332
 
 
 def test_every_esci_config_exists():
