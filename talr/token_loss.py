@@ -133,6 +133,8 @@ def target_token_statistics(
     """
     mask, targets = shift_targets(labels)
     picked = hidden[mask]
+    inverse = [1.0 / t for t in temperatures]
+    scales = torch.tensor(inverse, dtype=torch.float32, device=hidden.device)
     parts: dict[str, list[torch.Tensor]] = {"nll": [], "argmax": [], "entropy": [], "nll_at_temperature": []}
     for start in range(0, picked.shape[0], chunk_size):
         logits, _ = _chunk_logits(picked[start:start + chunk_size], head_weight, bias, logit_softcap)
@@ -141,12 +143,11 @@ def target_token_statistics(
         # everything below from d = logits - max (<= 0): logsumexp(s z) - s z_t = log sum exp(s d) - s d_t
         logits -= logits.max(dim=-1, keepdim=True).values
         target_d = logits.gather(1, target[:, None])[:, 0]
-        sums, tilted = _exp_sums(logits, (1.0, *(1.0 / t for t in temperatures)))
+        sums, tilted = _exp_sums(logits, (1.0, *inverse))
         log_z = sums[:, 0].log()
         parts["nll"].append(log_z - target_d)
         parts["entropy"].append(log_z - tilted / sums[:, 0])  # H = log Z - E_p[d]
-        scales = torch.tensor([1.0 / t for t in temperatures], dtype=sums.dtype, device=sums.device)
-        parts["nll_at_temperature"].append(sums[:, 1:].log() - target_d[:, None] * scales)
+        parts["nll_at_temperature"].append(sums[:, 1:].log() - target_d[:, None] * scales.to(sums.dtype))
     out = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
     if not parts["nll"]:
         out["nll_at_temperature"] = torch.empty(0, len(temperatures))
