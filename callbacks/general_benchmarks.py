@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from talr import lm_eval_tasks
 from talr.checkpoint_io import lm_state_from_checkpoint
+from talr.initial_cache import cache_key, load_cached, source_digest, store_cached
 from talr.models import eval_mode, is_peft
 from talr.progress import format_duration
 from talr.results import GuardsResults, write_atomic
@@ -421,7 +422,8 @@ class GeneralBenchmarks(GuardsResults):
         if any(event["event"] == "fit_start" for event in self.events):
             return
         if trainer.global_step == 0:
-            self._event(trainer, pl_module, "fit_start", pl_module.lm, "initial model")
+            fresh = trainer.ckpt_path is None and trainer.world_size == 1
+            self._event(trainer, pl_module, "fit_start", pl_module.lm, "initial model", cache=fresh)
             return
         # Resumed without this callback's state: the live weights are trained, so reload the initial model.
         name = pl_module.hparams.model
@@ -474,12 +476,30 @@ class GeneralBenchmarks(GuardsResults):
                              "measured at train start); call it after training started")
         return self._evaluate(trainer, pl_module, name, pl_module.lm, source, log=False)
 
-    def _event(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, model: torch.nn.Module | None, source: str) -> None:
-        self.events.append(self._evaluate(trainer, pl_module, name, model, source, log=True))
+    def _event(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, model: torch.nn.Module | None,
+               source: str, cache: bool = False) -> None:
+        self.events.append(self._evaluate(trainer, pl_module, name, model, source, log=True, cache=cache))
+
+    def initial_cache_key(self, pl_module: L.LightningModule, model: torch.nn.Module) -> str | None:
+        """The disk-cache key of the initial model's evaluation (talr.initial_cache): the weights, the
+        tasks and their settings, the benchmark files' bytes, lm-eval's version and this file. None
+        when a task reads the hub, whose data talr cannot fingerprint: those are measured every run."""
+        if any(task not in lm_eval_tasks.LOCAL_TASKS for task in self.tasks):
+            return None
+        import lm_eval
+
+        files = sorted(str(Path(self.data_dir) / rel) for task in self.tasks for rel in lm_eval_tasks.required_files(task))
+        tokenizer = pl_module.tokenizer
+        return cache_key(model, pl_module.device, "general", self.tasks, self.limit, self.batch_size, self.num_fewshot,
+                         self.gen_kwargs, tokenizer.chat_template, len(tokenizer), lm_eval.__version__,
+                         source_digest(*files), source_digest(__file__, str(Path(lm_eval_tasks.__file__).parent)))
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, model: torch.nn.Module | None,
-                  source: str, log: bool) -> dict[str, Any]:
-        """lm-eval on `model` (rank zero), its record written to `<name>.json`, logged if `log`; every rank gets the record."""
+                  source: str, log: bool, cache: bool = False) -> dict[str, Any]:
+        """lm-eval on `model` (rank zero), its record written to `<name>.json`, logged if `log`; every rank gets the record.
+
+        With `cache` (the initial model in a fresh one-process run), the evaluation is read from and
+        written to the initial-model cache: every run of a sweep shares one baseline measurement."""
         out = self.output_dir(trainer)
         self._run_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
         record, failure = None, None
@@ -487,12 +507,20 @@ class GeneralBenchmarks(GuardsResults):
             started = time.monotonic()
             try:
                 rank_zero_info(f"[general] {name} (step {trainer.global_step}, {source}): {', '.join(self.tasks)}")
-                with eval_mode(model):
-                    evaluation = run_lm_eval(
-                        model, pl_module.tokenizer, self.tasks, self.task_manager, limit=self.limit,
-                        batch_size=self.batch_size, num_fewshot=self.num_fewshot, gen_kwargs=self.gen_kwargs,
-                        allow_code_execution=self.allow_code_execution, log_samples=True, log=rank_zero_info,
-                    )
+                key = self.initial_cache_key(pl_module, model) if cache else None
+                cached = load_cached("general", key) if key else None
+                if cached is not None:
+                    evaluation = json.loads(cached)
+                else:
+                    with eval_mode(model):
+                        evaluation = run_lm_eval(
+                            model, pl_module.tokenizer, self.tasks, self.task_manager, limit=self.limit,
+                            batch_size=self.batch_size, num_fewshot=self.num_fewshot, gen_kwargs=self.gen_kwargs,
+                            allow_code_execution=self.allow_code_execution, log_samples=True, log=rank_zero_info,
+                        )
+                    evaluation = self._scores_only(evaluation)
+                    if key:
+                        store_cached("general", key, json.dumps(evaluation))
                 record = self._record(name, trainer.global_step, source, evaluation, out / f"{name}.json")
                 write_atomic(out / f"{name}.json", json.dumps(record, indent=1))
                 if log:
@@ -510,6 +538,14 @@ class GeneralBenchmarks(GuardsResults):
             raise RuntimeError(f"GeneralBenchmarks: the {name} evaluation failed on rank zero: {message}")
         return record
 
+    def _scores_only(self, evaluation: Mapping[str, Any]) -> dict[str, Any]:
+        """lm-eval's aggregates with each task's per-document primary scores, without the logged
+        samples (prompts, outputs): what a record needs, and what the cache keeps."""
+        per_document = {task: per_document_scores(evaluation, task, self.primary_metrics[task])
+                        for task in self.tasks if task in self.primary_metrics}
+        return {"results": evaluation["results"], "n_samples": evaluation["n_samples"], "n_shot": evaluation["n_shot"],
+                "per_document": per_document}
+
     def _record(self, name: str, step: int, source: str, evaluation: dict[str, Any], path: Path) -> dict[str, Any]:
         results = evaluation["results"]
         primary = {}
@@ -522,7 +558,7 @@ class GeneralBenchmarks(GuardsResults):
         current = {task: primary[task] for task in self.score_tasks}
         baseline = next((e for e in self.events if e["event"] == "fit_start"), None)
         initial = current if name == "fit_start" else {task: baseline["primary"][task] for task in self.score_tasks}
-        per_document = {task: per_document_scores(evaluation, task, self.primary_metrics[task]) for task in primary}
+        per_document = {task: evaluation["per_document"][task] for task in primary}
         # The initial model's documents are the baseline of every later event (fit start: itself, a zero change).
         initial_documents = per_document if name == "fit_start" else baseline.get("per_document")
         general = general_score(initial, current, self.threshold)

@@ -93,3 +93,44 @@ def test_a_second_fit_loads_the_forgetting_monitors_initial_answers(tiny_model_d
 
     fit_with_monitor(tiny_model_dir, tmp_path / "third", max_new_tokens=4)  # other settings: computed anew
     assert len(entries(cache, "forgetting")) == 2
+
+
+def fit_with_benchmarks(tiny_model_dir: Path, out: Path, limit: int = 4):
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    benchmarks = {"class_path": "callbacks.general_benchmarks.GeneralBenchmarks",
+                  "init_args": {"tasks": ["talr_arc_easy"], "data_dir": str(data), "limit": limit, "batch_size": 4,
+                                "threshold": 0.0}}
+    config = tiny_fit_config(tiny_model_dir, out, "run", [benchmarks], validate_before_fit=False,
+                             trainer={"max_steps": 1, "limit_val_batches": 0}, model={"loss": "CrossEntropy"})
+    return build_cli(["fit", "--config", str(config)])
+
+
+def test_a_second_fit_loads_the_initial_models_benchmark_record(tiny_model_dir, tmp_path, monkeypatch):
+    """The fit-start benchmark of the same weights, tasks, settings and files is lm-eval's work once per
+    setup: a second run evaluates only its fit end, and its fit-start record equals the first's."""
+    import json
+
+    import callbacks.general_benchmarks as general_benchmarks
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TALR_CACHE", str(cache))
+    evaluated = []
+    real = general_benchmarks.run_lm_eval
+
+    def counted(*args, **kwargs):
+        evaluated.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(general_benchmarks, "run_lm_eval", counted)
+    record = lambda cli: json.loads((Path(cli.trainer.log_dir) / "general" / "fit_start.json").read_text())  # noqa: E731
+    first = fit_with_benchmarks(tiny_model_dir, tmp_path / "first")
+    assert len(evaluated) == 2 and len(entries(cache, "general")) == 1  # fit start and fit end
+
+    second = fit_with_benchmarks(tiny_model_dir, tmp_path / "second")
+    assert len(evaluated) == 3  # its fit end only
+    cold, loaded = record(first), record(second)
+    assert cold.pop("file") != loaded.pop("file") and loaded == cold
+    assert loaded["per_document"]["talr_arc_easy"]["doc_ids"] == [0, 1, 2, 3]
+
+    fit_with_benchmarks(tiny_model_dir, tmp_path / "third", limit=3)  # another limit: evaluated anew
+    assert len(evaluated) == 5 and len(entries(cache, "general")) == 2
