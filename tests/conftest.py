@@ -3,10 +3,18 @@ Llama that uses its real tokenizer, and the read-only data in ../shared."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Under pytest-xdist (`make test`: one test file per worker at a time), each worker and the
+# processes its tests start get their share of the cores instead of all of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = _threads
+    torch.set_num_threads(int(_threads))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MEDCALC_CSV = SHARED / "data" / "medcalc" / "medcalc_bench_test.csv"
