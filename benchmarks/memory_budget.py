@@ -63,8 +63,9 @@ def run_quickstart(extra: list[str], workdir: Path) -> tuple[float, float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, help="generated training rows (the quickstart: 108)")
-    parser.add_argument("--val-size", type=int, help="validation rows (the quickstart: 12)")
+    parser.add_argument("--rows", type=int, help="generated rows, validation included (default: the quickstart's)")
+    parser.add_argument("--val-size", type=int, help="validation rows (default: the quickstart's)")
+    parser.add_argument("--logs", type=Path, help="a folder to keep each variant's fit log in")
     args = parser.parse_args()
     if not (cache_dir() / EMBEDDED_ALIAS).is_dir():
         sys.exit(f"memory_budget: convert the embedded model first (`make quickstart` or `talr fit` once): "
@@ -77,6 +78,9 @@ def main() -> None:
             seconds, peak, text = run_quickstart([*extra, *shorter], Path(tmp) / name.replace(" ", "_"))
             choice = re.search(r"^\[talr\] memory budget .*$", text, re.M)
             measured[name] = seconds, peak
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                (args.logs / f"{name.replace(' ', '_')}.log").write_text(text)
             print(f"{name:>9}: {seconds:7.1f} s, peak resident {peak / GB:5.2f} GB"
                   + (f"   ({choice[0]})" if choice else ""), flush=True)
     (t_budget, peak_budget), (t_full, peak_full) = measured["budget"], measured["no budget"]

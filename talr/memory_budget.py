@@ -23,7 +23,9 @@ the step's temporaries) + 2 x weights, in bytes of the trainable weights.
 The search: micro-batch 1, then 2, then the size that a straight line through the measured points
 predicts for the budget, verified by its own trial, until the largest fitting size is known (memory
 grows linearly with the micro-batch at a fixed padded length). Without checkpointing first (it costs
-about one more forward per step); with it only when even micro-batch 1 does not fit.
+about one more forward per step); with it only when even micro-batch 1 does not fit. A strategy that
+pays that forward anyway when a step is split (TALR) goes from the one-row trial straight to the whole
+step with checkpointing when the one-row trial already shows that the whole step cannot fit without.
 """
 
 from __future__ import annotations
@@ -266,27 +268,49 @@ def largest_fitting(batch_size: int, budget: int, need: Callable[[int], int]) ->
 
 def choose_memory_settings(batch_size: int, budget: int, need: Callable[[int, bool], int],
                            checkpointing_options: tuple[bool, ...] = (False, True),
-                           split_costs_a_forward: bool = False) -> MemoryChoice:
+                           split_costs_a_forward: bool = False, fixed_bytes: int | None = None) -> MemoryChoice:
     """The largest micro-batch (without checkpointing where it fits at all) whose `need(size,
-    checkpointing)` in bytes fits `budget`; MemoryBudgetError naming both when nothing does.
+    checkpointing)` in bytes fits `budget`; MemoryBudgetError naming both when nothing does. No
+    setting is measured twice.
 
     `split_costs_a_forward`: the strategy needs the step's sequence losses before any backward (TALR's
     tau), so a step split into micro-batches pays a no-grad forward of every row first. Checkpointing
     the whole step as one micro-batch pays the same one forward (its recompute) with larger matmuls
-    and no split, so where that fits it is taken over a split step without checkpointing."""
+    and no split, so where that fits it is taken over a split step without checkpointing.
+
+    `fixed_bytes`: the part of every need that does not grow with the micro-batch (the process before
+    the trials, the gradients, the optimizer's state). With it, a strategy of the kind above skips
+    the trials of split steps when one row's trial shows that the whole step cannot fit without
+    checkpointing (the other rows adding what the first added, over the budget by 10%): its choice
+    is then the whole step with checkpointing, or the search below when that does not fit either."""
+    measured: dict[tuple[int, bool], int] = {}
+
+    def trial(size: int, checkpointing: bool) -> int:
+        if (size, checkpointing) not in measured:
+            measured[size, checkpointing] = need(size, checkpointing)
+        return measured[size, checkpointing]
+
+    def whole_step_checkpointed() -> MemoryChoice | None:
+        whole = trial(batch_size, True)
+        return MemoryChoice(batch_size, True, whole, budget, batch_size, trials=len(measured)) if whole <= budget else None
+
+    prefer_whole = split_costs_a_forward and False in checkpointing_options and True in checkpointing_options
+    if prefer_whole and fixed_bytes is not None and batch_size > 1:
+        one = trial(1, False)
+        if one <= budget and one + (batch_size - 1) * (one - fixed_bytes) > 1.1 * budget:
+            choice = whole_step_checkpointed()
+            if choice is not None:
+                return choice
     smallest = {}
     for checkpointing in checkpointing_options:
-        size, measured = largest_fitting(batch_size, budget, lambda m: need(m, checkpointing))
-        trials = sum(len(v) for v in smallest.values()) + len(measured)
-        if size is not None and not checkpointing and size < batch_size and split_costs_a_forward \
-                and True in checkpointing_options:
-            whole = need(batch_size, True)
-            if whole <= budget:
-                return MemoryChoice(batch_size, True, whole, budget, batch_size, trials=trials + 1)
-            trials += 1
+        size, sizes = largest_fitting(batch_size, budget, lambda m: trial(m, checkpointing))
+        if size is not None and not checkpointing and size < batch_size and prefer_whole:
+            choice = whole_step_checkpointed()
+            if choice is not None:
+                return choice
         if size is not None:
-            return MemoryChoice(size, checkpointing, measured[size], budget, batch_size, trials=trials)
-        smallest[checkpointing] = measured
+            return MemoryChoice(size, checkpointing, sizes[size], budget, batch_size, trials=len(measured))
+        smallest[checkpointing] = sizes
     tried = "; ".join(f"{'with' if c else 'without'} gradient checkpointing {gib(m[1])}" for c, m in smallest.items())
     raise MemoryBudgetError(
         f"data.memory_budget {gib(budget)} is too small for one training step: micro-batch 1 of the longest rows "
@@ -331,8 +355,11 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
 
     budget = int(trainer.strategy.broadcast(budget_bytes(datamodule.memory_budget, device), src=0))
     options = (True,) if module.hparams.gradient_checkpointing else (False, True)
+    meter.reset()
+    fixed = meter.current() + 3 * weight_bytes  # now, plus the gradients and AdamW's two moments
+    fixed = int(trainer.strategy.reduce(torch.tensor(float(fixed), device=device), reduce_op="max").item())
     choice = choose_memory_settings(batch_size, budget, need, options,
-                                    split_costs_a_forward=module.loss_fn.needs.step_losses)
+                                    split_costs_a_forward=module.loss_fn.needs.step_losses, fixed_bytes=fixed)
     set_gradient_checkpointing(module.lm, choice.gradient_checkpointing)
     datamodule.micro_batch_size = choice.micro_batch_size
     meter.reset()  # the trials' leftovers are not the training's

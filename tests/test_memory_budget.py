@@ -109,6 +109,19 @@ def test_a_strategy_that_needs_the_steps_losses_checkpoints_one_whole_step_rathe
     kept = choose_memory_settings(8, int(3.2 * GIB), lambda rows, ckpt: (tried.append((rows, ckpt)), int(
         GIB + rows * (0.375 if ckpt else 0.5) * GIB))[1], split_costs_a_forward=True)
     assert (kept.micro_batch_size, kept.gradient_checkpointing) == (4, False) and tried[-1] == (8, True)
+    # told what does not grow with the rows (1 GiB), one row's trial (1.5 GiB) predicts 5 GiB for the whole
+    # step without checkpointing: the split steps' trials are skipped for the whole step with checkpointing
+    tried = []
+    direct = choose_memory_settings(8, int(3.2 * GIB), hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True,
+                                    fixed_bytes=GIB)
+    assert (direct.micro_batch_size, direct.gradient_checkpointing, direct.trials) == (8, True, 2)
+    assert tried == [(1, False), (8, True)]
+    # the same prediction under a budget that might hold it (10 GiB): the whole step is measured without
+    tried = []
+    roomy = choose_memory_settings(8, 10 * GIB, hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True,
+                                   fixed_bytes=GIB)
+    assert (roomy.micro_batch_size, roomy.gradient_checkpointing) == (8, False) and (8, True) not in tried
+    assert len(tried) == len(set(tried)) == roomy.trials  # no setting measured twice
     # a strategy without the pass (ce): never tried
     plain: list = []
     assert choose_memory_settings(8, int(3.2 * GIB), hand_need(GIB, 0.5 * GIB, plain)).micro_batch_size == 4
