@@ -485,3 +485,16 @@ def test_the_gpu_sweep_prints_a_slurm_array_of_valid_fit_commands(tmp_path, monk
         config = yaml.safe_load(capsys.readouterr().out)
         assert config["model"]["model"] == "Qwen/Qwen2.5-3B-Instruct" and config["trainer"]["precision"] == "bf16-mixed"
         assert any(c["class_path"] == "callbacks.run_summary.RunSummary" for c in config["trainer"]["callbacks"])
+
+
+def test_the_esci_pilot_sweeps_ce_over_four_learning_rates_on_the_study_config(tmp_path, monkeypatch, capsys):
+    """configs/sweeps/esci_cpu_pilot.yaml (docs/study_plan.md, stage 1): its commands only (no run)."""
+    from talr.experiments.sweep import main as sweep_main
+
+    monkeypatch.chdir(REPO)
+    assert sweep_main(["--config", "configs/sweeps/esci_cpu_pilot.yaml", "--print-commands", "--out", str(tmp_path)]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("talr fit ")]
+    assert len(commands) == 4 and all(argv[2:4] == ["--config", "configs/esci/cpu.yaml"] for argv in commands)
+    rates = sorted(float(a.split("=")[1]) for argv in commands for a in argv if a.startswith("--model.learning_rate="))
+    assert rates == [3e-6, 1e-5, 3e-5, 1e-4]
+    assert not any(a.startswith("--model.loss") for argv in commands for a in argv)  # ce: the study config's own
