@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from talr.data import Example
 from talr.general_prompts import GENERAL_PROMPTS, GeneralPrompt, load_prompts
 from talr.generation import cut_at_stop, stop_token_ids
-from talr.initial_cache import cache_key, load_cached, source_digest, store_cached
+from talr.initial_cache import cache_key, is_fresh_single_process_run, load_cached, source_digest, store_cached
 from talr.models import eval_mode
 from talr.progress import track
 from talr.replay import refuse_shared_prompts
@@ -175,7 +175,7 @@ class ForgettingMonitor(GuardsResults):
                 )
             # A fresh run in one process: the answers and their initial scores depend only on the initial
             # weights, the prompts and the settings, so an earlier run's are loaded from disk (talr.initial_cache).
-            fresh = trainer.global_step == 0 and trainer.ckpt_path is None and trainer.world_size == 1
+            fresh = is_fresh_single_process_run(trainer)
             tokenizer = pl_module.tokenizer
             key = cache_key(pl_module.net, pl_module.device, "forgetting", [(p.category, p.text) for p in self.prompts],
                             tokenizer.chat_template, len(tokenizer), self.samples_per_prompt, self.max_new_tokens,

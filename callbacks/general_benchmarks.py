@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from talr import lm_eval_tasks
 from talr.checkpoint_io import lm_state_from_checkpoint
-from talr.initial_cache import cache_key, load_cached, source_digest, store_cached
+from talr.initial_cache import cache_key, is_fresh_single_process_run, load_cached, source_digest, store_cached
 from talr.models import eval_mode, is_peft
 from talr.progress import format_duration
 from talr.results import GuardsResults, write_atomic
@@ -422,8 +422,8 @@ class GeneralBenchmarks(GuardsResults):
         if any(event["event"] == "fit_start" for event in self.events):
             return
         if trainer.global_step == 0:
-            fresh = trainer.ckpt_path is None and trainer.world_size == 1
-            self._event(trainer, pl_module, "fit_start", pl_module.lm, "initial model", cache=fresh)
+            self._event(trainer, pl_module, "fit_start", pl_module.lm, "initial model",
+                        cache=is_fresh_single_process_run(trainer))
             return
         # Resumed without this callback's state: the live weights are trained, so reload the initial model.
         name = pl_module.hparams.model

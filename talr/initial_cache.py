@@ -64,6 +64,12 @@ def cache_key(model: nn.Module, device: torch.device, *inputs: Any) -> str:
     return digest.hexdigest()[:32]
 
 
+def is_fresh_single_process_run(trainer: Any) -> bool:
+    """Training starts now from the initial weights, in one process: where callbacks may use the cache
+    (a resumed run keeps its own numbers in its checkpoint; several ranks would race for the files)."""
+    return trainer.global_step == 0 and trainer.ckpt_path is None and trainer.world_size == 1
+
+
 def cache_path(kind: str, key: str) -> Path:
     return cache_dir() / "initial" / kind / f"{key}.pt"
 

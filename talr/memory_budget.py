@@ -348,6 +348,9 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
         (_local(p).numel() * p.element_size() for p in trainable), default=0)
     meter = PeakMemory(device)
 
+    def largest_over_ranks(nbytes: int) -> int:
+        return int(trainer.strategy.reduce(torch.tensor(float(nbytes), device=device), reduce_op="max").item())
+
     def need(size: int, checkpointing: bool) -> int:
         set_gradient_checkpointing(module.lm, checkpointing)
         micro = {k: v.to(device) for k, v in datamodule.longest_micro_batch(size).items()}
@@ -356,14 +359,12 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
         after_backward = meter.current()
         peak = meter.peak()
         module.net.zero_grad(set_to_none=True)
-        total = max(peak, after_backward + step_temporary) + 2 * weight_bytes
-        return int(trainer.strategy.reduce(torch.tensor(float(total), device=device), reduce_op="max").item())
+        return largest_over_ranks(max(peak, after_backward + step_temporary) + 2 * weight_bytes)
 
     budget = int(trainer.strategy.broadcast(budget_bytes(datamodule.memory_budget, device), src=0))
     options = (True,) if module.hparams.gradient_checkpointing else (False, True)
     meter.reset()
-    fixed = meter.current() + 3 * weight_bytes  # now, plus the gradients and AdamW's two moments
-    fixed = int(trainer.strategy.reduce(torch.tensor(float(fixed), device=device), reduce_op="max").item())
+    fixed = largest_over_ranks(meter.current() + 3 * weight_bytes)  # now, plus the gradients and AdamW's two moments
     choice = choose_memory_settings(batch_size, budget, need, options,
                                     split_costs_a_forward=module.loss_fn.needs.step_losses, fixed_bytes=fixed)
     set_gradient_checkpointing(module.lm, choice.gradient_checkpointing)
