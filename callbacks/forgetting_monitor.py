@@ -68,10 +68,11 @@ class ForgettingMonitor(GuardsResults):
     - `forgetting/agreement`: the share of answer tokens where the current model's most likely
       token is the initial model's (top-1 agreement on the initial model's own answers: its greedy
       answers when samples_per_prompt is 1); a temperature cannot move it.
-    - `forgetting/kl_calibrated` at `forgetting/temperature`: `kl` of the current model at the single
-      temperature T (on talr.token_loss.CALIBRATION_TEMPERATURES) that best fits the answers (lowest
-      mean NLL, which for sampled answers is the T nearest to p0 in KL(p0 || p_T)); what is left of the
-      drift once a global temperature is allowed for.
+    - `forgetting/kl_calibrated` at `forgetting/temperature`: the lowest `kl` of the current model
+      over single temperatures T (talr.token_loss.CALIBRATION_TEMPERATURES, which include 1, so it
+      never exceeds `kl`); what is left of the drift once a global temperature is allowed for. The
+      divergence itself is minimised, not the answers' NLL: on greedy answers (p0's argmax tokens)
+      the NLL always falls with T, and its minimum would sit at the grid's lowest temperature.
     - `forgetting/entropy`: the current model's mean entropy (nats) at the answer positions, so
       sharpening shows as its own number (it falls) rather than as forgetting.
 
@@ -312,21 +313,24 @@ def summary_columns(entry: dict[str, Any] | None, when: str) -> dict[str, float]
 
 def divergence(pairs: list[tuple[dict[str, Any], TokenScores]]) -> dict[str, float]:
     """Means over all answer tokens of (stored initial answer, its current scores) pairs: NLL increase,
-    k3 KL estimate at temperature 1 and at the best-fitting temperature, top-1 agreement, entropy."""
+    k3 KL estimate at temperature 1 and its lowest over the temperatures, top-1 agreement, entropy."""
     initial = torch.cat([torch.tensor(r["initial_nll"], dtype=torch.float64) for r, _ in pairs])
     current = torch.cat([s.nll.double() for _, s in pairs])
     at_temperature = torch.cat([s.nll_at_temperature.double() for _, s in pairs])  # [N, K]
-    best = int(at_temperature.mean(0).argmin())  # the temperature that best fits p0's answers
 
-    def k3(current_nll: torch.Tensor) -> float:
-        log_ratio = initial - current_nll  # log p - log p0
-        return float((torch.expm1(log_ratio) - log_ratio).mean())  # (r - 1) - log r, r = p / p0
+    def k3(current_nll: torch.Tensor) -> torch.Tensor:
+        """Mean of (r - 1) - log r, r = p / p0, over the tokens: [N] -> scalar, [N, K] -> [K]."""
+        log_ratio = initial.view(-1, *[1] * (current_nll.dim() - 1)) - current_nll  # log p - log p0
+        return (torch.expm1(log_ratio) - log_ratio).mean(0)
+
+    kl_at_temperature = k3(at_temperature)  # [K]
+    best = int(kl_at_temperature.argmin())
 
     agreement = math.nan
     if all("initial_argmax" in r for r, _ in pairs):  # answers stored by an older talr lack it
         matches = torch.cat([s.argmax == torch.tensor(r["initial_argmax"]) for r, s in pairs])
         agreement = float(matches.double().mean())
-    return {"nll_increase": float((current - initial).mean()), "kl": k3(current),
-            "kl_calibrated": k3(at_temperature[:, best]), "temperature": CALIBRATION_TEMPERATURES[best],
+    return {"nll_increase": float((current - initial).mean()), "kl": float(k3(current)),
+            "kl_calibrated": float(kl_at_temperature[best]), "temperature": CALIBRATION_TEMPERATURES[best],
             "agreement": agreement, "entropy": float(torch.cat([s.entropy.double() for _, s in pairs]).mean()),
             "nll": float(current.mean()), "nll_initial": float(initial.mean()), "tokens": int(initial.numel())}

@@ -159,3 +159,45 @@ def test_drift_metrics_separate_sharpening_from_forgetting(tiny_model_dir, token
     assert sharpened["kl_calibrated"] == pytest.approx(unchanged["kl_calibrated"], abs=1e-6)
     assert sharpened["agreement"] == 1.0
     assert sharpened["entropy"] < unchanged["entropy"] - 0.01  # a near-uniform random model: a small drop
+
+
+def test_calibrated_kl_on_greedy_answers_is_the_lowest_kl_over_the_temperatures(tiny_model_dir, tokenizer):
+    """Greedy answers (p0's argmax tokens): lowering the temperature always raises their probability,
+    so the temperature is chosen by the divergence itself, computed here over the grid in float64."""
+    base = untied_copy(tiny_model_dir, 1.0)
+    monitor = ForgettingMonitor(samples_per_prompt=1, max_new_tokens=6, batch_size=8)
+    monitor.prompts = list(GENERAL_PROMPTS[:6])
+
+    def module(model):
+        return SimpleNamespace(tokenizer=tokenizer, lm=model, net=TokenNLLModel(model), device=torch.device("cpu"))
+
+    monitor.responses = monitor.sample_initial_responses(module(base))
+    for response, scores in zip(monitor.responses, monitor.score_responses(module(base))):
+        response["initial_nll"], response["initial_argmax"] = scores.nll.tolist(), scores.argmax.tolist()
+
+    def drift(model) -> dict[str, float]:
+        return divergence(list(zip(monitor.responses, monitor.score_responses(module(model)))))
+
+    # a temperature on the grid (2 = 2^(8/8)) is undone exactly
+    doubled = drift(untied_copy(tiny_model_dir, 2.0))
+    assert doubled["kl"] > 0.01
+    assert doubled["temperature"] == pytest.approx(2.0) and doubled["kl_calibrated"] == pytest.approx(0, abs=1e-6)
+    # between grid points (1.5): the lowest k3 over the grid, from the definition
+    scale = 1.5
+    sharp = untied_copy(tiny_model_dir, scale)
+    log_ratios = []  # [tokens, temperatures] of log p_T - log p0
+    for response in monitor.responses:
+        ids = torch.tensor([response["prompt_ids"] + response["response_ids"]])
+        with torch.no_grad():
+            z0, z = base(input_ids=ids).logits[0].double(), sharp(input_ids=ids).logits[0].double()
+        start = len(response["prompt_ids"])
+        for t, token in enumerate(response["response_ids"]):
+            log_p0 = z0[start + t - 1].log_softmax(-1)[token]
+            log_ratios.append([float((z[start + t - 1] / T).log_softmax(-1)[token] - log_p0) for T in CALIBRATION_TEMPERATURES])
+    per_temperature = [sum(math.expm1(row[k]) - row[k] for row in log_ratios) / len(log_ratios)
+                       for k in range(len(CALIBRATION_TEMPERATURES))]
+    best = min(range(len(per_temperature)), key=per_temperature.__getitem__)
+    measured = drift(sharp)
+    assert measured["temperature"] == pytest.approx(CALIBRATION_TEMPERATURES[best])
+    assert measured["kl_calibrated"] == pytest.approx(per_temperature[best], rel=1e-3, abs=1e-7)
+    assert 0 < measured["kl_calibrated"] < measured["kl"]
