@@ -99,6 +99,8 @@ class ForgettingMonitor(GuardsResults):
         batch_size: sequences per generation / scoring batch.
         dirpath: where the files go; default `<log_dir>/forgetting`.
         overwrite: let a fresh run replace another run's files in `dirpath`.
+        prompts_per_category: keep only the first N prompts of each category (the built-in prompts
+            have 11 in each of 5 categories): a quicker, coarser check; None keeps them all.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class ForgettingMonitor(GuardsResults):
         batch_size: int = 16,
         dirpath: str | None = None,
         overwrite: bool = False,
+        prompts_per_category: int | None = None,
     ) -> None:
         if samples_per_prompt < 1:
             raise ValueError(f"ForgettingMonitor.samples_per_prompt must be at least 1, got {samples_per_prompt}")
@@ -117,7 +120,11 @@ class ForgettingMonitor(GuardsResults):
             raise ValueError(f"ForgettingMonitor.max_new_tokens must be at least 1, got {max_new_tokens}")
         if batch_size < 1:
             raise ValueError(f"ForgettingMonitor.batch_size must be at least 1, got {batch_size}")
-        self.prompts: list[GeneralPrompt] = load_prompts(prompts_file) if prompts_file else list(GENERAL_PROMPTS)
+        if prompts_per_category is not None and prompts_per_category < 1:
+            raise ValueError(f"ForgettingMonitor.prompts_per_category must be at least 1, got {prompts_per_category}")
+        prompts = load_prompts(prompts_file) if prompts_file else list(GENERAL_PROMPTS)
+        self.prompts: list[GeneralPrompt] = first_per_category(prompts, prompts_per_category)
+        self.prompts_per_category = prompts_per_category
         self.samples_per_prompt = samples_per_prompt
         self.max_new_tokens = max_new_tokens
         self.seed = seed
@@ -135,7 +142,7 @@ class ForgettingMonitor(GuardsResults):
     def state_key(self) -> str:
         return self._generate_state_key(
             samples_per_prompt=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
-            seed=self.seed, prompts_file=self.prompts_file,
+            seed=self.seed, prompts_file=self.prompts_file, prompts_per_category=self.prompts_per_category,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -334,3 +341,16 @@ def divergence(pairs: list[tuple[dict[str, Any], TokenScores]]) -> dict[str, flo
             "kl_calibrated": float(kl_at_temperature[best]), "temperature": CALIBRATION_TEMPERATURES[best],
             "agreement": agreement, "entropy": float(torch.cat([s.entropy.double() for _, s in pairs]).mean()),
             "nll": float(current.mean()), "nll_initial": float(initial.mean()), "tokens": int(initial.numel())}
+
+
+def first_per_category(prompts: list[GeneralPrompt], limit: int | None) -> list[GeneralPrompt]:
+    """The first `limit` prompts of each category, in their order (all of them when `limit` is None)."""
+    if limit is None:
+        return list(prompts)
+    kept: dict[str, int] = {}
+    chosen = []
+    for prompt in prompts:
+        if kept.get(prompt.category, 0) < limit:
+            kept[prompt.category] = kept.get(prompt.category, 0) + 1
+            chosen.append(prompt)
+    return chosen

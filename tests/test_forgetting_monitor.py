@@ -218,3 +218,14 @@ def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_files(large_lr, tiny_m
     again = fit(tiny_model_dir, out, 1e-2, "--trainer.max_steps", "1", monitor={"overwrite": True})
     assert Path(again.trainer.log_dir) / "forgetting" == forgetting
     assert [e["step"] for e in json.loads((forgetting / "curve.json").read_text())] == [0, 1]
+
+
+def test_prompts_per_category_keeps_the_first_prompts_of_each_category():
+    kept = ForgettingMonitor(prompts_per_category=2).prompts
+    by_category = {c: [p for p in GENERAL_PROMPTS if p.category == c] for c in CATEGORIES}
+    assert len(kept) == 2 * len(CATEGORIES)
+    assert {c: [p for p in kept if p.category == c] for c in CATEGORIES} == {c: ps[:2] for c, ps in by_category.items()}
+    assert [GENERAL_PROMPTS.index(p) for p in kept] == sorted(GENERAL_PROMPTS.index(p) for p in kept)  # built-in order
+    assert len(ForgettingMonitor().prompts) == len(GENERAL_PROMPTS)
+    with pytest.raises(ValueError, match="prompts_per_category"):
+        ForgettingMonitor(prompts_per_category=0)
