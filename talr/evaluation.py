@@ -12,13 +12,17 @@ every rank's numbers and returns the split's metrics:
 - `share_above_0.2`: the share of target tokens with p > 0.2, the paper's "easy" tokens (Section 4.3).
 - the task's own metrics of the generations (accuracy, balanced accuracy, ...), which sharpening does not
   hurt either: the paper scores accuracy of greedy answers.
+
+Per row, the token sums behind the first four (`RowScores`) are kept too and written beside the
+generations (`publish_records`), so two runs that held out the same rows can be compared row by row
+(talr.experiments.significance).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,28 @@ class EvalRecord:
     text: str  # what the model generated
 
 
+# one row's sums over its target tokens, in this order, then its NLL sum at each calibration temperature
+ROW_SUMS = ("tokens", "nll", "top1_hits", "easy")
+
+
+@dataclass
+class RowScores:
+    """One held-out row's target tokens summed: how many, their NLL, top-1 hits and easy tokens (p > 0.2),
+    and their NLL at each of talr.token_loss.CALIBRATION_TEMPERATURES."""
+
+    row_index: int
+    tokens: int
+    nll: float
+    top1_hits: int
+    easy: int
+    nll_at_temperature: list[float]
+
+    @classmethod
+    def from_sums(cls, row_index: int, sums: torch.Tensor) -> "RowScores":
+        values = sums.tolist()
+        return cls(row_index, round(values[0]), values[1], round(values[2]), round(values[3]), values[len(ROW_SUMS):])
+
+
 class DomainEvaluation:
     """Accumulates one evaluation pass; `finish` returns its metrics and records and starts over."""
 
@@ -51,19 +77,16 @@ class DomainEvaluation:
 
     def reset(self) -> None:
         self.records: list[EvalRecord] = []
-        # sums over target tokens: NLL, top-1 hits, easy tokens, NLL at each calibration temperature
-        self.sums = torch.zeros(3 + len(CALIBRATION_TEMPERATURES), dtype=torch.float64)
-        self.tokens = 0
+        self.row_sums: dict[int, torch.Tensor] = {}  # row index -> float64 [ROW_SUMS..., NLL at each temperature]
 
     def add(self, net: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor], task: Task, rows: list[dict],
             max_new_tokens: int | None) -> None:
         """Score one evaluation batch; `max_new_tokens` None: the loss only, no generation."""
-        for scores in score_batch(net, batch, statistics=True):
-            self.sums[0] += scores.nll.double().sum()
-            self.sums[1] += scores.correct.sum()
-            self.sums[2] += (scores.nll < -math.log(EASY_PROBABILITY)).sum()
-            self.sums[3:] += scores.nll_at_temperature.double().sum(0)
-            self.tokens += int(scores.nll.numel())
+        for index, scores in zip(batch["row_index"].tolist(), score_batch(net, batch, statistics=True)):
+            nll = scores.nll.double()
+            head = torch.tensor([nll.numel(), nll.sum(), scores.correct.sum(), (nll < -math.log(EASY_PROBABILITY)).sum()],
+                                dtype=torch.float64)
+            self.row_sums[index] = torch.cat([head, scores.nll_at_temperature.double().sum(0)])
         if max_new_tokens is None:
             return
         # Through the net: under FSDP2 its root hooks gather the embeddings and head for generate().
@@ -72,38 +95,45 @@ class DomainEvaluation:
             self.records.append(EvalRecord(index, task.score(text, rows[index]), text))
 
     def snapshot(self) -> dict[str, Any]:
-        """What this pass computed so far, for a disk cache: the token sums and each row's generation."""
-        return {"sums": self.sums.clone(), "tokens": self.tokens,
+        """What this pass computed so far, for a disk cache: each row's token sums and generation."""
+        return {"row_sums": {i: v.clone() for i, v in self.row_sums.items()},
                 "generations": [(r.row_index, r.text) for r in self.records]}
 
     def restore(self, snapshot: dict[str, Any], task: Task, rows: list[dict]) -> None:
         """Continue from a `snapshot`; its generations are scored again by `task` (cheap, and current)."""
-        self.sums = snapshot["sums"].clone().double()
-        self.tokens = int(snapshot["tokens"])
+        self.row_sums = {int(i): v.clone().double() for i, v in snapshot["row_sums"].items()}
         self.records = [EvalRecord(index, task.score(text, rows[index]), text) for index, text in snapshot["generations"]]
 
-    def finish(self, task: Task, rows: list[dict]) -> tuple[dict[str, float], list[EvalRecord]]:
-        """Metrics over every rank's rows (each row once) and the records sorted by row; resets."""
-        gathered = all_gather_objects((self.records, self.sums, self.tokens))
+    def finish(self, task: Task, rows: list[dict]) -> tuple[dict[str, float], list[EvalRecord], list[RowScores]]:
+        """Metrics over every rank's rows (each row once), the generation records and the rows' token sums,
+        both sorted by row; resets."""
+        gathered = all_gather_objects((self.records, self.row_sums))
         # A distributed sampler pads with repeats: score each row once.
         records = sorted({r.row_index: r for part in gathered for r in part[0]}.values(), key=lambda r: r.row_index)
-        tokens = max(sum(part[2] for part in gathered), 1)
-        means = (sum(part[1] for part in gathered) / tokens).tolist()
+        row_sums = {i: v for part in gathered for i, v in part[1].items()}
+        scored = [RowScores.from_sums(i, row_sums[i]) for i in sorted(row_sums)]
+        totals = sum(row_sums.values(), torch.zeros(len(ROW_SUMS) + len(CALIBRATION_TEMPERATURES), dtype=torch.float64))
+        means = (totals[1:] / totals[0].clamp_min(1)).tolist()  # NLL, top-1 hits, easy, NLL at each temperature
         best = min(range(len(CALIBRATION_TEMPERATURES)), key=lambda k: means[3 + k])
         metrics = {"loss": means[0], "token_accuracy": means[1], f"share_above_{EASY_PROBABILITY:g}": means[2],
                    "calibrated_loss": means[3 + best], "temperature": CALIBRATION_TEMPERATURES[best]}
         if records:
             metrics.update(task.summarize([r.verdict for r in records], [rows[r.row_index] for r in records]))
         self.reset()
-        return metrics, records
+        return metrics, records, scored
 
 
 def publish_records(trainer: L.Trainer, split: str, task: Task, rows: list[dict], records: list[EvalRecord],
-                    tag: str) -> None:
-    """The task's figures (ESCI: a confusion matrix) to TensorBoard, and every scored generation as JSONL in
-    `<log_dir>/generations/<tag>.jsonl`: what the model said, not just the score (rank zero, not in sanity checks)."""
+                    tag: str, row_scores: list[RowScores] = ()) -> None:
+    """The task's figures (ESCI: a confusion matrix) to TensorBoard, every scored generation as JSONL in
+    `<log_dir>/generations/<tag>.jsonl` (what the model said, not just the score), and each row's token
+    sums as JSONL in `<log_dir>/row_scores/<tag>.jsonl` (`RowScores`' fields; rank zero, not in sanity checks)."""
     log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask for it
-    if not records or not trainer.is_global_zero or trainer.sanity_checking:
+    if not trainer.is_global_zero or trainer.sanity_checking:
+        return
+    if row_scores and log_dir is not None:
+        write_atomic(Path(log_dir) / "row_scores" / f"{tag}.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in row_scores))
+    if not records:
         return
     if isinstance(trainer.logger, TensorBoardLogger):
         verdicts, scored_rows = [r.verdict for r in records], [rows[r.row_index] for r in records]

@@ -377,12 +377,14 @@ class SFTModule(L.LightningModule):
                              datamodule.rows(self._split), max_new_tokens)
 
     def _finish_evaluation(self, tag: str | None = None) -> dict[str, float]:
-        """Metrics of this pass over the split; its figures to TensorBoard and its generations to
-        `<log_dir>/generations/<tag>.jsonl` (default tag: the split and step)."""
+        """Metrics of this pass over the split; its figures to TensorBoard, its generations to
+        `<log_dir>/generations/<tag>.jsonl` and its rows' token sums to `<log_dir>/row_scores/<tag>.jsonl`
+        (default tag: the split and step)."""
         datamodule = self.trainer.datamodule
         task, rows = datamodule.task_for(self._split), datamodule.rows(self._split)
-        metrics, records = self._evaluation.finish(task, rows)
-        publish_records(self.trainer, self._split, task, rows, records, tag or f"{self._split}_step{self.global_step:06d}")
+        metrics, records, row_scores = self._evaluation.finish(task, rows)
+        publish_records(self.trainer, self._split, task, rows, records, tag or f"{self._split}_step{self.global_step:06d}",
+                        row_scores)
         return metrics
 
     def _log_evaluation(self) -> dict[str, float]:

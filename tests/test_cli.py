@@ -73,6 +73,12 @@ def test_fit_writes_tensorboard_checkpoints_export_and_generations(fitted):
     assert len(generations) == 3
     records = [json.loads(line) for line in generations[-1].read_text().splitlines()]
     assert len(records) == 4 and {"correct", "parsed", "generation", "row_index"} <= set(records[0])
+    # each validation's rows' token sums beside them: the logged val/loss is their NLL over their tokens
+    row_scores = sorted((log_dir / "row_scores").glob("val_step*.jsonl"))
+    assert [p.name for p in row_scores] == [p.name for p in generations]
+    rows = [json.loads(line) for line in row_scores[-1].read_text().splitlines()]
+    assert sorted(r["row_index"] for r in rows) == sorted(r["row_index"] for r in records)
+    assert sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows) == pytest.approx(validation_history(cli.trainer)[-1]["loss"], rel=1e-5)
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["loss"]["class_path"] == "talr.losses.TALR" and saved["data"]["task"]["init_args"]["num_synthetic"] == 20
 

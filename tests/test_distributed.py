@@ -98,6 +98,8 @@ def one_step(model_dir: Path, out: Path, loss: str, layout: str, strategy: str |
     (version,) = out.glob("tensorboard/version_*")
     lines = (version / "generations" / "val_step000001.jsonl").read_text().splitlines()
     generations = {json.loads(line)["row_index"]: json.loads(line)["generation"] for line in lines}
+    row_scores = {(r := json.loads(line))["row_index"]: (r["tokens"], r["top1_hits"], r["nll"])
+                  for line in (version / "row_scores" / "val_step000001.jsonl").read_text().splitlines()}
     ranks = [json.loads((out / "record" / f"rank{r}.json").read_text()) for r in range(devices)]
     weights: dict[str, list[float]] = {}
     for rank in ranks:
@@ -110,8 +112,16 @@ def one_step(model_dir: Path, out: Path, loss: str, layout: str, strategy: str |
         "grads": torch.load(out / "record" / "grads.pt", weights_only=True),
         "params": AutoModelForCausalLM.from_pretrained(version / "export").state_dict(),
         "generations": generations,
+        "row_scores": row_scores,
         "best": next(version.glob("checkpoints/best*")),
     }
+
+
+def assert_same_row_scores(two: dict, one: dict) -> None:
+    """Each held-out row once, whichever rank scored it, with the same token sums."""
+    assert sorted(two) == sorted(one) and len(one) == 2
+    for row, (tokens, hits, nll) in one.items():
+        assert two[row][:2] == (tokens, hits) and two[row][2] == pytest.approx(nll, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +163,7 @@ def test_one_step_is_the_same_for_one_two_processes_and_accumulation(tiny_model_
     assert_same_step(two, one)
     # validation generated under the strategy (FSDP2: the root's weights gathered for generate), the same text
     assert two["generations"] == one["generations"] and len(one["generations"]) == 2
+    assert_same_row_scores(two["row_scores"], one["row_scores"])
     assert two["best"].is_dir() == (strategy == "fsdp2")  # FSDP2's checkpoint is sharded; ce exports it as best
     # forwards of layer 0 in the step: TALR's no-grad pre-pass, the real one, FSDP2's checkpointed recompute
     assert two["mlp_calls"] == 1 + (loss == "talr") + (strategy == "fsdp2")
@@ -179,6 +190,7 @@ def test_newer_strategies_step_the_same_on_two_ddp_processes(tiny_model_dir, tmp
     two = one_step(tiny_model_dir, tmp_path / "two", loss, "two", "ddp")
     assert_same_step(two, one)
     assert two["generations"] == one["generations"] and len(one["generations"]) == 2
+    assert_same_row_scores(two["row_scores"], one["row_scores"])
 
 
 def test_local_tau_scope_uses_each_process_median(tiny_model_dir, tmp_path, single_process_runs):

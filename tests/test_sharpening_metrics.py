@@ -72,33 +72,61 @@ def examples(tokenizer) -> list[Example]:
     return out
 
 
-def reference_metrics(model, batch) -> dict[str, float]:
-    """The validation metrics from the model's own full logits, in float64."""
+def reference_rows(model, batch) -> list[dict]:
+    """Each row's target-token sums from the model's own full logits, in float64."""
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-    nll, hits, easy, grid = [], 0, 0, torch.zeros(len(CALIBRATION_TEMPERATURES), dtype=torch.float64)
+    rows = []
     for b in range(logits.shape[0]):
+        row = {"tokens": 0, "nll": 0.0, "top1_hits": 0, "easy": 0, "grid": torch.zeros(len(CALIBRATION_TEMPERATURES), dtype=torch.float64)}
         for t in range(logits.shape[1] - 1):
             target = int(batch["labels"][b, t + 1])
             if target == IGNORE_INDEX:
                 continue
             z = logits[b, t]
             loss = float(z.logsumexp(-1) - z[target])
-            nll.append(loss)
-            hits += int(z.argmax()) == target
-            easy += math.exp(-loss) > 0.2
-            grid += torch.tensor([float((z / T).logsumexp(-1) - z[target] / T) for T in CALIBRATION_TEMPERATURES],
-                                 dtype=torch.float64)
-    n = len(nll)
+            row["tokens"] += 1
+            row["nll"] += loss
+            row["top1_hits"] += int(z.argmax()) == target
+            row["easy"] += math.exp(-loss) > 0.2
+            row["grid"] += torch.tensor([float((z / T).logsumexp(-1) - z[target] / T) for T in CALIBRATION_TEMPERATURES],
+                                        dtype=torch.float64)
+        rows.append(row)
+    return rows
+
+
+def reference_metrics(model, batch) -> dict[str, float]:
+    """The validation metrics from the model's own full logits, in float64."""
+    rows = reference_rows(model, batch)
+    n = sum(r["tokens"] for r in rows)
+    grid = sum(r["grid"] for r in rows)
     best = int(grid.argmin())
-    return {"loss": sum(nll) / n, "token_accuracy": hits / n, "share_above_0.2": easy / n,
+    return {"loss": sum(r["nll"] for r in rows) / n, "token_accuracy": sum(r["top1_hits"] for r in rows) / n,
+            "share_above_0.2": sum(r["easy"] for r in rows) / n,
             "calibrated_loss": float(grid[best]) / n, "temperature": CALIBRATION_TEMPERATURES[best]}
 
 
-def evaluation_metrics(model, batch) -> dict[str, float]:
+def evaluate(model, batch):
     evaluation = DomainEvaluation()
-    evaluation.add(TokenNLLModel(model), None, batch, None, [], max_new_tokens=None)
-    return evaluation.finish(None, [])[0]
+    evaluation.add(TokenNLLModel(model), None, {**batch, "row_index": torch.arange(len(batch["input_ids"]))}, None, [],
+                   max_new_tokens=None)
+    return evaluation.finish(None, [])
+
+
+def evaluation_metrics(model, batch) -> dict[str, float]:
+    return evaluate(model, batch)[0]
+
+
+def test_each_rows_token_sums_match_an_independent_computation(embedded_dir, tokenizer):
+    batch = pad_examples(examples(tokenizer), tokenizer.pad_token_id)
+    model = untied_copy(embedded_dir, 1.0)
+    _, _, rows = evaluate(model, batch)
+    expected = reference_rows(model, batch)
+    assert [r.row_index for r in rows] == list(range(len(TEXTS)))
+    for row, reference in zip(rows, expected):
+        assert (row.tokens, row.top1_hits, row.easy) == (reference["tokens"], reference["top1_hits"], reference["easy"])
+        assert row.nll == pytest.approx(reference["nll"], abs=1e-4)
+        assert row.nll_at_temperature == pytest.approx(reference["grid"].tolist(), abs=1e-3)
 
 
 def test_validation_metrics_match_an_independent_computation_and_ignore_sharpening(embedded_dir, tokenizer):

@@ -406,6 +406,69 @@ def test_pareto_plot_draws_the_paired_intervals_as_error_bars(synthetic_sweep):
             assert sorted(x_bar[:, 0]) == pytest.approx(expected_x) and sorted(y_bar[:, 1]) == pytest.approx(expected_y)
 
 
+GRID = 33  # talr.token_loss.CALIBRATION_TEMPERATURES
+
+
+def write_row_scores(path: Path, tokens: list[int], hits: list[int], nll: list[float], best_temperature: int) -> None:
+    """Row scores whose NLL over the temperature grid is lowest at index `best_temperature` (the NLL there
+    is half the plain NLL; elsewhere more)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (n, h, l) in enumerate(zip(tokens, hits, nll)):
+        grid = [l * (0.5 + 0.01 * abs(k - best_temperature)) for k in range(GRID)]
+        lines.append(json.dumps({"row_index": i, "tokens": n, "nll": l, "top1_hits": h, "easy": h,
+                                 "nll_at_temperature": grid}) + "\n")
+    path.write_text("".join(lines))
+
+
+def test_teacher_forced_comparison_by_hand(tmp_path):
+    from talr.experiments.significance import read_row_scores, teacher_forced_pair
+
+    tokens = [10, 20, 30]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_row_scores(a, tokens, hits=[5, 10, 15], nll=[10.0, 30.0, 60.0], best_temperature=3)
+    write_row_scores(b, tokens, hits=[6, 12, 21], nll=[9.0, 27.0, 45.0], best_temperature=10)
+    outcome = teacher_forced_pair(a, b)
+    accuracy, calibrated, nll = outcome["token_accuracy"], outcome["calibrated_nll"], outcome["nll"]
+    # means over all 60 target tokens: 30/60 -> 39/60; b's changes 1, 2, 6 hits (rates 0.1, 0.1, 0.2)
+    assert accuracy.n == 3 and accuracy.delta == pytest.approx(9 / 60)
+    assert accuracy.before == pytest.approx(0.5) and accuracy.after == pytest.approx(39 / 60)
+    assert 0.1 - 1e-9 <= accuracy.low <= accuracy.delta <= accuracy.high <= 0.2 + 1e-9  # a resample's change lies between the rows' rates
+    # every row improved, by distinct amounts: of the 2^3 sign flips only all-plus and all-minus reach the total
+    assert accuracy.p == pytest.approx(0.25)
+    # NLL at each scoring's own best temperature: half its plain NLL here
+    assert calibrated.delta == pytest.approx((0.5 * 81 - 0.5 * 100) / 60)
+    assert nll.delta == pytest.approx((81 - 100) / 60) and nll.test == "sign-flip"
+    # rows matched by index; rows whose targets differ are refused
+    write_row_scores(b, tokens[:2], hits=[6, 12], nll=[9.0, 27.0], best_temperature=10)
+    read_row_scores.cache_clear()
+    assert teacher_forced_pair(a, b)["token_accuracy"].delta == pytest.approx(3 / 30)
+    write_row_scores(b, [11, 20], hits=[6, 12], nll=[9.0, 27.0], best_temperature=10)
+    read_row_scores.cache_clear()
+    assert "target tokens differ" in teacher_forced_pair(a, b)["nll"]
+
+
+def test_report_compares_strategies_on_row_scores(synthetic_sweep):
+    out, _, sweep = synthetic_sweep
+    tokens = [10, 20, 30]
+    for loss, hits in (("ce", [5, 10, 15]), ("talr", [6, 12, 21])):
+        values = {"model.loss": loss, "model.learning_rate": 1e-4, "seed_everything": 0}
+        log_dir = out / run_name(values) / "tb" / "version_0"
+        write_row_scores(log_dir / "row_scores" / "val_step000006.jsonl", tokens, hits, [10.0, 30.0, 60.0], 5)
+    collect(sweep, out)
+    table = pd.read_csv(out / "results.csv")
+    assert table["row_scores_best"].notna().sum() == 2
+    assert report_main([str(out / "results.csv")]) == 0
+    lines = (out / "pareto.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("The same pairs on the held-out rows"))
+    (line,) = [line for line in lines[start:] if line.startswith("| 0.0001 | ce | talr | 1 |")]
+    cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+    assert cells[4].startswith(f"{9 / 60:+.4f}") and cells[5] == "0.25" and cells[6] == "sign-flip"
+    assert cells[7].startswith("+0.0000") and cells[10].startswith("+0.0000")  # the same NLL
+    (pending,) = [line for line in lines[start:] if line.startswith("| 1e-05 | ce | talr |")]
+    assert "no row scores of the best step" in "\n".join(lines) and "- (" in pending
+
+
 def test_report_says_which_differences_are_significant(synthetic_sweep):
     out, vectors, _ = synthetic_sweep
     assert report_main([str(out / "results.csv")]) == 0

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from talr.experiments.significance import Outcome, against_initial, between_strategies, combine_seeds, outcome_from_row
+from talr.experiments.significance import (TEACHER_FORCED, Outcome, against_initial, between_strategies, combine_seeds,
+                                           outcome_from_row)
 from talr.stats import ALPHA, PairedComparison, compare_replicates
 
 GROUP = ["loss", "learning_rate"]
@@ -273,8 +274,19 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
                      f"{_change(pair['domain'], alpha, notes)} | {_change(pair['general'], alpha, notes)} |")
     if pairs.empty:
         lines.append("| (one strategy per learning rate: nothing to compare) | | | | | | | | | |")
+    elif any(isinstance(o, PairedComparison) for name in TEACHER_FORCED for o in pairs[name]):
+        lines += ["", "The same pairs on the held-out rows, teacher-forced over all their target tokens (b minus a): "
+                  "top-1 token accuracy and NLL at each run's best temperature, which a temperature cannot move, "
+                  "beside plain NLL, which it can:", "",
+                  "| learning rate | a | b | seeds | token accuracy b - a [95% CI] | p | test "
+                  "| calibrated NLL b - a [95% CI] | p | test | NLL b - a [95% CI] | p | test |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for _, pair in pairs.iterrows():
+            lines.append(f"| {pair['learning_rate']:g} | {pair['a']} | {pair['b']} | {pair['seeds']} | "
+                         + " | ".join(_change(pair[name], alpha, notes) for name in TEACHER_FORCED) + " |")
     lines += ["", "Tests: McNemar = exact McNemar test with Tango's score interval (accuracy of one task); sign-flip = "
-              "paired permutation test, interval from the tasks' own intervals (general score over several tasks); "
+              "paired permutation test, interval from the tasks' own intervals (general score over several tasks; "
+              "teacher-forced: rows resampled, a paired bootstrap); "
               "t-test across seeds = the seeds' paired differences. p-values are not corrected for the number of "
               "comparisons: among k comparisons without any real difference, about k x alpha come out significant."]
     if notes:

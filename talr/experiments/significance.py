@@ -9,6 +9,10 @@ Two comparisons, each on the domain side and the general side:
 - **strategies against each other at the same learning rate** (`between_strategies`): paired
   over the held-out rows both runs scored (only when their data split is the same: same
   `data.task`, `data.val_size` and `data.seed`) and over the benchmark documents both scored.
+  On the held-out rows also teacher-forced, from each validation's row scores
+  (`teacher_forced_pair`): top-1 token accuracy and NLL at each run's best temperature, which a
+  temperature cannot move, beside plain NLL, which it can; these need no generation, so they
+  compare runs whose domain metric is a loss.
 
 Seeds: runs of one cell (loss, learning rate) that differ only in a seed column are replicates.
 A cell with one run reports the paired test of that run (exact McNemar and Tango's interval for
@@ -27,10 +31,11 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Union
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from talr.stats import PairedComparison, compare_paired, compare_replicates, pair_by_id
+from talr.stats import PairedComparison, PairedItems, compare_paired, compare_replicates, pair_by_id
 
 SIDES = ("domain", "general")
 Outcome = Union[PairedComparison, str]  # a comparison, or why there is none
@@ -58,6 +63,52 @@ def read_generations(path: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
 @lru_cache(maxsize=256)
 def _general_record(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def row_scores_file(log_dir: str | Path, step: int) -> Path:
+    """A validation's per-row token sums, as SFTModule names them (`row_scores/val_step<step:06d>.jsonl`)."""
+    return Path(log_dir) / "row_scores" / f"val_step{int(step):06d}.jsonl"
+
+
+@lru_cache(maxsize=256)
+def read_row_scores(path: Path) -> dict[int, dict[str, Any]]:
+    """Row index -> its token sums (talr.evaluation.RowScores' fields) of a row-scores file."""
+    rows = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            if not {"row_index", "tokens", "nll", "top1_hits", "nll_at_temperature"} <= set(record):
+                raise ValueError(f"{path} line {number}: not a talr row-scores record")
+            rows[int(record["row_index"])] = record
+    return rows
+
+
+TEACHER_FORCED = ("token_accuracy", "calibrated_nll", "nll")  # the row-scores comparisons, in table order
+
+
+def teacher_forced_pair(path_a: Path, path_b: Path) -> dict[str, Outcome]:
+    """Two scorings of the same held-out rows compared row by row (b minus a), each as a mean over all
+    target tokens: top-1 token accuracy, NLL at each scoring's own best temperature (fitted once over
+    its rows, as val/calibrated_loss is), and plain NLL. A temperature can move only the last."""
+    a, b = read_row_scores(Path(path_a)), read_row_scores(Path(path_b))
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return dict.fromkeys(TEACHER_FORCED, "no held-out row in common")
+    if any(a[i]["tokens"] != b[i]["tokens"] for i in shared):
+        return dict.fromkeys(TEACHER_FORCED, "the rows' target tokens differ (another tokenizer or max_length)")
+    counts = np.array([a[i]["tokens"] for i in shared], dtype=float)
+
+    def at_best_temperature(scored: dict[int, dict[str, Any]]) -> np.ndarray:
+        grid = np.array([scored[i]["nll_at_temperature"] for i in shared], dtype=float)  # [rows, temperatures]
+        return grid[:, int(grid.sum(0).argmin())]
+
+    def column(scored: dict[int, dict[str, Any]], key: str) -> np.ndarray:
+        return np.array([scored[i][key] for i in shared], dtype=float)
+
+    items = {"token_accuracy": (column(a, "top1_hits"), column(b, "top1_hits")),
+             "calibrated_nll": (at_best_temperature(a), at_best_temperature(b)),
+             "nll": (column(a, "nll"), column(b, "nll"))}
+    return {name: compare_paired([PairedItems(before, after, counts)]) for name, (before, after) in items.items()}
 
 
 def heldout_split(config_file: str | Path | None) -> str | None:
@@ -89,6 +140,10 @@ def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
         name = summary.get(f"general_file_{when}")
         if name and log_dir is not None:
             out[f"general_file_{when}"] = str(log_dir / name)
+    if log_dir is not None and summary.get("best_step") is not None and not summary.get("domain_generations_file"):
+        scores = row_scores_file(log_dir, summary["best_step"])
+        if scores.is_file():  # written by talr since the row scores were kept
+            out["row_scores_best"] = str(scores)
     outcome: Outcome
     if summary.get("monitor") != "val/accuracy":
         outcome = f"the domain metric is {summary.get('monitor')}, not val/accuracy"
@@ -195,5 +250,17 @@ def between_strategies(results: pd.DataFrame) -> pd.DataFrame:
             for side in SIDES:
                 outcomes = [PAIRS[side](by_loss[a][k], by_loss[b][k]) for k in shared]
                 entry[side] = combine_seeds(outcomes) if shared else "no seed in common"
+            per_seed = [_teacher_forced(by_loss[a][k], by_loss[b][k]) for k in shared]
+            for name in TEACHER_FORCED:
+                entry[name] = combine_seeds([o[name] for o in per_seed]) if shared else "no seed in common"
             pairs.append(entry)
-    return pd.DataFrame(pairs, columns=["learning_rate", "a", "b", "seeds", *SIDES])
+    return pd.DataFrame(pairs, columns=["learning_rate", "a", "b", "seeds", *SIDES, *TEACHER_FORCED])
+
+
+def _teacher_forced(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
+    files = [row.get("row_scores_best") for row in (a, b)]
+    if not all(isinstance(f, str) and Path(f).is_file() for f in files):
+        return dict.fromkeys(TEACHER_FORCED, "no row scores of the best step (a sweep from before they were kept)")
+    if not isinstance(a.get("heldout_split"), str) or a.get("heldout_split") != b.get("heldout_split"):
+        return dict.fromkeys(TEACHER_FORCED, "the runs held out different rows (data.task / val_size / seed differ, or a config is missing)")
+    return teacher_forced_pair(Path(files[0]), Path(files[1]))
