@@ -146,10 +146,11 @@ def test_validation_metrics_match_an_independent_computation_and_ignore_sharpeni
     assert measured["sharp"]["token_accuracy"] == measured["base"]["token_accuracy"]
 
 
-def test_drift_metrics_separate_sharpening_from_forgetting(tiny_model_dir, tokenizer):
-    base = untied_copy(tiny_model_dir, 1.0)
-    # sampled answers (from p0 at temperature 1): the temperature that fits them is near 1, inside the grid
-    monitor = ForgettingMonitor(samples_per_prompt=2, max_new_tokens=6, batch_size=8)
+def answered_by_the_initial_model(model_dir, tokenizer, samples_per_prompt: int):
+    """The tiny model (untied), a ForgettingMonitor holding its answers to 6 general prompts with their
+    initial scores, and the monitor's drift numbers of any other model on those answers."""
+    base = untied_copy(model_dir, 1.0)
+    monitor = ForgettingMonitor(samples_per_prompt=samples_per_prompt, max_new_tokens=6, batch_size=8)
     monitor.prompts = list(GENERAL_PROMPTS[:6])
 
     def module(model):
@@ -162,26 +163,39 @@ def test_drift_metrics_separate_sharpening_from_forgetting(tiny_model_dir, token
     def drift(model) -> dict[str, float]:
         return divergence(list(zip(monitor.responses, monitor.score_responses(module(model)))))
 
+    return base, monitor, drift
+
+
+def answer_token_logits(base, other, responses):
+    """(base logits, other logits, token) in float64 at each answer token of the stored responses."""
+    for response in responses:
+        ids = torch.tensor([response["prompt_ids"] + response["response_ids"]])
+        with torch.no_grad():
+            z0, z = base(input_ids=ids).logits[0].double(), other(input_ids=ids).logits[0].double()
+        start = len(response["prompt_ids"])
+        for t, token in enumerate(response["response_ids"]):
+            yield z0[start + t - 1], z[start + t - 1], token
+
+
+def test_drift_metrics_separate_sharpening_from_forgetting(tiny_model_dir, tokenizer):
+    # sampled answers (from p0 at temperature 1): the temperature nearest p0 is near 1, inside the grid
+    base, monitor, drift = answered_by_the_initial_model(tiny_model_dir, tokenizer, samples_per_prompt=2)
+
     unchanged, sharpened = drift(base), drift(untied_copy(tiny_model_dir, 2.0))
     assert unchanged["kl"] == pytest.approx(0, abs=1e-6) and unchanged["agreement"] == 1.0
     # an independent computation of the sharpened model's numbers on the same answer tokens
     kl, entropy, tokens = 0.0, 0.0, 0
     sharp = untied_copy(tiny_model_dir, 2.0)
-    for response in monitor.responses:
-        ids = torch.tensor([response["prompt_ids"] + response["response_ids"]])
-        with torch.no_grad():
-            z0, z = base(input_ids=ids).logits[0].double(), sharp(input_ids=ids).logits[0].double()
-        start = len(response["prompt_ids"])
-        for t, token in enumerate(response["response_ids"]):
-            log_p0, log_p = z0[start + t - 1].log_softmax(-1), z[start + t - 1].log_softmax(-1)
-            ratio = math.exp(float(log_p[token] - log_p0[token]))
-            kl += ratio - 1 - math.log(ratio)
-            entropy += float(-(log_p.exp() * log_p).sum())
-            tokens += 1
+    for z0, z, token in answer_token_logits(base, sharp, monitor.responses):
+        log_p0, log_p = z0.log_softmax(-1), z.log_softmax(-1)
+        ratio = math.exp(float(log_p[token] - log_p0[token]))
+        kl += ratio - 1 - math.log(ratio)
+        entropy += float(-(log_p.exp() * log_p).sum())
+        tokens += 1
     assert sharpened["tokens"] == tokens
     assert sharpened["kl"] == pytest.approx(kl / tokens, rel=1e-4)
     assert sharpened["entropy"] == pytest.approx(entropy / tokens, rel=1e-4)
-    # the present KL rises; the fitted temperature doubles and the KL left at it does not move
+    # the present KL rises; the best temperature doubles and the KL left at it does not move
     assert sharpened["kl"] > 0.01
     assert sharpened["temperature"] == pytest.approx(2 * unchanged["temperature"])
     assert sharpened["kl_calibrated"] == pytest.approx(unchanged["kl_calibrated"], abs=1e-6)
@@ -192,19 +206,7 @@ def test_drift_metrics_separate_sharpening_from_forgetting(tiny_model_dir, token
 def test_calibrated_kl_on_greedy_answers_is_the_lowest_kl_over_the_temperatures(tiny_model_dir, tokenizer):
     """Greedy answers (p0's argmax tokens): lowering the temperature always raises their probability,
     so the temperature is chosen by the divergence itself, computed here over the grid in float64."""
-    base = untied_copy(tiny_model_dir, 1.0)
-    monitor = ForgettingMonitor(samples_per_prompt=1, max_new_tokens=6, batch_size=8)
-    monitor.prompts = list(GENERAL_PROMPTS[:6])
-
-    def module(model):
-        return SimpleNamespace(tokenizer=tokenizer, lm=model, net=TokenNLLModel(model), device=torch.device("cpu"))
-
-    monitor.responses = monitor.sample_initial_responses(module(base))
-    for response, scores in zip(monitor.responses, monitor.score_responses(module(base))):
-        response["initial_nll"], response["initial_argmax"] = scores.nll.tolist(), scores.argmax.tolist()
-
-    def drift(model) -> dict[str, float]:
-        return divergence(list(zip(monitor.responses, monitor.score_responses(module(model)))))
+    base, monitor, drift = answered_by_the_initial_model(tiny_model_dir, tokenizer, samples_per_prompt=1)
 
     # a temperature on the grid (2 = 2^(8/8)) is undone exactly
     doubled = drift(untied_copy(tiny_model_dir, 2.0))
@@ -214,14 +216,9 @@ def test_calibrated_kl_on_greedy_answers_is_the_lowest_kl_over_the_temperatures(
     scale = 1.5
     sharp = untied_copy(tiny_model_dir, scale)
     log_ratios = []  # [tokens, temperatures] of log p_T - log p0
-    for response in monitor.responses:
-        ids = torch.tensor([response["prompt_ids"] + response["response_ids"]])
-        with torch.no_grad():
-            z0, z = base(input_ids=ids).logits[0].double(), sharp(input_ids=ids).logits[0].double()
-        start = len(response["prompt_ids"])
-        for t, token in enumerate(response["response_ids"]):
-            log_p0 = z0[start + t - 1].log_softmax(-1)[token]
-            log_ratios.append([float((z[start + t - 1] / T).log_softmax(-1)[token] - log_p0) for T in CALIBRATION_TEMPERATURES])
+    for z0, z, token in answer_token_logits(base, sharp, monitor.responses):
+        log_p0 = z0.log_softmax(-1)[token]
+        log_ratios.append([float((z / T).log_softmax(-1)[token] - log_p0) for T in CALIBRATION_TEMPERATURES])
     per_temperature = [sum(math.expm1(row[k]) - row[k] for row in log_ratios) / len(log_ratios)
                        for k in range(len(CALIBRATION_TEMPERATURES))]
     best = min(range(len(per_temperature)), key=per_temperature.__getitem__)
