@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from talr.data import Example
-from talr.general_prompts import GENERAL_PROMPTS, GeneralPrompt, load_prompts
+from talr.general_prompts import GENERAL_PROMPTS, GeneralPrompt, load_prompts, prompt_scores_file
 from talr.generation import cut_at_stop, stop_token_ids
 from talr.initial_cache import cache_key, is_fresh_single_process_run, load_cached, source_digest, store_cached
 from talr.models import eval_mode
@@ -79,8 +79,10 @@ class ForgettingMonitor(GuardsResults):
     Each also per category: `forgetting/<name>/<category>`.
 
     Written (rank zero, atomically): `<dirpath>/responses.jsonl` (prompt, category, answer text and
-    token ids, initial per-token NLL) once before training, and `<dirpath>/curve.json` (every
-    validation's numbers, step 0 included) after each validation. A fresh run refuses to
+    token ids, initial per-token NLL) once before training, `<dirpath>/curve.json` (every
+    validation's numbers, step 0 included) after each validation, and beside it each prompt's sums
+    behind those numbers (`prompt_sums`, `<dirpath>/prompt_scores/step<N>.jsonl`), with which
+    `talr report` pairs two runs prompt by prompt. A fresh run refuses to
     overwrite these files from an earlier run unless `overwrite` is set; a resumed run continues
     them.
 
@@ -211,7 +213,8 @@ class ForgettingMonitor(GuardsResults):
         out = self.output_dir(trainer)
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.responses:
             return  # `validate_before_fit` runs before the answers exist; step 0 is logged at train start
-        entry = self.measure(trainer, pl_module)
+        current = self.score_responses(pl_module)
+        entry = self.curve_entry(trainer, current)
         if self.curve and self.curve[-1]["step"] == entry["step"]:
             self.curve[-1] = entry  # a second validation at the same step replaces the first
         else:
@@ -219,6 +222,8 @@ class ForgettingMonitor(GuardsResults):
         self.log_entry(trainer, entry)
         if trainer.is_global_zero:
             write_atomic(out / CURVE_FILE, json.dumps(self.curve, indent=1))
+            sums = prompt_sums(list(zip(self.responses, current)))
+            write_atomic(prompt_scores_file(out, entry["step"]), "".join(json.dumps(p) + "\n" for p in sums))
         rank_zero_info(f"[forgetting] step {entry['step']}: NLL increase {entry['nll_increase']:+.4f} nats/token, "
                        f"KL {entry['kl']:.4f} (at the best temperature {entry['temperature']:.3g}: "
                        f"{entry['kl_calibrated']:.4f}), top-1 agreement {entry['agreement']:.3f}, "
@@ -318,26 +323,46 @@ def summary_columns(entry: dict[str, Any] | None, when: str) -> dict[str, float]
     return {f"forgetting_{key}_{when}": float(entry[key]) if entry else math.nan for key in PER_CATEGORY}
 
 
+def k3_terms(initial_nll: torch.Tensor, current_nll: torch.Tensor) -> torch.Tensor:
+    """Per token (r - 1) - log r, r = p / p0 (the k3 KL estimator's terms): [N] -> [N], [N, K] -> [N, K]."""
+    log_ratio = initial_nll.view(-1, *[1] * (current_nll.dim() - 1)) - current_nll  # log p - log p0
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def prompt_sums(pairs: list[tuple[dict[str, Any], TokenScores]]) -> list[dict[str, Any]]:
+    """Per prompt (its answers together), the sums over answer tokens behind `divergence`'s means:
+    tokens, NLL increase, k3 terms at temperature 1 and at each calibration temperature, top-1 agreements
+    and entropy; what pairs two runs prompt by prompt (talr.experiments.significance.drift_pair)."""
+    by_prompt: dict[int, dict[str, Any]] = {}
+    for response, scores in pairs:
+        initial = torch.tensor(response["initial_nll"], dtype=torch.float64)
+        entry = by_prompt.setdefault(response["prompt_index"], {
+            "prompt_index": response["prompt_index"], "category": response["category"], "tokens": 0, "nll_increase": 0.0,
+            "kl": 0.0, "kl_at_temperature": torch.zeros(len(CALIBRATION_TEMPERATURES), dtype=torch.float64),
+            "agreement": 0, "entropy": 0.0})
+        entry["tokens"] += int(initial.numel())
+        entry["nll_increase"] += float((scores.nll.double() - initial).sum())
+        entry["kl"] += float(k3_terms(initial, scores.nll.double()).sum())
+        entry["kl_at_temperature"] += k3_terms(initial, scores.nll_at_temperature.double()).sum(0)
+        entry["agreement"] += int((scores.argmax == torch.tensor(response["initial_argmax"])).sum())
+        entry["entropy"] += float(scores.entropy.double().sum())
+    return [{**e, "kl_at_temperature": e["kl_at_temperature"].tolist()} for _, e in sorted(by_prompt.items())]
+
+
 def divergence(pairs: list[tuple[dict[str, Any], TokenScores]]) -> dict[str, float]:
     """Means over all answer tokens of (stored initial answer, its current scores) pairs: NLL increase,
     k3 KL estimate at temperature 1 and its lowest over the temperatures, top-1 agreement, entropy."""
     initial = torch.cat([torch.tensor(r["initial_nll"], dtype=torch.float64) for r, _ in pairs])
     current = torch.cat([s.nll.double() for _, s in pairs])
     at_temperature = torch.cat([s.nll_at_temperature.double() for _, s in pairs])  # [N, K]
-
-    def k3(current_nll: torch.Tensor) -> torch.Tensor:
-        """Mean of (r - 1) - log r, r = p / p0, over the tokens: [N] -> scalar, [N, K] -> [K]."""
-        log_ratio = initial.view(-1, *[1] * (current_nll.dim() - 1)) - current_nll  # log p - log p0
-        return (torch.expm1(log_ratio) - log_ratio).mean(0)
-
-    kl_at_temperature = k3(at_temperature)  # [K]
+    kl_at_temperature = k3_terms(initial, at_temperature).mean(0)  # [K]
     best = int(kl_at_temperature.argmin())
 
     agreement = math.nan
     if all("initial_argmax" in r for r, _ in pairs):  # answers stored by an older talr lack it
         matches = torch.cat([s.argmax == torch.tensor(r["initial_argmax"]) for r, s in pairs])
         agreement = float(matches.double().mean())
-    return {"nll_increase": float((current - initial).mean()), "kl": float(k3(current)),
+    return {"nll_increase": float((current - initial).mean()), "kl": float(k3_terms(initial, current).mean()),
             "kl_calibrated": float(kl_at_temperature[best]), "temperature": CALIBRATION_TEMPERATURES[best],
             "agreement": agreement, "entropy": float(torch.cat([s.entropy.double() for _, s in pairs]).mean()),
             "nll": float(current.mean()), "nll_initial": float(initial.mean()), "tokens": int(initial.numel())}

@@ -119,3 +119,9 @@ def load_prompts(path: str | Path) -> list[GeneralPrompt]:
     if not prompts:
         raise ValueError(f"prompt file {path} has no prompts")
     return prompts
+
+
+def prompt_scores_file(dirpath: str | Path, step: int) -> Path:
+    """Where ForgettingMonitor puts a validation's per-prompt drift sums on these prompts (its `dirpath`,
+    default `<log_dir>/forgetting`); talr.experiments.significance reads them from there."""
+    return Path(dirpath) / "prompt_scores" / f"step{int(step):06d}.jsonl"

@@ -18,6 +18,7 @@ from cli import build_cli
 from conftest import tiny_fit_config
 from talr.general_prompts import CATEGORIES, GENERAL_PROMPTS, load_prompts
 from talr.models import TokenNLLModel, load_tokenizer
+from talr.token_loss import CALIBRATION_TEMPERATURES
 
 MAX_NEW_TOKENS = 16
 CALLBACK = "callbacks.forgetting_monitor.ForgettingMonitor"
@@ -125,7 +126,7 @@ def test_the_numbers_equal_an_independent_computation(large_lr, tiny_model_dir):
                                          add_generation_prompt=True)
     assert first["prompt_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    increases, k3, by_category = [], [], {}
+    increases, k3, by_category, by_prompt = [], [], {}, {}
     for response in monitor.responses:
         before = plain_nll(initial, response["prompt_ids"], response["response_ids"])
         after = plain_nll(final, response["prompt_ids"], response["response_ids"])
@@ -134,12 +135,26 @@ def test_the_numbers_equal_an_independent_computation(large_lr, tiny_model_dir):
         increases.append(after - before)
         k3.append(torch.exp(log_ratio) - 1 - log_ratio)
         by_category.setdefault(response["category"], []).append(after - before)
+        prompt = by_prompt.setdefault(response["prompt_index"], [0, 0.0])  # tokens, k3 sum over both answers
+        prompt[0] += len(response["response_ids"])
+        prompt[1] += float(k3[-1].sum())
     last = monitor.curve[-1]
     assert last["step"] == 3 and last["tokens"] == sum(len(r["response_ids"]) for r in monitor.responses)
     assert last["nll_increase"] == pytest.approx(torch.cat(increases).mean().item(), abs=1e-4)
     assert last["kl"] == pytest.approx(torch.cat(k3).mean().item(), abs=1e-4)
     for category, values in by_category.items():
         assert last["categories"][category]["nll_increase"] == pytest.approx(torch.cat(values).mean().item(), abs=1e-4)
+    # each prompt's sums, which talr report pairs runs by: the same k3 sums, and together the curve's numbers
+    lines = (Path(cli.trainer.log_dir) / "forgetting" / "prompt_scores" / "step000003.jsonl").read_text().splitlines()
+    sums = {(r := json.loads(line))["prompt_index"]: r for line in lines}
+    assert sorted(sums) == sorted(by_prompt) == list(range(len(GENERAL_PROMPTS)))
+    for index, (tokens, kl) in by_prompt.items():
+        assert sums[index]["tokens"] == tokens and sums[index]["kl"] == pytest.approx(kl, abs=1e-4)
+    total = sum(r["tokens"] for r in sums.values())
+    assert sum(r["agreement"] for r in sums.values()) / total == pytest.approx(last["agreement"])
+    assert sum(r["entropy"] for r in sums.values()) / total == pytest.approx(last["entropy"])
+    grid = torch.tensor([r["kl_at_temperature"] for r in sums.values()], dtype=torch.float64).sum(0) / total
+    assert float(grid.min()) == pytest.approx(last["kl_calibrated"]) and len(grid) == len(CALIBRATION_TEMPERATURES)
 
 
 def test_files_and_tensorboard(large_lr):

@@ -469,6 +469,56 @@ def test_report_compares_strategies_on_row_scores(synthetic_sweep):
     assert "no row scores of the best step" in "\n".join(lines) and "- (" in pending
 
 
+def write_prompt_scores(path: Path, tokens: list[int], agreement: list[int], kl: list[float], entropy: list[float],
+                        best_temperature: int) -> None:
+    """ForgettingMonitor prompt scores whose KL over the temperature grid is lowest at `best_temperature`
+    (a quarter of the KL at temperature 1 there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({
+        "prompt_index": i, "category": "math", "tokens": n, "nll_increase": k, "kl": k, "agreement": a, "entropy": e,
+        "kl_at_temperature": [k * (0.25 + 0.01 * abs(t - best_temperature)) for t in range(GRID)]}) + "\n"
+        for i, (n, a, k, e) in enumerate(zip(tokens, agreement, kl, entropy))))
+
+
+def test_drift_comparison_by_hand(tmp_path):
+    from talr.experiments.significance import drift_pair, read_prompt_scores
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_prompt_scores(a, [10, 20, 30, 40], agreement=[9, 18, 27, 36], kl=[1.0, 2.0, 3.0, 4.0],
+                        entropy=[20.0, 40.0, 60.0, 80.0], best_temperature=8)
+    write_prompt_scores(b, [10, 20, 30, 40], agreement=[8, 17, 24, 30], kl=[2.0, 2.5, 6.0, 9.0],
+                        entropy=[10.0, 30.0, 30.0, 40.0], best_temperature=12)
+    outcome = drift_pair(a, b)
+    # means over 100 answer tokens: agreement 90 -> 79 tokens, KL 10 -> 19.5, entropy 200 -> 110 nats
+    assert outcome["agreement"].delta == pytest.approx(-11 / 100) and outcome["agreement"].n == 4
+    assert outcome["kl"].delta == pytest.approx(9.5 / 100)
+    assert outcome["kl_calibrated"].delta == pytest.approx(0.25 * 9.5 / 100)  # each at its own best temperature
+    assert outcome["entropy"].delta == pytest.approx(-90 / 100)
+    # every prompt lost agreement by a distinct amount: of 2^4 sign flips only all-plus and all-minus reach it
+    assert outcome["agreement"].p == pytest.approx(2 / 16)
+    write_prompt_scores(b, [10, 20, 30, 41], agreement=[8, 17, 24, 30], kl=[2.0, 2.5, 6.0, 9.0],
+                        entropy=[10.0, 30.0, 30.0, 40.0], best_temperature=12)
+    read_prompt_scores.cache_clear()
+    assert "initial answers differ" in drift_pair(a, b)["agreement"]
+
+
+def test_report_compares_strategies_on_prompt_scores(synthetic_sweep):
+    out, _, sweep = synthetic_sweep
+    for loss, agreement in (("ce", [9, 18, 27, 36]), ("talr", [8, 17, 24, 30])):
+        values = {"model.loss": loss, "model.learning_rate": 1e-4, "seed_everything": 0}
+        log_dir = out / run_name(values) / "tb" / "version_0"
+        write_prompt_scores(log_dir / "forgetting" / "prompt_scores" / "step000006.jsonl", [10, 20, 30, 40], agreement,
+                            [1.0, 2.0, 3.0, 4.0], [20.0, 40.0, 60.0, 80.0], 8)
+    collect(sweep, out)
+    assert report_main([str(out / "results.csv")]) == 0
+    lines = (out / "pareto.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("The same pairs on the general prompts"))
+    (line,) = [line for line in lines[start:] if line.startswith("| 0.0001 | ce | talr | 1 |")]
+    cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+    assert cells[4].startswith(f"{-11 / 100:+.4f}") and cells[5] == f"{2 / 16:.3g}" and cells[6] == "sign-flip"
+    assert cells[7].startswith("+0.0000") and cells[10].startswith("+0.0000") and cells[13].startswith("+0.0000")
+
+
 def test_report_says_which_differences_are_significant(synthetic_sweep):
     out, vectors, _ = synthetic_sweep
     assert report_main([str(out / "results.csv")]) == 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from talr.experiments.significance import (TEACHER_FORCED, Outcome, against_initial, between_strategies, combine_seeds,
+from talr.experiments.significance import (DRIFT, TEACHER_FORCED, Outcome, against_initial, between_strategies, combine_seeds,
                                            outcome_from_row)
 from talr.stats import ALPHA, PairedComparison, compare_replicates
 
@@ -284,9 +284,20 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
         for _, pair in pairs.iterrows():
             lines.append(f"| {pair['learning_rate']:g} | {pair['a']} | {pair['b']} | {pair['seeds']} | "
                          + " | ".join(_change(pair[name], alpha, notes) for name in TEACHER_FORCED) + " |")
+    if not pairs.empty and any(isinstance(o, PairedComparison) for name in DRIFT for o in pairs[name]):
+        lines += ["", "The same pairs on the general prompts (b minus a), prompt by prompt over the initial model's "
+                  "answers (ForgettingMonitor at the best step): top-1 agreement with the initial model and the KL left "
+                  "at each run's best temperature, which a temperature cannot move, beside the KL and the entropy, "
+                  "which it can (a sharpened model's entropy falls):", "",
+                  "| learning rate | a | b | seeds | agreement b - a [95% CI] | p | test | calibrated KL b - a [95% CI] "
+                  "| p | test | KL b - a [95% CI] | p | test | entropy b - a [95% CI] | p | test |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for _, pair in pairs.iterrows():
+            lines.append(f"| {pair['learning_rate']:g} | {pair['a']} | {pair['b']} | {pair['seeds']} | "
+                         + " | ".join(_change(pair[name], alpha, notes) for name in DRIFT) + " |")
     lines += ["", "Tests: McNemar = exact McNemar test with Tango's score interval (accuracy of one task); sign-flip = "
               "paired permutation test, interval from the tasks' own intervals (general score over several tasks; "
-              "teacher-forced: rows resampled, a paired bootstrap); "
+              "teacher-forced and drift: rows or prompts resampled, a paired bootstrap); "
               "t-test across seeds = the seeds' paired differences. p-values are not corrected for the number of "
               "comparisons: among k comparisons without any real difference, about k x alpha come out significant."]
     if notes:

@@ -12,7 +12,8 @@ Two comparisons, each on the domain side and the general side:
   On the held-out rows also teacher-forced, from each validation's row scores
   (`teacher_forced_pair`): top-1 token accuracy and NLL at each run's best temperature, which a
   temperature cannot move, beside plain NLL, which it can; these need no generation, so they
-  compare runs whose domain metric is a loss.
+  compare runs whose domain metric is a loss. On the general side also the forgetting monitor's
+  drift, prompt by prompt (`drift_pair`): agreement and calibrated KL beside KL and entropy.
 
 Seeds: runs of one cell (loss, learning rate) that differ only in a seed column are replicates.
 A cell with one run reports the paired test of that run (exact McNemar and Tango's interval for
@@ -35,6 +36,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from talr.general_prompts import prompt_scores_file
 from talr.stats import PairedComparison, PairedItems, compare_paired, compare_replicates, pair_by_id
 
 SIDES = ("domain", "general")
@@ -111,6 +113,44 @@ def teacher_forced_pair(path_a: Path, path_b: Path) -> dict[str, Outcome]:
     return {name: compare_paired([PairedItems(before, after, counts)]) for name, (before, after) in items.items()}
 
 
+DRIFT = ("agreement", "kl_calibrated", "kl", "entropy")  # the prompt-scores comparisons, in table order
+
+
+@lru_cache(maxsize=256)
+def read_prompt_scores(path: Path) -> dict[int, dict[str, Any]]:
+    """Prompt index -> its drift sums (callbacks.forgetting_monitor.prompt_sums) of a prompt-scores file."""
+    prompts = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            if not {"prompt_index", "tokens", "kl", "kl_at_temperature", "agreement", "entropy"} <= set(record):
+                raise ValueError(f"{path} line {number}: not a ForgettingMonitor prompt-scores record")
+            prompts[int(record["prompt_index"])] = record
+    return prompts
+
+
+def drift_pair(path_a: Path, path_b: Path) -> dict[str, Outcome]:
+    """Two runs' drift from the initial model on the same answers to the general prompts, prompt by
+    prompt (b minus a), each a mean over all answer tokens: top-1 agreement with the initial model and
+    the KL left at each run's best temperature, which a temperature cannot move, beside the KL at
+    temperature 1 and the entropy, which it can (sharpening lowers the entropy)."""
+    a, b = read_prompt_scores(Path(path_a)), read_prompt_scores(Path(path_b))
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return dict.fromkeys(DRIFT, "no general prompt in common")
+    if any(a[i]["tokens"] != b[i]["tokens"] for i in shared):
+        return dict.fromkeys(DRIFT, "the runs' initial answers differ (another prompt set, seed or max_new_tokens)")
+    counts = np.array([a[i]["tokens"] for i in shared], dtype=float)
+
+    def column(scored: dict[int, dict[str, Any]], key: str) -> np.ndarray:
+        if key == "kl_calibrated":
+            grid = np.array([scored[i]["kl_at_temperature"] for i in shared], dtype=float)  # [prompts, temperatures]
+            return grid[:, int(grid.sum(0).argmin())]
+        return np.array([scored[i][key] for i in shared], dtype=float)
+
+    return {name: compare_paired([PairedItems(column(a, name), column(b, name), counts)]) for name in DRIFT}
+
+
 def heldout_split(config_file: str | Path | None) -> str | None:
     """What decides a run's held-out rows (data.task, data.val_size, data.seed of its config), as one
     string: runs with the same string scored the same rows under the same row indices."""
@@ -144,6 +184,9 @@ def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
         scores = row_scores_file(log_dir, summary["best_step"])
         if scores.is_file():  # written by talr since the row scores were kept
             out["row_scores_best"] = str(scores)
+        drift = prompt_scores_file(log_dir / "forgetting", summary["best_step"])  # ForgettingMonitor's default dirpath
+        if drift.is_file():
+            out["prompt_scores_best"] = str(drift)
     outcome: Outcome
     if summary.get("monitor") != "val/accuracy":
         outcome = f"the domain metric is {summary.get('monitor')}, not val/accuracy"
@@ -250,11 +293,19 @@ def between_strategies(results: pd.DataFrame) -> pd.DataFrame:
             for side in SIDES:
                 outcomes = [PAIRS[side](by_loss[a][k], by_loss[b][k]) for k in shared]
                 entry[side] = combine_seeds(outcomes) if shared else "no seed in common"
-            per_seed = [_teacher_forced(by_loss[a][k], by_loss[b][k]) for k in shared]
-            for name in TEACHER_FORCED:
+            per_seed = [{**_teacher_forced(by_loss[a][k], by_loss[b][k]), **_drift(by_loss[a][k], by_loss[b][k])}
+                        for k in shared]
+            for name in (*TEACHER_FORCED, *DRIFT):
                 entry[name] = combine_seeds([o[name] for o in per_seed]) if shared else "no seed in common"
             pairs.append(entry)
-    return pd.DataFrame(pairs, columns=["learning_rate", "a", "b", "seeds", *SIDES, *TEACHER_FORCED])
+    return pd.DataFrame(pairs, columns=["learning_rate", "a", "b", "seeds", *SIDES, *TEACHER_FORCED, *DRIFT])
+
+
+def _drift(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
+    files = [row.get("prompt_scores_best") for row in (a, b)]
+    if not all(isinstance(f, str) and Path(f).is_file() for f in files):
+        return dict.fromkeys(DRIFT, "no ForgettingMonitor prompt scores of the best step (no monitor, or a sweep from before they were kept)")
+    return drift_pair(Path(files[0]), Path(files[1]))
 
 
 def _teacher_forced(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
