@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from talr.experiments.significance import (DRIFT, TEACHER_FORCED, Outcome, against_initial, between_strategies, combine_seeds,
-                                           outcome_from_row)
+from talr.experiments.significance import Outcome, against_initial, between_strategies, combine_seeds, outcome_from_row
 from talr.stats import ALPHA, PairedComparison, compare_replicates
 
 GROUP = ["loss", "learning_rate"]
@@ -251,6 +250,18 @@ def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
     return f"{mark}{outcome.delta:+.4f}{mark} [{outcome.low:+.4f}, {outcome.high:+.4f}] | {p} | {outcome.test}"
 
 
+def _pair_table(pairs: pd.DataFrame, columns: dict[str, str], intro: str, alpha: float, notes: list[str]) -> list[str]:
+    """A table of `between_strategies` outcomes (header -> column), or nothing when no pair has one."""
+    if pairs.empty or not any(isinstance(o, PairedComparison) for name in columns.values() for o in pairs[name]):
+        return []
+    header = "".join(f" {title} b - a [95% CI] | p | test |" for title in columns)
+    lines = ["", intro, "", f"| learning rate | a | b | seeds |{header}", "|---" * (4 + 3 * len(columns)) + "|"]
+    for _, pair in pairs.iterrows():
+        lines.append(f"| {pair['learning_rate']:g} | {pair['a']} | {pair['b']} | {pair['seeds']} | "
+                     + " | ".join(_change(pair[name], alpha, notes) for name in columns.values()) + " |")
+    return lines
+
+
 def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
     """The significance section of the report: each cell against the initial model, and every two
     strategies at the same learning rate, on the domain and the general side."""
@@ -274,27 +285,15 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
                      f"{_change(pair['domain'], alpha, notes)} | {_change(pair['general'], alpha, notes)} |")
     if pairs.empty:
         lines.append("| (one strategy per learning rate: nothing to compare) | | | | | | | | | |")
-    elif any(isinstance(o, PairedComparison) for name in TEACHER_FORCED for o in pairs[name]):
-        lines += ["", "The same pairs on the held-out rows, teacher-forced over all their target tokens (b minus a): "
-                  "top-1 token accuracy and NLL at each run's best temperature, which a temperature cannot move, "
-                  "beside plain NLL, which it can:", "",
-                  "| learning rate | a | b | seeds | token accuracy b - a [95% CI] | p | test "
-                  "| calibrated NLL b - a [95% CI] | p | test | NLL b - a [95% CI] | p | test |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for _, pair in pairs.iterrows():
-            lines.append(f"| {pair['learning_rate']:g} | {pair['a']} | {pair['b']} | {pair['seeds']} | "
-                         + " | ".join(_change(pair[name], alpha, notes) for name in TEACHER_FORCED) + " |")
-    if not pairs.empty and any(isinstance(o, PairedComparison) for name in DRIFT for o in pairs[name]):
-        lines += ["", "The same pairs on the general prompts (b minus a), prompt by prompt over the initial model's "
-                  "answers (ForgettingMonitor at the best step): top-1 agreement with the initial model and the KL left "
-                  "at each run's best temperature, which a temperature cannot move, beside the KL and the entropy, "
-                  "which it can (a sharpened model's entropy falls):", "",
-                  "| learning rate | a | b | seeds | agreement b - a [95% CI] | p | test | calibrated KL b - a [95% CI] "
-                  "| p | test | KL b - a [95% CI] | p | test | entropy b - a [95% CI] | p | test |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for _, pair in pairs.iterrows():
-            lines.append(f"| {pair['learning_rate']:g} | {pair['a']} | {pair['b']} | {pair['seeds']} | "
-                         + " | ".join(_change(pair[name], alpha, notes) for name in DRIFT) + " |")
+    lines += _pair_table(pairs, {"token accuracy": "token_accuracy", "calibrated NLL": "calibrated_nll", "NLL": "nll"},
+                         "The same pairs on the held-out rows, teacher-forced over all their target tokens (b minus a): "
+                         "top-1 token accuracy and NLL at each run's best temperature, which a temperature cannot move, "
+                         "beside plain NLL, which it can:", alpha, notes)
+    lines += _pair_table(pairs, {"agreement": "agreement", "calibrated KL": "kl_calibrated", "KL": "kl", "entropy": "entropy"},
+                         "The same pairs on the general prompts (b minus a), prompt by prompt over the initial model's "
+                         "answers (ForgettingMonitor at the best step): top-1 agreement with the initial model and the KL "
+                         "left at each run's best temperature, which a temperature cannot move, beside the KL and the "
+                         "entropy, which it can (a sharpened model's entropy falls):", alpha, notes)
     lines += ["", "Tests: McNemar = exact McNemar test with Tango's score interval (accuracy of one task); sign-flip = "
               "paired permutation test, interval from the tasks' own intervals (general score over several tasks; "
               "teacher-forced and drift: rows or prompts resampled, a paired bootstrap); "

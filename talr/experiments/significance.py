@@ -72,61 +72,63 @@ def row_scores_file(log_dir: str | Path, step: int) -> Path:
     return Path(log_dir) / "row_scores" / f"val_step{int(step):06d}.jsonl"
 
 
-@lru_cache(maxsize=256)
-def read_row_scores(path: Path) -> dict[int, dict[str, Any]]:
-    """Row index -> its token sums (talr.evaluation.RowScores' fields) of a row-scores file."""
-    rows = {}
+def _read_sums(path: Path, key: str, required: set[str], what: str) -> dict[int, dict[str, Any]]:
+    """Item (`key`) -> its record, from a JSONL file of per-item sums."""
+    items = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             record = json.loads(line)
-            if not {"row_index", "tokens", "nll", "top1_hits", "nll_at_temperature"} <= set(record):
-                raise ValueError(f"{path} line {number}: not a talr row-scores record")
-            rows[int(record["row_index"])] = record
-    return rows
+            if not {key, "tokens", *required} <= set(record):
+                raise ValueError(f"{path} line {number}: not a {what} record")
+            items[int(record[key])] = record
+    return items
 
 
-TEACHER_FORCED = ("token_accuracy", "calibrated_nll", "nll")  # the row-scores comparisons, in table order
+def _compare_sums(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], keys: dict[str, str],
+                  differ: str) -> dict[str, Outcome]:
+    """Per name, the paired change (b minus a) of sum(`key`) / sum(tokens) over the items both hold. A
+    key holding a grid over the calibration temperatures is read at each scoring's own best one (the
+    lowest total), as the logged calibrated numbers are."""
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return dict.fromkeys(keys, "no item in common")
+    if any(a[i]["tokens"] != b[i]["tokens"] for i in shared):
+        return dict.fromkeys(keys, differ)
+    counts = np.array([a[i]["tokens"] for i in shared], dtype=float)
+
+    def column(scored: dict[int, dict[str, Any]], key: str) -> np.ndarray:
+        values = np.array([scored[i][key] for i in shared], dtype=float)
+        return values[:, int(values.sum(0).argmin())] if values.ndim == 2 else values
+
+    return {name: compare_paired([PairedItems(column(a, key), column(b, key), counts)]) for name, key in keys.items()}
+
+
+# the row-scores comparisons (table order) and the talr.evaluation.RowScores field each reads
+TEACHER_FORCED = {"token_accuracy": "top1_hits", "calibrated_nll": "nll_at_temperature", "nll": "nll"}
+
+
+@lru_cache(maxsize=256)
+def read_row_scores(path: Path) -> dict[int, dict[str, Any]]:
+    """Row index -> its token sums (talr.evaluation.RowScores' fields) of a row-scores file."""
+    return _read_sums(path, "row_index", set(TEACHER_FORCED.values()), "talr row-scores")
 
 
 def teacher_forced_pair(path_a: Path, path_b: Path) -> dict[str, Outcome]:
     """Two scorings of the same held-out rows compared row by row (b minus a), each as a mean over all
     target tokens: top-1 token accuracy, NLL at each scoring's own best temperature (fitted once over
     its rows, as val/calibrated_loss is), and plain NLL. A temperature can move only the last."""
-    a, b = read_row_scores(Path(path_a)), read_row_scores(Path(path_b))
-    shared = sorted(set(a) & set(b))
-    if not shared:
-        return dict.fromkeys(TEACHER_FORCED, "no held-out row in common")
-    if any(a[i]["tokens"] != b[i]["tokens"] for i in shared):
-        return dict.fromkeys(TEACHER_FORCED, "the rows' target tokens differ (another tokenizer or max_length)")
-    counts = np.array([a[i]["tokens"] for i in shared], dtype=float)
-
-    def at_best_temperature(scored: dict[int, dict[str, Any]]) -> np.ndarray:
-        grid = np.array([scored[i]["nll_at_temperature"] for i in shared], dtype=float)  # [rows, temperatures]
-        return grid[:, int(grid.sum(0).argmin())]
-
-    def column(scored: dict[int, dict[str, Any]], key: str) -> np.ndarray:
-        return np.array([scored[i][key] for i in shared], dtype=float)
-
-    items = {"token_accuracy": (column(a, "top1_hits"), column(b, "top1_hits")),
-             "calibrated_nll": (at_best_temperature(a), at_best_temperature(b)),
-             "nll": (column(a, "nll"), column(b, "nll"))}
-    return {name: compare_paired([PairedItems(before, after, counts)]) for name, (before, after) in items.items()}
+    return _compare_sums(read_row_scores(Path(path_a)), read_row_scores(Path(path_b)), TEACHER_FORCED,
+                         "the rows' target tokens differ (another tokenizer or max_length)")
 
 
-DRIFT = ("agreement", "kl_calibrated", "kl", "entropy")  # the prompt-scores comparisons, in table order
+# the prompt-scores comparisons (table order) and the callbacks.forgetting_monitor.prompt_sums field each reads
+DRIFT = {"agreement": "agreement", "kl_calibrated": "kl_at_temperature", "kl": "kl", "entropy": "entropy"}
 
 
 @lru_cache(maxsize=256)
 def read_prompt_scores(path: Path) -> dict[int, dict[str, Any]]:
     """Prompt index -> its drift sums (callbacks.forgetting_monitor.prompt_sums) of a prompt-scores file."""
-    prompts = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            record = json.loads(line)
-            if not {"prompt_index", "tokens", "kl", "kl_at_temperature", "agreement", "entropy"} <= set(record):
-                raise ValueError(f"{path} line {number}: not a ForgettingMonitor prompt-scores record")
-            prompts[int(record["prompt_index"])] = record
-    return prompts
+    return _read_sums(path, "prompt_index", set(DRIFT.values()), "ForgettingMonitor prompt-scores")
 
 
 def drift_pair(path_a: Path, path_b: Path) -> dict[str, Outcome]:
@@ -134,21 +136,8 @@ def drift_pair(path_a: Path, path_b: Path) -> dict[str, Outcome]:
     prompt (b minus a), each a mean over all answer tokens: top-1 agreement with the initial model and
     the KL left at each run's best temperature, which a temperature cannot move, beside the KL at
     temperature 1 and the entropy, which it can (sharpening lowers the entropy)."""
-    a, b = read_prompt_scores(Path(path_a)), read_prompt_scores(Path(path_b))
-    shared = sorted(set(a) & set(b))
-    if not shared:
-        return dict.fromkeys(DRIFT, "no general prompt in common")
-    if any(a[i]["tokens"] != b[i]["tokens"] for i in shared):
-        return dict.fromkeys(DRIFT, "the runs' initial answers differ (another prompt set, seed or max_new_tokens)")
-    counts = np.array([a[i]["tokens"] for i in shared], dtype=float)
-
-    def column(scored: dict[int, dict[str, Any]], key: str) -> np.ndarray:
-        if key == "kl_calibrated":
-            grid = np.array([scored[i]["kl_at_temperature"] for i in shared], dtype=float)  # [prompts, temperatures]
-            return grid[:, int(grid.sum(0).argmin())]
-        return np.array([scored[i][key] for i in shared], dtype=float)
-
-    return {name: compare_paired([PairedItems(column(a, name), column(b, name), counts)]) for name in DRIFT}
+    return _compare_sums(read_prompt_scores(Path(path_a)), read_prompt_scores(Path(path_b)), DRIFT,
+                         "the runs' initial answers differ (another prompt set, seed or max_new_tokens)")
 
 
 def heldout_split(config_file: str | Path | None) -> str | None:
