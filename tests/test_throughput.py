@@ -99,4 +99,5 @@ def test_plain_progress_chosen_in_a_config_prints_every_step_with_its_speed(run)
     for step, line in enumerate(lines):  # each line covers exactly its step
         shown = float(re.search(r"\| ([\d,]+) tokens/s", line)[1].replace(",", ""))
         assert shown == pytest.approx(scalars["train/tokens_per_s"][step], abs=0.5)
-        assert float(re.search(r"\| mfu ([\d.e-]+)", line)[1]) == pytest.approx(scalars["train/mfu"][step], rel=2e-3)
+        # printed to 3 significant digits; TensorBoard keeps float32
+        assert re.search(r"\| mfu ([\d.e-]+)", line)[1] == f"{scalars['train/mfu'][step]:.3g}"
