@@ -200,7 +200,7 @@ class ForgettingMonitor(GuardsResults):
                 for response, scores in zip(self.responses, initial):
                     response["initial_nll"] = scores.nll.tolist()
                     response["initial_argmax"] = scores.argmax.tolist()
-                self.curve = [self.curve_entry(trainer, initial)]
+                self.curve = [self.curve_entry(trainer, prompt_sums(list(zip(self.responses, initial))))]
                 if key:
                     store_cached("forgetting", key, {"responses": self.responses, "initial": self.curve[0]})
             self.log_entry(trainer, self.curve[-1])
@@ -213,8 +213,8 @@ class ForgettingMonitor(GuardsResults):
         out = self.output_dir(trainer)
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.responses:
             return  # `validate_before_fit` runs before the answers exist; step 0 is logged at train start
-        current = self.score_responses(pl_module)
-        entry = self.curve_entry(trainer, current)
+        sums = prompt_sums(list(zip(self.responses, self.score_responses(pl_module))))
+        entry = self.curve_entry(trainer, sums)
         if self.curve and self.curve[-1]["step"] == entry["step"]:
             self.curve[-1] = entry  # a second validation at the same step replaces the first
         else:
@@ -222,7 +222,6 @@ class ForgettingMonitor(GuardsResults):
         self.log_entry(trainer, entry)
         if trainer.is_global_zero:
             write_atomic(out / CURVE_FILE, json.dumps(self.curve, indent=1))
-            sums = prompt_sums(list(zip(self.responses, current)))
             write_atomic(prompt_scores_file(out, entry["step"]), "".join(json.dumps(p) + "\n" for p in sums))
         rank_zero_info(f"[forgetting] step {entry['step']}: NLL increase {entry['nll_increase']:+.4f} nats/token, "
                        f"KL {entry['kl']:.4f} (at the best temperature {entry['temperature']:.3g}: "
@@ -243,7 +242,7 @@ class ForgettingMonitor(GuardsResults):
         if not self.responses:
             raise ValueError("ForgettingMonitor.measure needs the initial model's answers, sampled at train start; "
                              "call it after training started")
-        return self.curve_entry(trainer, self.score_responses(pl_module))
+        return self.curve_entry(trainer, prompt_sums(list(zip(self.responses, self.score_responses(pl_module)))))
 
     # -- the initial answers ----------------------------------------------------------------------
     @torch.no_grad()
@@ -299,14 +298,14 @@ class ForgettingMonitor(GuardsResults):
                               pl_module.device, statistics=True)
 
     # -- the curve --------------------------------------------------------------------------------
-    def curve_entry(self, trainer: L.Trainer, current: list[TokenScores]) -> dict[str, Any]:
-        """Token-weighted means over all answers and per category (see the class docstring)."""
-        by_category: dict[str, list[tuple[dict[str, Any], TokenScores]]] = defaultdict(list)
-        for response, scores in zip(self.responses, current):
-            by_category[response["category"]].append((response, scores))
-        pairs = [pair for group in by_category.values() for pair in group]
-        return {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch), **divergence(pairs),
-                "categories": {c: divergence(group) for c, group in sorted(by_category.items())}}
+    def curve_entry(self, trainer: L.Trainer, sums: list[dict[str, Any]]) -> dict[str, Any]:
+        """Token-weighted means over all answers and per category (see the class docstring), from the
+        prompts' sums (`prompt_sums`)."""
+        by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for prompt in sums:
+            by_category[prompt["category"]].append(prompt)
+        return {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch), **mean_drift(sums),
+                "categories": {c: mean_drift(group) for c, group in sorted(by_category.items())}}
 
     def log_entry(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
         metrics = {f"forgetting/{k}": entry[k] for k in (*PER_CATEGORY, "nll", "temperature")}
@@ -330,42 +329,49 @@ def k3_terms(initial_nll: torch.Tensor, current_nll: torch.Tensor) -> torch.Tens
 
 
 def prompt_sums(pairs: list[tuple[dict[str, Any], TokenScores]]) -> list[dict[str, Any]]:
-    """Per prompt (its answers together), the sums over answer tokens behind `divergence`'s means:
-    tokens, NLL increase, k3 terms at temperature 1 and at each calibration temperature, top-1 agreements
-    and entropy; what pairs two runs prompt by prompt (talr.experiments.significance.drift_pair)."""
+    """Per prompt (its answers together), sums over answer tokens: tokens, current NLL, NLL increase,
+    k3 terms at temperature 1 and at each calibration temperature, top-1 agreements (None for answers
+    stored by an older talr without `initial_argmax`) and entropy. The curve's means are these over
+    their tokens (`mean_drift`), and they pair two runs prompt by prompt
+    (talr.experiments.significance.drift_pair)."""
     by_prompt: dict[int, dict[str, Any]] = {}
     for response, scores in pairs:
-        initial = torch.tensor(response["initial_nll"], dtype=torch.float64)
+        initial, current = torch.tensor(response["initial_nll"], dtype=torch.float64), scores.nll.double()
         entry = by_prompt.setdefault(response["prompt_index"], {
-            "prompt_index": response["prompt_index"], "category": response["category"], "tokens": 0, "nll_increase": 0.0,
-            "kl": 0.0, "kl_at_temperature": torch.zeros(len(CALIBRATION_TEMPERATURES), dtype=torch.float64),
+            "prompt_index": response["prompt_index"], "category": response["category"], "tokens": 0, "nll": 0.0,
+            "nll_increase": 0.0, "kl": 0.0, "kl_at_temperature": torch.zeros(len(CALIBRATION_TEMPERATURES), dtype=torch.float64),
             "agreement": 0, "entropy": 0.0})
         entry["tokens"] += int(initial.numel())
-        entry["nll_increase"] += float((scores.nll.double() - initial).sum())
-        entry["kl"] += float(k3_terms(initial, scores.nll.double()).sum())
+        entry["nll"] += float(current.sum())
+        entry["nll_increase"] += float((current - initial).sum())
+        entry["kl"] += float(k3_terms(initial, current).sum())
         entry["kl_at_temperature"] += k3_terms(initial, scores.nll_at_temperature.double()).sum(0)
-        entry["agreement"] += int((scores.argmax == torch.tensor(response["initial_argmax"])).sum())
+        if "initial_argmax" in response and entry["agreement"] is not None:
+            entry["agreement"] += int((scores.argmax == torch.tensor(response["initial_argmax"])).sum())
+        else:
+            entry["agreement"] = None
         entry["entropy"] += float(scores.entropy.double().sum())
     return [{**e, "kl_at_temperature": e["kl_at_temperature"].tolist()} for _, e in sorted(by_prompt.items())]
 
 
-def divergence(pairs: list[tuple[dict[str, Any], TokenScores]]) -> dict[str, float]:
-    """Means over all answer tokens of (stored initial answer, its current scores) pairs: NLL increase,
-    k3 KL estimate at temperature 1 and its lowest over the temperatures, top-1 agreement, entropy."""
-    initial = torch.cat([torch.tensor(r["initial_nll"], dtype=torch.float64) for r, _ in pairs])
-    current = torch.cat([s.nll.double() for _, s in pairs])
-    at_temperature = torch.cat([s.nll_at_temperature.double() for _, s in pairs])  # [N, K]
-    kl_at_temperature = k3_terms(initial, at_temperature).mean(0)  # [K]
+def mean_drift(sums: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over all answer tokens of prompts' sums (`prompt_sums`): NLL increase, k3 KL estimate at
+    temperature 1 and its lowest over the temperatures (with that temperature), top-1 agreement (NaN
+    when an answer lacks its initial top-1 tokens), entropy."""
+    tokens = sum(p["tokens"] for p in sums)
+    total = {key: sum(p[key] for p in sums) for key in ("nll", "nll_increase", "kl", "entropy")}
+    kl_at_temperature = torch.tensor([p["kl_at_temperature"] for p in sums], dtype=torch.float64).sum(0) / tokens
     best = int(kl_at_temperature.argmin())
-
-    agreement = math.nan
-    if all("initial_argmax" in r for r, _ in pairs):  # answers stored by an older talr lack it
-        matches = torch.cat([s.argmax == torch.tensor(r["initial_argmax"]) for r, s in pairs])
-        agreement = float(matches.double().mean())
-    return {"nll_increase": float((current - initial).mean()), "kl": float(k3_terms(initial, current).mean()),
+    agreement = math.nan if any(p["agreement"] is None for p in sums) else sum(p["agreement"] for p in sums) / tokens
+    return {"nll_increase": total["nll_increase"] / tokens, "kl": total["kl"] / tokens,
             "kl_calibrated": float(kl_at_temperature[best]), "temperature": CALIBRATION_TEMPERATURES[best],
-            "agreement": agreement, "entropy": float(torch.cat([s.entropy.double() for _, s in pairs]).mean()),
-            "nll": float(current.mean()), "nll_initial": float(initial.mean()), "tokens": int(initial.numel())}
+            "agreement": agreement, "entropy": total["entropy"] / tokens, "nll": total["nll"] / tokens,
+            "nll_initial": (total["nll"] - total["nll_increase"]) / tokens, "tokens": tokens}
+
+
+def divergence(pairs: list[tuple[dict[str, Any], TokenScores]]) -> dict[str, float]:
+    """Means over all answer tokens of (stored initial answer, its current scores) pairs (`mean_drift`)."""
+    return mean_drift(prompt_sums(pairs))
 
 
 def first_per_category(prompts: list[GeneralPrompt], limit: int | None) -> list[GeneralPrompt]:
