@@ -22,10 +22,12 @@ the step's temporaries) + 2 x weights, in bytes of the trainable weights.
 
 The search: micro-batch 1, then 2, then the size that a straight line through the measured points
 predicts for the budget, verified by its own trial, until the largest fitting size is known (memory
-grows linearly with the micro-batch at a fixed padded length). Without checkpointing first (it costs
-about one more forward per step); with it only when even micro-batch 1 does not fit. A strategy that
-pays that forward anyway when a step is split (TALR) goes from the one-row trial straight to the whole
-step with checkpointing when the one-row trial already shows that the whole step cannot fit without.
+grows linearly with the micro-batch at a fixed padded length). Without checkpointing first; then
+selective checkpointing (the layers' widening matmuls kept, the rest recomputed: about a fifth more
+step time), then full (about a third more) only when even micro-batch 1 does not fit at the level
+before (talr.models.set_gradient_checkpointing). A strategy that pays a forward anyway when a step is
+split (TALR) goes from the one-row trial straight to the whole step checkpointed, selective before
+full, when the one-row trial already shows that the whole step cannot fit without.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from talr.models import set_gradient_checkpointing
+from talr.models import CHECKPOINTING_LEVELS, checkpointing_level, set_gradient_checkpointing
 from talr.schedule import adamw_foreach
 
 GIB = 2**30
@@ -115,26 +117,48 @@ def _release_freed_heap() -> None:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 HEAP_THRESHOLD = 128 * 2**10
+REUSE_THRESHOLD = 32 * 2**20  # the highest glibc raises its own threshold to (64-bit)
+
+
+def _set_glibc_thresholds(mmap_threshold: int, trim_threshold: int) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    except (OSError, AttributeError):
+        pass
 
 
 def return_large_blocks_at_once() -> None:
-    """Make glibc map every block above 128 KiB on its own and give it back when freed (on a CPU under a
-    budget). By default glibc raises that threshold to the largest block freed so far (up to 32 MiB),
-    after which activations come from a heap that keeps freed pages: measured on the quickstart, the
-    real steps then peaked 0.6 GiB above the trial step; with fixed thresholds, 0.3 GiB (the same as
-    MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072 in the environment).
+    """Make glibc map every block above 128 KiB on its own and give it back when freed: on a CPU under a
+    budget, for the trials and every training step (`allocate_for_training`). By default glibc raises
+    that threshold to the largest block freed so far (up to 32 MiB), after which activations come from a
+    heap that keeps freed pages: measured on the quickstart, the real steps then peaked 0.6 GiB above
+    the trial step; with fixed thresholds, 0.3 GiB (the same as MALLOC_MMAP_THRESHOLD_=131072
+    MALLOC_TRIM_THRESHOLD_=131072 in the environment).
 
     The price is time: every activation is a fresh mapping, faulted in and zeroed by the kernel. One
     checkpointed step of 4 x 450 tokens of the 135M model took 18.1 s against 12.9 s with glibc's
     defaults (peaks 3.36 and 4.39 GiB). Trimming the heap (malloc_trim) before every micro-batch instead
     kept the defaults' speed, but the real steps still peaked 0.6 GiB above their trial, over the
     budget: a budget that holds is worth the time here."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, HEAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, HEAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
+    _set_glibc_thresholds(HEAP_THRESHOLD, HEAP_THRESHOLD)
+
+
+def allocate_for_training() -> None:
+    """Before a training step on a CPU under a budget: large blocks mapped on their own (above), and the
+    heap pages that generation and validation left freed given back, so the step's peak is the trial's."""
+    return_large_blocks_at_once()
+    _release_freed_heap()
+
+
+def allocate_for_inference() -> None:
+    """Between training steps on a CPU under a budget (validation, generation, probes, export): blocks up
+    to 32 MiB come from the heap and are reused, as glibc does by default once its threshold has risen.
+    These phases hold no activations for a backward, so the budget is not at stake, and their many
+    short-lived blocks are where fresh mappings cost most: greedy generation of 64 tokens after 8 prompts
+    of 300 tokens (135M model, 2-core CPU) took 11 s this way against 17 s with every block mapped."""
+    _set_glibc_thresholds(REUSE_THRESHOLD, 2 * REUSE_THRESHOLD)
 
 
 class PeakMemory:
@@ -227,7 +251,7 @@ def process_peak_memory(device: torch.device | str) -> int:
 @dataclass(frozen=True)
 class MemoryChoice:
     micro_batch_size: int
-    gradient_checkpointing: bool
+    checkpointing: str  # a level of talr.models.CHECKPOINTING_LEVELS
     need_bytes: int  # the chosen setting's measured need (trial peak plus the optimizer's state)
     budget_bytes: int
     batch_size: int
@@ -235,7 +259,7 @@ class MemoryChoice:
 
     def describe(self) -> str:
         return (f"memory budget {gib(self.budget_bytes)}: micro-batch {self.micro_batch_size} of {self.batch_size} rows, "
-                f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}; trial step peak "
+                f"gradient checkpointing {self.checkpointing}; trial step peak "
                 f"{gib(self.need_bytes)} (with the optimizer's state; {self.trials} trial steps)")
 
 
@@ -272,52 +296,58 @@ def largest_fitting(batch_size: int, budget: int, need: Callable[[int], int]) ->
     return best, measured
 
 
-def choose_memory_settings(batch_size: int, budget: int, need: Callable[[int, bool], int],
-                           checkpointing_options: tuple[bool, ...] = (False, True),
+def choose_memory_settings(batch_size: int, budget: int, need: Callable[[int, str], int],
+                           checkpointing_options: tuple[str, ...] = CHECKPOINTING_LEVELS,
                            split_costs_a_forward: bool = False, fixed_bytes: int | None = None) -> MemoryChoice:
-    """The largest micro-batch (without checkpointing where it fits at all) whose `need(size,
-    checkpointing)` in bytes fits `budget`; MemoryBudgetError naming both when nothing does. No
-    setting is measured twice.
+    """The largest micro-batch at the cheapest checkpointing level where any fits (`checkpointing_options`,
+    cheapest in time first) whose `need(size, level)` in bytes fits `budget`; MemoryBudgetError naming
+    the needs when nothing does. No setting is measured twice.
 
     `split_costs_a_forward`: the strategy needs the step's sequence losses before any backward (TALR's
     tau), so a step split into micro-batches pays a no-grad forward of every row first. Checkpointing
-    the whole step as one micro-batch pays the same one forward (its recompute) with larger matmuls
-    and no split, so where that fits it is taken over a split step without checkpointing.
+    the whole step as one micro-batch pays at most that forward (its recompute; less where selective)
+    with larger matmuls and no split, so where that fits it is taken over a split step without
+    checkpointing, at the cheapest level that fits.
 
     `fixed_bytes`: the part of every need that does not grow with the micro-batch (the process before
     the trials, the gradients, the optimizer's state). With it, a strategy of the kind above skips
     the trials of split steps when one row's trial shows that the whole step cannot fit without
     checkpointing (the other rows adding what the first added, over the budget by 10%): its choice
-    is then the whole step with checkpointing, or the search below when that does not fit either."""
-    measured: dict[tuple[int, bool], int] = {}
+    is then the whole step checkpointed, or the search below when that does not fit at any level."""
+    measured: dict[tuple[int, str], int] = {}
 
-    def trial(size: int, checkpointing: bool) -> int:
-        if (size, checkpointing) not in measured:
-            measured[size, checkpointing] = need(size, checkpointing)
-        return measured[size, checkpointing]
+    def trial(size: int, level: str) -> int:
+        if (size, level) not in measured:
+            measured[size, level] = need(size, level)
+        return measured[size, level]
+
+    checkpointed = [level for level in checkpointing_options if level != "off"]
 
     def whole_step_checkpointed() -> MemoryChoice | None:
-        whole = trial(batch_size, True)
-        return MemoryChoice(batch_size, True, whole, budget, batch_size, trials=len(measured)) if whole <= budget else None
+        for level in checkpointed:
+            whole = trial(batch_size, level)
+            if whole <= budget:
+                return MemoryChoice(batch_size, level, whole, budget, batch_size, trials=len(measured))
+        return None
 
-    prefer_whole = split_costs_a_forward and False in checkpointing_options and True in checkpointing_options
+    prefer_whole = split_costs_a_forward and "off" in checkpointing_options and bool(checkpointed)
     if prefer_whole and fixed_bytes is not None and batch_size > 1:
-        one = trial(1, False)
+        one = trial(1, "off")
         if one <= budget and one + (batch_size - 1) * (one - fixed_bytes) > 1.1 * budget:
             choice = whole_step_checkpointed()
             if choice is not None:
                 return choice
     smallest = {}
-    for checkpointing in checkpointing_options:
-        size, sizes = largest_fitting(batch_size, budget, lambda m: trial(m, checkpointing))
-        if size is not None and not checkpointing and size < batch_size and prefer_whole:
+    for level in checkpointing_options:
+        size, sizes = largest_fitting(batch_size, budget, lambda m: trial(m, level))
+        if size is not None and level == "off" and size < batch_size and prefer_whole:
             choice = whole_step_checkpointed()
             if choice is not None:
                 return choice
         if size is not None:
-            return MemoryChoice(size, checkpointing, sizes[size], budget, batch_size, trials=len(measured))
-        smallest[checkpointing] = sizes
-    tried = "; ".join(f"{'with' if c else 'without'} gradient checkpointing {gib(m[1])}" for c, m in smallest.items())
+            return MemoryChoice(size, level, sizes[size], budget, batch_size, trials=len(measured))
+        smallest[level] = sizes
+    tried = "; ".join(f"gradient checkpointing {level} {gib(m[1])}" for level, m in smallest.items())
     raise MemoryBudgetError(
         f"data.memory_budget {gib(budget)} is too small for one training step: micro-batch 1 of the longest rows "
         f"needs {tried} (measured with a trial step, the optimizer's state included). Raise data.memory_budget, "
@@ -351,8 +381,8 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
     def largest_over_ranks(nbytes: int) -> int:
         return int(trainer.strategy.reduce(torch.tensor(float(nbytes), device=device), reduce_op="max").item())
 
-    def need(size: int, checkpointing: bool) -> int:
-        set_gradient_checkpointing(module.lm, checkpointing)
+    def need(size: int, level: str) -> int:
+        set_gradient_checkpointing(module.lm, level)
         micro = {k: v.to(device) for k, v in datamodule.longest_micro_batch(size).items()}
         meter.reset()
         module.trial_step(micro, in_a_larger_step=size < batch_size)
@@ -362,14 +392,18 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
         return largest_over_ranks(max(peak, after_backward + step_temporary) + 2 * weight_bytes)
 
     budget = int(trainer.strategy.broadcast(budget_bytes(datamodule.memory_budget, device), src=0))
-    options = (True,) if module.hparams.gradient_checkpointing else (False, True)
+    # a level set in the config is the cheapest the search may choose
+    first = CHECKPOINTING_LEVELS.index(checkpointing_level(module.hparams.gradient_checkpointing))
+    options = CHECKPOINTING_LEVELS[first:]
     meter.reset()
     fixed = largest_over_ranks(meter.current() + 3 * weight_bytes)  # now, plus the gradients and AdamW's two moments
     choice = choose_memory_settings(batch_size, budget, need, options,
                                     split_costs_a_forward=module.loss_fn.needs.step_losses, fixed_bytes=fixed)
-    set_gradient_checkpointing(module.lm, choice.gradient_checkpointing)
+    set_gradient_checkpointing(module.lm, choice.checkpointing)
     datamodule.micro_batch_size = choice.micro_batch_size
     meter.reset()  # the trials' leftovers are not the training's
+    if device.type == "cpu":
+        allocate_for_inference()  # until the first training step (SFTModule.on_train_batch_start)
     rank_zero_info(f"[talr] {choice.describe()}")
     return choice
 

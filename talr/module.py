@@ -23,10 +23,11 @@ from talr.evaluation import DomainEvaluation, describe_metrics, publish_records
 from talr.flow_prepass import flow_sequence_weights
 from talr.initial_cache import cache_key, load_cached, store_cached
 from talr.losses import TALR, LossStrategy, TokenBatch, anchor_copies
-from talr.memory_budget import GIB, apply_memory_budget, gib, process_peak_memory
+from talr.memory_budget import (GIB, allocate_for_inference, allocate_for_training, apply_memory_budget, gib,
+                                process_peak_memory)
 from talr.nonfinite import NonFiniteSteps, gradient_norm
-from talr.models import (TokenNLLModel, check_model_name, eval_mode, is_peft, load_model, load_tokenizer, resolve_dtype,
-                         shard_fsdp2)
+from talr.models import (TokenNLLModel, check_model_name, checkpointing_level, eval_mode, is_peft, load_model,
+                         load_tokenizer, resolve_dtype, shard_fsdp2)
 from talr.replay import check_replay_compatible
 from talr.replay_prepass import initial_replay_answers
 from talr.results import ResultGuard
@@ -50,6 +51,9 @@ class SFTModule(L.LightningModule):
         max_new_tokens: generation budget when scoring validation/test answers.
         generate: score domain accuracy by greedy generation during validation and test.
         dtype: `auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16`, `float16`.
+        gradient_checkpointing: activation checkpointing per layer: false, `selective` (keeps the layers'
+            widening matmuls, recomputes the rest) or true (`full`); with `data.micro_batch_size: auto`, the
+            cheapest level the budget may choose.
         lora: peft LoRA adapters {r, alpha, dropout, target_modules}; only they train.
         anchor_device, anchor_dtype: where and how `l2` keeps theta_0 (`cpu` and/or `bfloat16`
             spare accelerator memory; the gradient term is computed in the parameters' dtype).
@@ -76,7 +80,7 @@ class SFTModule(L.LightningModule):
         max_new_tokens: int = 256,
         generate: bool = True,
         dtype: str = "auto",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         lora: dict[str, Any] | None = None,
@@ -99,6 +103,7 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"model.max_bad_steps must be at least 1, got {max_bad_steps}")
         if fsdp_param_dtype is not None:
             resolve_dtype(fsdp_param_dtype)  # fails before any model is loaded
+        checkpointing_level(gradient_checkpointing)  # a mistyped level fails before any model is loaded
         if anchor_device not in ("same", "cpu"):
             raise ValueError(f"model.anchor_device must be 'same' or 'cpu', got {anchor_device!r}")
         if not isinstance(loss, LossStrategy):
@@ -118,6 +123,7 @@ class SFTModule(L.LightningModule):
                 raise ValueError(f"model.reference: loss {loss!r} uses no reference model; drop model.reference")
             check_model_name(reference)
         self.net: TokenNLLModel | None = None
+        self.allocator_phases = False  # glibc's thresholds follow the phase under a CPU budget (on_fit_start)
         self.tokenizer: Any = None
         # Kept out of the module tree (not in checkpoints or the optimizer): both are the initial
         # model, reloadable from `model`, so a resumed run rebuilds them exactly.
@@ -201,7 +207,16 @@ class SFTModule(L.LightningModule):
             self.flow_weights = self.flow_sequence_weights()
         self.prepare_replay()
         # data.micro_batch_size auto: measured here, where the model is on its device and the loader not yet built
-        apply_memory_budget(self, self.trainer.datamodule)
+        choice = apply_memory_budget(self, self.trainer.datamodule)
+        self.allocator_phases = choice is not None and self.device.type == "cpu"
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.allocator_phases:  # a CPU budget: the step allocates as its trial did (talr.memory_budget)
+            allocate_for_training()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.allocator_phases:
+            allocate_for_inference()
 
     def flow_sequence_weights(self) -> torch.Tensor:
         """FLOW's static weight of every training row, from one pass of the initial model (cached)."""

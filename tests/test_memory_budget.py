@@ -5,6 +5,7 @@ the choice is measured on the tiny model, and training ends with the same weight
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -66,11 +67,14 @@ def test_the_peak_meter_sees_an_allocation_and_forgets_it_after_a_reset():
     assert meter.process_peak() - before >= 250 * MIB  # the process's peak remembers it
 
 
-# -- choosing (needs by hand: a fixed cost plus a cost per row, a quarter of it with checkpointing) -------
+# -- choosing (needs by hand: a fixed cost plus a cost per row: half of it selective, a quarter full) ---------
+SHARE_PER_ROW = {"off": 1.0, "selective": 0.5, "full": 0.25}
+
+
 def hand_need(base: float, per_row: float, log: list):
-    def need(rows: int, checkpointing: bool) -> int:
-        log.append((rows, checkpointing))
-        return int(base + rows * (per_row / 4 if checkpointing else per_row))
+    def need(rows: int, level: str) -> int:
+        log.append((rows, level))
+        return int(base + rows * per_row * SHARE_PER_ROW[level])
     return need
 
 
@@ -78,9 +82,9 @@ def test_the_largest_micro_batch_that_fits_without_checkpointing_is_chosen():
     tried: list = []
     # 1 GiB fixed + 0.5 GiB per row: 4 rows need 3.0 GiB, 5 rows 3.5 GiB, so a 3.2 GiB budget fits 4 of 8
     choice = choose_memory_settings(8, int(3.2 * GIB), hand_need(GIB, 0.5 * GIB, tried))
-    assert (choice.micro_batch_size, choice.gradient_checkpointing) == (4, False)
+    assert (choice.micro_batch_size, choice.checkpointing) == (4, "off")
     assert choice.need_bytes == 3 * GIB and choice.trials == len(tried)
-    assert all(not checkpointing for _, checkpointing in tried)  # it fits without: checkpointing never tried
+    assert all(level == "off" for _, level in tried)  # it fits without: checkpointing never tried
     assert len(tried) <= 4 and max(rows for rows, _ in tried) <= 5  # 1, 2, then the line's prediction, verified
     assert "micro-batch 4 of 8 rows, gradient checkpointing off; trial step peak 3.0 GiB" in choice.describe()
 
@@ -90,51 +94,65 @@ def test_the_largest_micro_batch_that_fits_without_checkpointing_is_chosen():
 
 def test_a_budget_too_small_for_one_row_without_checkpointing_turns_checkpointing_on():
     tried: list = []
-    # without: 1 GiB + 2 GiB per row (1 row: 3 GiB); with: 0.5 GiB per row, so 2.2 GiB fits 2 rows (2.0 GiB)
-    choice = choose_memory_settings(8, int(2.2 * GIB), hand_need(GIB, 2 * GIB, tried))
-    assert (choice.micro_batch_size, choice.gradient_checkpointing) == (2, True)
-    assert tried[0] == (1, False) and (1, True) in tried
+    # off: 1 GiB + 2 GiB per row (1 row: 3 GiB); selective: 1 GiB per row, so 2.6 GiB fits 1 row (2.0 GiB)
+    choice = choose_memory_settings(8, int(2.6 * GIB), hand_need(GIB, 2 * GIB, tried))
+    assert (choice.micro_batch_size, choice.checkpointing) == (1, "selective")
+    assert tried[0] == (1, "off") and (1, "full") not in tried
+    # under 1.8 GiB one row fits only fully checkpointed (off 3.0, selective 2.0, full 1.5 GiB)
+    tried = []
+    choice = choose_memory_settings(8, int(1.8 * GIB), hand_need(GIB, 2 * GIB, tried))
+    assert (choice.micro_batch_size, choice.checkpointing) == (1, "full")
+    assert [level for _, level in tried][:2] == ["off", "selective"]
+    # a level set in the config is the cheapest allowed
+    tried = []
+    choice = choose_memory_settings(8, int(2.6 * GIB), hand_need(GIB, 2 * GIB, tried), ("full",))
+    assert (choice.micro_batch_size, choice.checkpointing) == (3, "full") and {level for _, level in tried} == {"full"}
 
 
 def test_a_strategy_that_needs_the_steps_losses_checkpoints_one_whole_step_rather_than_split_it():
     """TALR splits a step at the price of a forward of every row (its tau pass); checkpointing the whole
-    step costs the same forward once, so the whole step with checkpointing wins where it fits."""
-    # without: 1 GiB + 0.5 GiB per row (4 of 8 fit 3.2 GiB); with: 1 GiB + 0.125 GiB per row (8 rows: 2 GiB)
+    step costs at most that forward once, so the whole step checkpointed wins where it fits, at the
+    cheapest level that fits."""
+    # off: 1 GiB + 0.5 GiB per row (4 of 8 fit 3.2 GiB); selective: 0.25 GiB per row (8 rows: 3 GiB)
     tried: list = []
     choice = choose_memory_settings(8, int(3.2 * GIB), hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True)
-    assert (choice.micro_batch_size, choice.gradient_checkpointing) == (8, True)
-    assert choice.need_bytes == 2 * GIB and tried[-1] == (8, True) and choice.trials == len(tried)
-    # the whole step does not fit even with checkpointing (1 GiB + 8 x 0.375 GiB = 4 GiB): the split step stays
+    assert (choice.micro_batch_size, choice.checkpointing) == (8, "selective")
+    assert choice.need_bytes == 3 * GIB and tried[-1] == (8, "selective") and choice.trials == len(tried)
+    # under 2.6 GiB selective does not hold the whole step (3 GiB), full does (1 GiB + 8 x 0.125 = 2 GiB)
     tried = []
-    kept = choose_memory_settings(8, int(3.2 * GIB), lambda rows, ckpt: (tried.append((rows, ckpt)), int(
-        GIB + rows * (0.375 if ckpt else 0.5) * GIB))[1], split_costs_a_forward=True)
-    assert (kept.micro_batch_size, kept.gradient_checkpointing) == (4, False) and tried[-1] == (8, True)
+    full = choose_memory_settings(8, int(2.6 * GIB), hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True)
+    assert (full.micro_batch_size, full.checkpointing) == (8, "full") and tried[-2:] == [(8, "selective"), (8, "full")]
+    # the whole step does not fit at any level (1 GiB + 8 x 0.375 GiB = 4 GiB): the split step stays
+    tried = []
+    kept = choose_memory_settings(8, int(3.2 * GIB), lambda rows, level: (tried.append((rows, level)), int(
+        GIB + rows * (0.5 if level == "off" else 0.375) * GIB))[1], split_costs_a_forward=True)
+    assert (kept.micro_batch_size, kept.checkpointing) == (4, "off") and tried[-1] == (8, "full")
     # told what does not grow with the rows (1 GiB), one row's trial (1.5 GiB) predicts 5 GiB for the whole
-    # step without checkpointing: the split steps' trials are skipped for the whole step with checkpointing
+    # step without checkpointing: the split steps' trials are skipped for the whole step checkpointed
     tried = []
     direct = choose_memory_settings(8, int(3.2 * GIB), hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True,
                                     fixed_bytes=GIB)
-    assert (direct.micro_batch_size, direct.gradient_checkpointing, direct.trials) == (8, True, 2)
-    assert tried == [(1, False), (8, True)]
+    assert (direct.micro_batch_size, direct.checkpointing, direct.trials) == (8, "selective", 2)
+    assert tried == [(1, "off"), (8, "selective")]
     # the same prediction under a budget that might hold it (10 GiB): the whole step is measured without
     tried = []
     roomy = choose_memory_settings(8, 10 * GIB, hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True,
                                    fixed_bytes=GIB)
-    assert (roomy.micro_batch_size, roomy.gradient_checkpointing) == (8, False) and (8, True) not in tried
+    assert (roomy.micro_batch_size, roomy.checkpointing) == (8, "off") and (8, "selective") not in tried
     assert len(tried) == len(set(tried)) == roomy.trials  # no setting measured twice
     # a strategy without the pass (ce): never tried
     plain: list = []
     assert choose_memory_settings(8, int(3.2 * GIB), hand_need(GIB, 0.5 * GIB, plain)).micro_batch_size == 4
-    assert all(not ckpt for _, ckpt in plain)
+    assert all(level == "off" for _, level in plain)
 
 
 def test_a_budget_too_small_for_anything_names_the_budget_and_the_measured_need():
     with pytest.raises(MemoryBudgetError) as error:
         choose_memory_settings(8, int(0.5 * GIB), hand_need(GIB, 2 * GIB, []))
     message = str(error.value)
-    # 1 row: 3.0 GiB without, 1.5 GiB with checkpointing
+    # 1 row: 3.0 GiB off, 2.0 GiB selective, 1.5 GiB full
     assert "data.memory_budget 0.5 GiB is too small" in message
-    assert "without gradient checkpointing 3.0 GiB; with gradient checkpointing 1.5 GiB" in message
+    assert "gradient checkpointing off 3.0 GiB; gradient checkpointing selective 2.0 GiB; gradient checkpointing full 1.5 GiB" in message
     assert "Raise data.memory_budget" in message
 
 
@@ -144,6 +162,50 @@ def test_the_search_never_runs_far_above_the_budget_when_memory_is_not_linear():
     size, measured = largest_fitting(8, int(2.6 * GIB), need)
     assert size == 5
     assert all(need(m) <= 2.6 * GIB for m in measured if m <= 5) and len(measured) <= memory_budget.MAX_TRIALS
+
+
+# -- checkpointing levels on the tiny model (hidden 64, MLP 128: its up and gate projections widen 64 -> 128)
+def matmul_counts(tiny_model_dir: Path, level: str) -> tuple[Counter, list[torch.Tensor]]:
+    """Forward and backward of one batch at `level`: the matmuls run, split into the MLP's widening ones
+    (right operand 64 x 128) and all others, and the gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from talr.models import TokenNLLModel, load_model, set_gradient_checkpointing
+
+    counts: Counter = Counter()
+
+    class CountMatmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default:
+                counts["widening" if tuple(args[1].shape) == (64, 128) else "other"] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = TokenNLLModel(load_model(str(tiny_model_dir), "float32")).train()
+    set_gradient_checkpointing(net.lm, level)
+    ids = torch.randint(0, 1000, (2, 24))
+    labels = ids.clone()
+    labels[:, :12] = -100
+    with CountMatmuls():
+        net(ids, torch.ones_like(ids), labels)[0].sum().backward()
+    return counts, [p.grad.clone() for p in net.parameters()]
+
+
+def test_selective_checkpointing_recomputes_all_but_the_widening_matmuls_and_keeps_the_gradients(tiny_model_dir):
+    """Per layer, a 64 x 128 right operand comes in 3 matmuls without checkpointing: the up and gate
+    projections, and the down projection's input gradient (grad [48, 64] x its weight [64, 128]). `full`
+    runs up and gate again in its recompute (5 per layer); `selective` keeps their outputs (3), and
+    recomputes the other matmuls as `full` does."""
+    off, off_grads = matmul_counts(tiny_model_dir, "off")
+    selective, selective_grads = matmul_counts(tiny_model_dir, "selective")
+    full, full_grads = matmul_counts(tiny_model_dir, "full")
+    assert off["widening"] == selective["widening"] == 2 * 3 and full["widening"] == 2 * 5
+    assert off["other"] < selective["other"] == full["other"]
+    for grads in (selective_grads, full_grads):
+        for got, want in zip(grads, off_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="model.gradient_checkpointing must be true, false or one of off, selective"):
+        matmul_counts(tiny_model_dir, "some")
 
 
 # -- on a real fit ------------------------------------------------------------------------------------------
