@@ -27,7 +27,8 @@ selective checkpointing (the layers' widening matmuls kept, the rest recomputed:
 step time), then full (about a third more) only when even micro-batch 1 does not fit at the level
 before (talr.models.set_gradient_checkpointing). A strategy that pays a forward anyway when a step is
 split (TALR) goes from the one-row trial straight to the whole step checkpointed, selective before
-full, when the one-row trial already shows that the whole step cannot fit without.
+full (where a one-row selective trial predicts that it fits), when the one-row trial already shows
+that the whole step cannot fit without.
 """
 
 from __future__ import annotations
@@ -313,7 +314,8 @@ def choose_memory_settings(batch_size: int, budget: int, need: Callable[[int, st
     the trials, the gradients, the optimizer's state). With it, a strategy of the kind above skips
     the trials of split steps when one row's trial shows that the whole step cannot fit without
     checkpointing (the other rows adding what the first added, over the budget by 10%): its choice
-    is then the whole step checkpointed, or the search below when that does not fit at any level."""
+    is then the whole step checkpointed, or the search below when that does not fit at any level. A
+    whole-step trial at `selective` is run only where a one-row trial at that level predicts a fit."""
     measured: dict[tuple[int, str], int] = {}
 
     def trial(size: int, level: str) -> int:
@@ -325,6 +327,12 @@ def choose_memory_settings(batch_size: int, budget: int, need: Callable[[int, st
 
     def whole_step_checkpointed() -> MemoryChoice | None:
         for level in checkpointed:
+            if fixed_bytes is not None and level != checkpointed[-1] and batch_size > 1:
+                # a level with a cheaper one after it: one row predicts the whole step first, and a
+                # wrong prediction can only cost speed (the next level), never the budget
+                one = trial(1, level)
+                if one + (batch_size - 1) * (one - fixed_bytes) > budget:
+                    continue
             whole = trial(batch_size, level)
             if whole <= budget:
                 return MemoryChoice(batch_size, level, whole, budget, batch_size, trials=len(measured))

@@ -132,8 +132,14 @@ def test_a_strategy_that_needs_the_steps_losses_checkpoints_one_whole_step_rathe
     tried = []
     direct = choose_memory_settings(8, int(3.2 * GIB), hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True,
                                     fixed_bytes=GIB)
-    assert (direct.micro_batch_size, direct.checkpointing, direct.trials) == (8, "selective", 2)
-    assert tried == [(1, "off"), (8, "selective")]
+    assert (direct.micro_batch_size, direct.checkpointing, direct.trials) == (8, "selective", 3)
+    assert tried == [(1, "off"), (1, "selective"), (8, "selective")]  # selective's one row predicts 3 GiB
+    # under 2.6 GiB selective's one row (1.25 GiB) predicts 3 GiB for the whole step: only full is measured
+    tried = []
+    direct = choose_memory_settings(8, int(2.6 * GIB), hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True,
+                                    fixed_bytes=GIB)
+    assert (direct.micro_batch_size, direct.checkpointing) == (8, "full")
+    assert tried == [(1, "off"), (1, "selective"), (8, "full")]
     # the same prediction under a budget that might hold it (10 GiB): the whole step is measured without
     tried = []
     roomy = choose_memory_settings(8, 10 * GIB, hand_need(GIB, 0.5 * GIB, tried), split_costs_a_forward=True,
