@@ -22,10 +22,10 @@ the step's temporaries) + 2 x weights, in bytes of the trainable weights.
 
 The search: micro-batch 1, then 2, then the size that a straight line through the measured points
 predicts for the budget, verified by its own trial, until the largest fitting size is known (memory
-grows linearly with the micro-batch at a fixed padded length). Without checkpointing first; then
-selective checkpointing (the layers' widening matmuls kept, the rest recomputed: about a fifth more
-step time), then full (about a third more) only when even micro-batch 1 does not fit at the level
-before (talr.models.set_gradient_checkpointing). A strategy that pays a forward anyway when a step is
+grows linearly with the micro-batch at a fixed padded length). Without checkpointing first; then,
+with `model.gradient_checkpointing: selective`, selective checkpointing (the layers' widening matmuls
+kept, the rest recomputed: about a fifth more step time); then full (about a third more), each only
+when even micro-batch 1 does not fit at the level before (talr.models.set_gradient_checkpointing). A strategy that pays a forward anyway when a step is
 split (TALR) goes from the one-row trial straight to the whole step checkpointed, selective before
 full (where a one-row selective trial predicts that it fits), when the one-row trial already shows
 that the whole step cannot fit without.
@@ -248,6 +248,12 @@ def process_peak_memory(device: torch.device | str) -> int:
     return PeakMemory(device).process_peak()
 
 
+# the levels `micro_batch_size: auto` tries, cheapest in time first, for each `model.gradient_checkpointing`:
+# selective only where asked for, since on a CPU its trials cost more than it saves in short runs (the
+# quickstart: 4 trial steps and 311 s against 2 and 296 s, benchmarks/RESULTS.md)
+SEARCHED_LEVELS = {"off": ("off", "full"), "selective": ("off", "selective", "full"), "full": ("full",)}
+
+
 # -- choosing -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MemoryChoice:
@@ -400,9 +406,7 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
         return largest_over_ranks(max(peak, after_backward + step_temporary) + 2 * weight_bytes)
 
     budget = int(trainer.strategy.broadcast(budget_bytes(datamodule.memory_budget, device), src=0))
-    # a level set in the config is the cheapest the search may choose
-    first = CHECKPOINTING_LEVELS.index(checkpointing_level(module.hparams.gradient_checkpointing))
-    options = CHECKPOINTING_LEVELS[first:]
+    options = SEARCHED_LEVELS[checkpointing_level(module.hparams.gradient_checkpointing)]
     meter.reset()
     fixed = largest_over_ranks(meter.current() + 3 * weight_bytes)  # now, plus the gradients and AdamW's two moments
     choice = choose_memory_settings(batch_size, budget, need, options,

@@ -52,8 +52,9 @@ class SFTModule(L.LightningModule):
         generate: score domain accuracy by greedy generation during validation and test.
         dtype: `auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16`, `float16`.
         gradient_checkpointing: activation checkpointing per layer: false, `selective` (keeps the layers'
-            widening matmuls, recomputes the rest) or true (`full`); with `data.micro_batch_size: auto`, the
-            cheapest level the budget may choose.
+            widening matmuls, recomputes the rest) or true (`full`). With `data.micro_batch_size: auto`:
+            false lets the budget choose off or full, `selective` adds selective between them, true is
+            full always.
         lora: peft LoRA adapters {r, alpha, dropout, target_modules}; only they train.
         anchor_device, anchor_dtype: where and how `l2` keeps theta_0 (`cpu` and/or `bfloat16`
             spare accelerator memory; the gradient term is computed in the parameters' dtype).
