@@ -78,6 +78,7 @@ def run_lm_eval(
     allow_code_execution: bool = False,
     log_samples: bool = False,
     log: Callable[[str], None] = print,
+    shared_context: bool = False,
 ) -> dict[str, Any]:
     """lm-eval on an in-memory Hugging Face causal LM: {"results": {task: {metric: value}}, "n_samples", "n_shot"}.
 
@@ -86,13 +87,18 @@ def run_lm_eval(
     MMLU subjects beside the talr_mmlu group. `log_samples` adds lm-eval's per-document records
     under "samples" (by lm-eval task: a group's are under its subtasks) and, under "sample_tasks",
     which of them belong to each of `tasks`. The caller chooses eval mode and the device.
+    `shared_context`: score the answer options of a context from one pass over it
+    (talr.shared_context_lm; the same numbers up to float rounding).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     target = model.get_base_model() if is_peft(model) else model  # LoRA layers stay active inside
     # A copy: lm-eval may set the pad token on the tokenizer it gets, the training one stays as is.
-    lm = HFLM(pretrained=target, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    model_class = HFLM
+    if shared_context:
+        from talr.shared_context_lm import SharedContextHFLM as model_class
+    lm = model_class(pretrained=target, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     results: dict[str, dict[str, float]] = {}
     n_samples: dict[str, Any] = {}
     n_shot: dict[str, int] = {}
@@ -243,6 +249,9 @@ class GeneralBenchmarks(GuardsResults):
         dirpath: where the JSON files go; default `<log_dir>/general`.
         overwrite: let a fresh run replace an earlier run's result files in `dirpath`.
         allow_code_execution: run model-written code (HumanEval) in talr.code_sandbox; off by default.
+        shared_context: score all answer options of a context from one pass over it
+            (talr.shared_context_lm): the same numbers up to float rounding, in less time on
+            multiple-choice tasks; off by default (lm-eval's own HFLM).
     """
 
     def __init__(
@@ -260,6 +269,7 @@ class GeneralBenchmarks(GuardsResults):
         dirpath: str | None = None,
         overwrite: bool = False,
         allow_code_execution: bool = False,
+        shared_context: bool = False,
     ) -> None:
         if not tasks:
             raise ValueError("GeneralBenchmarks.tasks needs at least one lm-eval task name")
@@ -296,6 +306,7 @@ class GeneralBenchmarks(GuardsResults):
         self.dirpath = dirpath
         self.overwrite = overwrite
         self.allow_code_execution = allow_code_execution
+        self.shared_context = shared_context
         self.events: list[dict[str, Any]] = []
         self.validations = 0  # validation runs during fit, counted for every_n_validations
         self._task_dir: tempfile.TemporaryDirectory | None = None
@@ -491,7 +502,7 @@ class GeneralBenchmarks(GuardsResults):
         files = sorted(str(Path(self.data_dir) / rel) for task in self.tasks for rel in lm_eval_tasks.required_files(task))
         tokenizer = pl_module.tokenizer
         return cache_key(model, pl_module.device, "general", self.tasks, self.limit, self.batch_size, self.num_fewshot,
-                         self.gen_kwargs, tokenizer.chat_template, len(tokenizer), lm_eval.__version__,
+                         self.gen_kwargs, self.shared_context, tokenizer.chat_template, len(tokenizer), lm_eval.__version__,
                          source_digest(*files), source_digest(__file__, str(Path(lm_eval_tasks.__file__).parent)))
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, model: torch.nn.Module | None,
@@ -517,6 +528,7 @@ class GeneralBenchmarks(GuardsResults):
                             model, pl_module.tokenizer, self.tasks, self.task_manager, limit=self.limit,
                             batch_size=self.batch_size, num_fewshot=self.num_fewshot, gen_kwargs=self.gen_kwargs,
                             allow_code_execution=self.allow_code_execution, log_samples=True, log=rank_zero_info,
+                            shared_context=self.shared_context,
                         )
                     evaluation = self._scores_only(evaluation)
                     if key:
@@ -573,7 +585,8 @@ class GeneralBenchmarks(GuardsResults):
             "general_paired": _compare_documents(general["included"], initial_documents, per_document),
             "results": results, "n_samples": evaluation["n_samples"], "n_shot": evaluation["n_shot"],
             "settings": {"tasks": self.tasks, "data_dir": self.data_dir, "limit": self.limit, "batch_size": self.batch_size,
-                         "num_fewshot": self.num_fewshot, "gen_kwargs": self.gen_kwargs, "lm_eval": lm_eval.__version__},
+                         "num_fewshot": self.num_fewshot, "gen_kwargs": self.gen_kwargs, "lm_eval": lm_eval.__version__,
+                         "shared_context": self.shared_context},
             "per_document": per_document,
         }
 
