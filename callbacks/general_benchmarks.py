@@ -281,6 +281,8 @@ class GeneralBenchmarks(GuardsResults):
             )
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"GeneralBenchmarks.tasks lists a task twice: {tasks}")
+        if isinstance(limit, float) and limit > 1 and limit.is_integer():
+            limit = int(limit)  # 1000.0 documents (a YAML float, or jsonargparse's int | float union) is a count
         if limit is not None and not (isinstance(limit, int) and limit >= 1 or isinstance(limit, float) and 0 < limit <= 1):
             raise ValueError(f"GeneralBenchmarks.limit must be an int >= 1 or a float in (0, 1], got {limit!r}")
         if every_n_validations < 0:

@@ -495,3 +495,12 @@ def test_unknown_task_stops_the_cli_before_training(tiny_model_dir, bench_dir, t
     with pytest.raises(Exception, match="unknown task"):
         build_cli(fit_args(tiny_model_dir, tmp_path, bench_dir, "--trainer.callbacks.init_args.tasks=[talr_gsm8kk]"))
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_limit_is_a_count_or_a_share(bench_dir):
+    made = lambda limit: GeneralBenchmarks(tasks=["talr_piqa"], data_dir=str(bench_dir), limit=limit).limit  # noqa: E731
+    assert made(8.0) == 8 and isinstance(made(8.0), int)  # a whole float above 1 is a count
+    assert made(0.5) == 0.5 and made(12) == 12  # a share, a count
+    for bad in (0, 1.5, -2):
+        with pytest.raises(ValueError, match="GeneralBenchmarks.limit must be an int >= 1 or a float in"):
+            made(bad)
