@@ -33,7 +33,7 @@ from torch import nn
 
 from talr.generation import generate_texts
 from talr.results import write_atomic
-from talr.scoring import all_gather_objects, score_batch
+from talr.scoring import all_gather_objects, score_batch, score_batch_with_cache
 from talr.tasks.base import Task, Verdict
 from talr.token_loss import CALIBRATION_TEMPERATURES
 
@@ -82,7 +82,14 @@ class DomainEvaluation:
     def add(self, net: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor], task: Task, rows: list[dict],
             max_new_tokens: int | None) -> None:
         """Score one evaluation batch; `max_new_tokens` None: the loss only, no generation."""
-        for index, scores in zip(batch["row_index"].tolist(), score_batch(net, batch, statistics=True)):
+        # with a generation to come, one pass over prompt + target serves both: its cache of the prompts is
+        # where the generation starts (the prompts run once, not twice)
+        cache = None
+        if max_new_tokens is None:
+            scored = score_batch(net, batch, statistics=True)
+        else:
+            scored, cache = score_batch_with_cache(net, batch)
+        for index, scores in zip(batch["row_index"].tolist(), scored):
             nll = scores.nll.double()
             head = torch.tensor([nll.numel(), nll.sum(), scores.correct.sum(), (nll < -math.log(EASY_PROBABILITY)).sum()],
                                 dtype=torch.float64)
@@ -90,7 +97,7 @@ class DomainEvaluation:
         if max_new_tokens is None:
             return
         # Through the net: under FSDP2 its root hooks gather the embeddings and head for generate().
-        texts = generate_texts(net, tokenizer, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens)
+        texts = generate_texts(net, tokenizer, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens, cache=cache)
         for index, text in zip(batch["row_index"].tolist(), texts):
             self.records.append(EvalRecord(index, task.score(text, rows[index]), text))
 

@@ -9,6 +9,9 @@ from torch import nn
 
 from talr.models import eval_mode
 
+# transformers 5 names generate's key/value cache argument `cache` (`past_key_values` is deprecated there)
+_CACHE_ARGUMENT = "cache" if int(__import__("transformers").__version__.split(".")[0]) >= 5 else "past_key_values"
+
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """End-of-turn ids: the tokenizer's eos plus ChatML's <|im_end|> when it is a single token."""
@@ -36,11 +39,13 @@ def generate_token_ids(
     max_new_tokens: int,
     temperature: float | None = None,
     top_p: float | None = None,
+    cache: Any = None,
 ) -> torch.Tensor:
     """The new tokens after left-padded prompts, up to the end of the turn (padded after it).
 
     Greedy by default (scoring); with a `temperature`, sampled (with `top_p` nucleus sampling if set).
-    The model's own generation_config defaults are overridden either way.
+    The model's own generation_config defaults are overridden either way. `cache`: the prompts' key/value
+    cache up to their last token (talr.scoring.score_batch_with_cache): only that token runs again.
     """
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature else {
         "do_sample": False, "temperature": None, "top_p": None}
@@ -54,6 +59,7 @@ def generate_token_ids(
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
             **sampling,
+            **({_CACHE_ARGUMENT: cache} if cache is not None else {}),
         )
     return out[:, prompt_ids.shape[1] :]
 
@@ -67,8 +73,9 @@ def generate_texts(
     max_new_tokens: int,
     temperature: float | None = None,
     top_p: float | None = None,
+    cache: Any = None,
 ) -> list[str]:
     """Continuations of left-padded prompts up to the end of the turn, decoded without special tokens
     (`generate_token_ids`'s tokens)."""
-    new_tokens = generate_token_ids(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p)
+    new_tokens = generate_token_ids(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, cache)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -278,16 +278,27 @@ class TokenNLLModel(nn.Module):
 
     def token_statistics(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-        temperatures: tuple[float, ...] = CALIBRATION_TEMPERATURES,
-    ) -> dict[str, torch.Tensor]:
+        temperatures: tuple[float, ...] = CALIBRATION_TEMPERATURES, keep_cache: bool = False,
+    ) -> dict[str, Any]:
         """Per-target-token NLL, top-1 token, entropy and NLL at each temperature, without grad
-        (`talr.token_loss.target_token_statistics`); never more than one chunk of logits at a time."""
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        (`talr.token_loss.target_token_statistics`); never more than one chunk of logits at a time.
+
+        `keep_cache`: the rows may be left-padded (positions count from each row's first real token,
+        as `generate` counts them), and the pass's key/value cache comes back under "cache", so a
+        generation after the prompts can start from it instead of running the prompts again."""
+        positions = None
+        if keep_cache:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                    use_cache=keep_cache)
         head = self.lm.get_output_embeddings()
-        return target_token_statistics(
-            hidden.last_hidden_state, head.weight, labels, bias=getattr(head, "bias", None),
+        stats: dict[str, Any] = target_token_statistics(
+            out.last_hidden_state, head.weight, labels, bias=getattr(head, "bias", None),
             logit_softcap=getattr(self.lm.config, "final_logit_softcapping", None), temperatures=temperatures,
         )
+        if keep_cache:
+            stats["cache"] = out.past_key_values
+        return stats
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """`lm.generate`; a method of this module so that FSDP2 can gather the root's weights for it."""

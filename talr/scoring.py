@@ -75,6 +75,42 @@ def score_batch(net: nn.Module, batch: dict[str, torch.Tensor], statistics: bool
     return [TokenScores(**{k: v[i] for k, v in split.items()}) for i in range(rows)]
 
 
+def prompt_aligned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows of an evaluation batch with their prompts left-padded to one width P (as generation
+    takes them) and their targets after, right-padded: a key/value cache of this layout's first P - 1
+    positions is the prompts' own, so generation can start from it (`score_batch_with_cache`)."""
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    rows, width = prompt_ids.shape
+    lengths = batch["attention_mask"].sum(-1)
+    prompt_lengths = prompt_mask.sum(-1)
+    target_lengths = lengths - prompt_lengths
+    longest = int(target_lengths.max())
+    span = torch.arange(longest, device=prompt_ids.device)
+    # each row's target tokens sit at [prompt_len, length) of the right-padded row
+    source = (prompt_lengths[:, None] + span).clamp(max=batch["input_ids"].shape[1] - 1)
+    real = span < target_lengths[:, None]
+    targets = torch.where(real, batch["input_ids"].gather(1, source), batch["input_ids"].new_zeros(()))
+    labels = torch.where(real, batch["labels"].gather(1, source), batch["labels"].new_full((), -100))
+    return {"input_ids": torch.cat([prompt_ids, targets], 1),
+            "attention_mask": torch.cat([prompt_mask, real.to(prompt_mask.dtype)], 1),
+            "labels": torch.cat([torch.full_like(prompt_ids, -100), labels], 1)}
+
+
+@torch.no_grad()
+def score_batch_with_cache(net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[list[TokenScores], Any]:
+    """`score_batch(..., statistics=True)` on the prompt-aligned layout, and the key/value cache of the
+    prompts' first P - 1 positions (P the padded prompt width), for a generation that continues the
+    prompts without running them again."""
+    aligned = prompt_aligned(batch)
+    rows = aligned["input_ids"].shape[0]
+    stats = net.token_statistics(aligned["input_ids"], aligned["attention_mask"], aligned["labels"], keep_cache=True)
+    cache = stats.pop("cache")
+    cache.crop(-(cache.get_seq_length() - (batch["prompt_ids"].shape[1] - 1)))  # negative: tokens to remove
+    seq_index = stats.pop("seq_index").cpu()
+    split = {k: split_by_sequence(v.cpu(), seq_index, rows) for k, v in stats.items()}
+    return [TokenScores(**{k: v[i] for k, v in split.items()}) for i in range(rows)], cache
+
+
 @torch.no_grad()
 def score_examples(
     net: nn.Module,

@@ -58,6 +58,7 @@ def test_a_second_validation_of_the_initial_model_is_loaded(tiny_model_dir, tmp_
     with monkeypatch.context() as patched:  # neither generation nor scoring may run
         patched.setattr(TokenNLLModel, "generate", fail)
         patched.setattr(talr.evaluation, "score_batch", fail)
+        patched.setattr(talr.evaluation, "score_batch_with_cache", fail)
         second = validate(tiny_model_dir, tmp_path / "second")
     assert {k: float(v) for k, v in second.trainer.callback_metrics.items()} == metrics
     assert generations(second) == generations(first)

@@ -129,6 +129,29 @@ def test_each_rows_token_sums_match_an_independent_computation(embedded_dir, tok
         assert row.nll_at_temperature == pytest.approx(reference["grid"].tolist(), abs=1e-3)
 
 
+def test_one_pass_over_prompt_and_target_scores_the_rows_and_starts_the_generation(embedded_dir, tokenizer):
+    """With a generation to come, the rows are scored on the prompt-aligned layout and the generation
+    starts from that pass's cache of the prompts: the sums equal the independent float64 ones of a
+    plain right-padded forward, and the greedy tokens equal a generation that runs the prompts itself."""
+    from talr.data import left_pad_prompts
+    from talr.generation import generate_token_ids
+    from talr.scoring import score_batch_with_cache
+
+    rows = examples(tokenizer)
+    assert len({e.prompt_len for e in rows}) > 1  # the prompts are left-padded to different extents
+    batch = {**pad_examples(rows, tokenizer.pad_token_id), **left_pad_prompts(rows, tokenizer.pad_token_id)}
+    model = untied_copy(embedded_dir, 1.0)
+    net = TokenNLLModel(model)
+    scored, cache = score_batch_with_cache(net, batch)
+    assert cache.get_seq_length() == batch["prompt_ids"].shape[1] - 1
+    for scores, reference in zip(scored, reference_rows(model, batch)):
+        assert scores.nll.numel() == reference["tokens"] and int(scores.correct.sum()) == reference["top1_hits"]
+        assert float(scores.nll.double().sum()) == pytest.approx(reference["nll"], abs=1e-4)
+    with_cache = generate_token_ids(net, tokenizer, batch["prompt_ids"], batch["prompt_mask"], 12, cache=cache)
+    without = generate_token_ids(net, tokenizer, batch["prompt_ids"], batch["prompt_mask"], 12)
+    assert torch.equal(with_cache, without)
+
+
 def test_validation_metrics_match_an_independent_computation_and_ignore_sharpening(embedded_dir, tokenizer):
     # the embedded model, not the random tiny one: its best temperature lies inside the grid, not at an end
     batch = pad_examples(examples(tokenizer), tokenizer.pad_token_id)
