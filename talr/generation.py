@@ -9,8 +9,13 @@ from torch import nn
 
 from talr.models import eval_mode
 
-# transformers 5 names generate's key/value cache argument `cache` (`past_key_values` is deprecated there)
-_CACHE_ARGUMENT = "cache" if int(__import__("transformers").__version__.split(".")[0]) >= 5 else "past_key_values"
+
+def _cache_argument() -> str:
+    """generate's name for a key/value cache: `cache` from transformers 5 (`past_key_values` is deprecated
+    there), `past_key_values` before."""
+    import transformers
+
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -59,7 +64,7 @@ def generate_token_ids(
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
             **sampling,
-            **({_CACHE_ARGUMENT: cache} if cache is not None else {}),
+            **({_cache_argument(): cache} if cache is not None else {}),
         )
     return out[:, prompt_ids.shape[1] :]
 
