@@ -213,7 +213,7 @@ class ForgettingMonitor(GuardsResults):
         out = self.output_dir(trainer)
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.responses:
             return  # `validate_before_fit` runs before the answers exist; step 0 is logged at train start
-        sums = prompt_sums(list(zip(self.responses, self.score_responses(pl_module))))
+        sums = self.current_prompt_sums(pl_module)
         entry = self.curve_entry(trainer, sums)
         if self.curve and self.curve[-1]["step"] == entry["step"]:
             self.curve[-1] = entry  # a second validation at the same step replaces the first
@@ -242,7 +242,7 @@ class ForgettingMonitor(GuardsResults):
         if not self.responses:
             raise ValueError("ForgettingMonitor.measure needs the initial model's answers, sampled at train start; "
                              "call it after training started")
-        return self.curve_entry(trainer, prompt_sums(list(zip(self.responses, self.score_responses(pl_module)))))
+        return self.curve_entry(trainer, self.current_prompt_sums(pl_module))
 
     # -- the initial answers ----------------------------------------------------------------------
     @torch.no_grad()
@@ -296,6 +296,10 @@ class ForgettingMonitor(GuardsResults):
         ]
         return score_examples(pl_module.net, examples, pl_module.tokenizer.pad_token_id, self.batch_size,
                               pl_module.device, statistics=True)
+
+    def current_prompt_sums(self, pl_module: L.LightningModule) -> list[dict[str, Any]]:
+        """Each prompt's drift sums (`prompt_sums`) under the current weights."""
+        return prompt_sums(list(zip(self.responses, self.score_responses(pl_module))))
 
     # -- the curve --------------------------------------------------------------------------------
     def curve_entry(self, trainer: L.Trainer, sums: list[dict[str, Any]]) -> dict[str, Any]:

@@ -25,10 +25,10 @@ predicts for the budget, verified by its own trial, until the largest fitting si
 grows linearly with the micro-batch at a fixed padded length). Without checkpointing first; then,
 with `model.gradient_checkpointing: selective`, selective checkpointing (the layers' widening matmuls
 kept, the rest recomputed: about a fifth more step time); then full (about a third more), each only
-when even micro-batch 1 does not fit at the level before (talr.models.set_gradient_checkpointing). A strategy that pays a forward anyway when a step is
-split (TALR) goes from the one-row trial straight to the whole step checkpointed, selective before
-full (where a one-row selective trial predicts that it fits), when the one-row trial already shows
-that the whole step cannot fit without.
+when even micro-batch 1 does not fit at the level before (talr.models.set_gradient_checkpointing). A
+strategy that pays a forward anyway when a step is split (TALR) goes from the one-row trial straight
+to the whole step checkpointed, selective before full (where a one-row selective trial predicts that
+it fits), when the one-row trial already shows that the whole step cannot fit without.
 """
 
 from __future__ import annotations
@@ -331,13 +331,17 @@ def choose_memory_settings(batch_size: int, budget: int, need: Callable[[int, st
 
     checkpointed = [level for level in checkpointing_options if level != "off"]
 
+    def whole_step_from_one_row(level: str) -> float:
+        """The whole step's need predicted from one row's trial: the other rows add what the first added."""
+        one = trial(1, level)
+        return one + (batch_size - 1) * (one - fixed_bytes)
+
     def whole_step_checkpointed() -> MemoryChoice | None:
         for level in checkpointed:
             if fixed_bytes is not None and level != checkpointed[-1] and batch_size > 1:
                 # a level with a cheaper one after it: one row predicts the whole step first, and a
                 # wrong prediction can only cost speed (the next level), never the budget
-                one = trial(1, level)
-                if one + (batch_size - 1) * (one - fixed_bytes) > budget:
+                if whole_step_from_one_row(level) > budget:
                     continue
             whole = trial(batch_size, level)
             if whole <= budget:
@@ -346,8 +350,7 @@ def choose_memory_settings(batch_size: int, budget: int, need: Callable[[int, st
 
     prefer_whole = split_costs_a_forward and "off" in checkpointing_options and bool(checkpointed)
     if prefer_whole and fixed_bytes is not None and batch_size > 1:
-        one = trial(1, "off")
-        if one <= budget and one + (batch_size - 1) * (one - fixed_bytes) > 1.1 * budget:
+        if trial(1, "off") <= budget and whole_step_from_one_row("off") > 1.1 * budget:
             choice = whole_step_checkpointed()
             if choice is not None:
                 return choice

@@ -157,8 +157,7 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
-    if checkpointing_level(gradient_checkpointing) != "off":
-        set_gradient_checkpointing(model, gradient_checkpointing)
+    set_gradient_checkpointing(model, gradient_checkpointing)
     if lora is not None:
         model = add_lora(model, lora)
     return model

@@ -17,6 +17,7 @@ from torch import nn
 from talr.data import Example, pad_examples
 from talr.models import eval_mode
 from talr.progress import track
+from talr.token_loss import IGNORE_INDEX
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -69,7 +70,11 @@ def score_batch(net: nn.Module, batch: dict[str, torch.Tensor], statistics: bool
     if not statistics:
         nll, seq_index = net(batch["input_ids"], batch["attention_mask"], batch["labels"])[:2]
         return [TokenScores(part) for part in split_by_sequence(nll.float().cpu(), seq_index.cpu(), rows)]
-    stats = net.token_statistics(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return _scores_by_row(net.token_statistics(batch["input_ids"], batch["attention_mask"], batch["labels"]), rows)
+
+
+def _scores_by_row(stats: dict[str, torch.Tensor], rows: int) -> list[TokenScores]:
+    """`TokenNLLModel.token_statistics`' per-token tensors split into each row's `TokenScores`."""
     seq_index = stats.pop("seq_index").cpu()
     split = {k: split_by_sequence(v.cpu(), seq_index, rows) for k, v in stats.items()}
     return [TokenScores(**{k: v[i] for k, v in split.items()}) for i in range(rows)]
@@ -80,7 +85,6 @@ def prompt_aligned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     takes them) and their targets after, right-padded: a key/value cache of this layout's first P - 1
     positions is the prompts' own, so generation can start from it (`score_batch_with_cache`)."""
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-    rows, width = prompt_ids.shape
     lengths = batch["attention_mask"].sum(-1)
     prompt_lengths = prompt_mask.sum(-1)
     target_lengths = lengths - prompt_lengths
@@ -90,10 +94,10 @@ def prompt_aligned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     source = (prompt_lengths[:, None] + span).clamp(max=batch["input_ids"].shape[1] - 1)
     real = span < target_lengths[:, None]
     targets = torch.where(real, batch["input_ids"].gather(1, source), batch["input_ids"].new_zeros(()))
-    labels = torch.where(real, batch["labels"].gather(1, source), batch["labels"].new_full((), -100))
+    labels = torch.where(real, batch["labels"].gather(1, source), batch["labels"].new_full((), IGNORE_INDEX))
     return {"input_ids": torch.cat([prompt_ids, targets], 1),
             "attention_mask": torch.cat([prompt_mask, real.to(prompt_mask.dtype)], 1),
-            "labels": torch.cat([torch.full_like(prompt_ids, -100), labels], 1)}
+            "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), labels], 1)}
 
 
 @torch.no_grad()
@@ -102,13 +106,10 @@ def score_batch_with_cache(net: nn.Module, batch: dict[str, torch.Tensor]) -> tu
     prompts' first P - 1 positions (P the padded prompt width), for a generation that continues the
     prompts without running them again."""
     aligned = prompt_aligned(batch)
-    rows = aligned["input_ids"].shape[0]
     stats = net.token_statistics(aligned["input_ids"], aligned["attention_mask"], aligned["labels"], keep_cache=True)
     cache = stats.pop("cache")
     cache.crop(-(cache.get_seq_length() - (batch["prompt_ids"].shape[1] - 1)))  # negative: tokens to remove
-    seq_index = stats.pop("seq_index").cpu()
-    split = {k: split_by_sequence(v.cpu(), seq_index, rows) for k, v in stats.items()}
-    return [TokenScores(**{k: v[i] for k, v in split.items()}) for i in range(rows)], cache
+    return _scores_by_row(stats, aligned["input_ids"].shape[0]), cache
 
 
 @torch.no_grad()

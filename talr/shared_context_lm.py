@@ -35,22 +35,22 @@ class SharedContextHFLM(HFLM):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        truncated = []
+        through_hflm = []  # requests lm-eval would truncate, and contexts not worth sharing
         for index, (_, context, continuation) in enumerate(requests):
             if not context or not continuation:
                 raise ValueError("SharedContextHFLM: a loglikelihood request needs a context and a continuation")
             if len(context) + len(continuation) > self.max_length + 1:
-                truncated.append(index)  # lm-eval cuts these from the left: its own path
+                through_hflm.append(index)  # lm-eval cuts these from the left: its own path
             else:
                 by_context[tuple(context)].append(index)
         for context in [c for c, members in by_context.items() if not self._worth_sharing(c, members, requests)]:
-            truncated.extend(by_context.pop(context))  # HFLM's path is as fast for these (below)
-        if truncated:
-            answers = super()._loglikelihood_tokens([requests[i] for i in truncated], disable_tqdm=True,
+            through_hflm.extend(by_context.pop(context))  # HFLM's path is as fast for these (below)
+        if through_hflm:
+            answers = super()._loglikelihood_tokens([requests[i] for i in through_hflm], disable_tqdm=True,
                                                     override_bs=override_bs)
-            for index, answer in zip(truncated, answers, strict=True):
+            for index, answer in zip(through_hflm, answers, strict=True):
                 results[index] = answer
-        progress = tqdm(total=len(requests) - len(truncated), disable=disable_tqdm or self.rank != 0,
+        progress = tqdm(total=len(requests) - len(through_hflm), disable=disable_tqdm or self.rank != 0,
                         desc="Running loglikelihood requests (shared contexts)")
         # contexts of similar length together, as many as the batch size per pass
         contexts = sorted(by_context, key=len, reverse=True)
