@@ -278,9 +278,11 @@ class TokenNLLModel(nn.Module):
     def token_statistics(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         temperatures: tuple[float, ...] = CALIBRATION_TEMPERATURES, keep_cache: bool = False,
+        choices: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Per-target-token NLL, top-1 token, entropy and NLL at each temperature, without grad
         (`talr.token_loss.target_token_statistics`); never more than one chunk of logits at a time.
+        `choices`: token ids whose log-probabilities each target position also reports.
 
         `keep_cache`: the rows may be left-padded (positions count from each row's first real token,
         as `generate` counts them), and the pass's key/value cache comes back under "cache", so a
@@ -294,6 +296,7 @@ class TokenNLLModel(nn.Module):
         stats: dict[str, Any] = target_token_statistics(
             out.last_hidden_state, head.weight, labels, bias=getattr(head, "bias", None),
             logit_softcap=getattr(self.lm.config, "final_logit_softcapping", None), temperatures=temperatures,
+            choices=choices,
         )
         if keep_cache:
             stats["cache"] = out.past_key_values

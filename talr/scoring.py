@@ -52,6 +52,7 @@ class TokenScores:
     argmax: torch.Tensor | None = None  # [n] the model's most likely token
     entropy: torch.Tensor | None = None  # [n] nats
     nll_at_temperature: torch.Tensor | None = None  # [n, K] over talr.token_loss.CALIBRATION_TEMPERATURES
+    choice_logprobs: torch.Tensor | None = None  # [n, C] log p of each choice token (`choices` given)
 
     @property
     def correct(self) -> torch.Tensor:
@@ -61,8 +62,10 @@ class TokenScores:
 
 
 @torch.no_grad()
-def score_batch(net: nn.Module, batch: dict[str, torch.Tensor], statistics: bool = False) -> list[TokenScores]:
-    """Each row's target tokens scored, for a right-padded batch already on the device.
+def score_batch(net: nn.Module, batch: dict[str, torch.Tensor], statistics: bool = False,
+                choices: torch.Tensor | None = None) -> list[TokenScores]:
+    """Each row's target tokens scored, for a right-padded batch already on the device; `choices`
+    (token ids, with `statistics`): each target position's log-probability of each.
 
     `net` is a `talr.models.TokenNLLModel`: only target positions reach the vocabulary projection.
     """
@@ -70,7 +73,8 @@ def score_batch(net: nn.Module, batch: dict[str, torch.Tensor], statistics: bool
     if not statistics:
         nll, seq_index = net(batch["input_ids"], batch["attention_mask"], batch["labels"])[:2]
         return [TokenScores(part) for part in split_by_sequence(nll.float().cpu(), seq_index.cpu(), rows)]
-    return _scores_by_row(net.token_statistics(batch["input_ids"], batch["attention_mask"], batch["labels"]), rows)
+    return _scores_by_row(net.token_statistics(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                               choices=choices), rows)
 
 
 def _scores_by_row(stats: dict[str, torch.Tensor], rows: int) -> list[TokenScores]:
@@ -101,12 +105,14 @@ def prompt_aligned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def score_batch_with_cache(net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[list[TokenScores], Any]:
-    """`score_batch(..., statistics=True)` on the prompt-aligned layout, and the key/value cache of the
-    prompts' first P - 1 positions (P the padded prompt width), for a generation that continues the
-    prompts without running them again."""
+def score_batch_with_cache(net: nn.Module, batch: dict[str, torch.Tensor],
+                           choices: torch.Tensor | None = None) -> tuple[list[TokenScores], Any]:
+    """`score_batch(..., statistics=True, choices=choices)` on the prompt-aligned layout, and the
+    key/value cache of the prompts' first P - 1 positions (P the padded prompt width), for a generation
+    that continues the prompts without running them again."""
     aligned = prompt_aligned(batch)
-    stats = net.token_statistics(aligned["input_ids"], aligned["attention_mask"], aligned["labels"], keep_cache=True)
+    stats = net.token_statistics(aligned["input_ids"], aligned["attention_mask"], aligned["labels"], keep_cache=True,
+                                 choices=choices)
     cache = stats.pop("cache")
     cache.crop(-(cache.get_seq_length() - (batch["prompt_ids"].shape[1] - 1)))  # negative: tokens to remove
     return _scores_by_row(stats, aligned["input_ids"].shape[0]), cache

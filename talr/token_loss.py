@@ -124,18 +124,22 @@ def target_token_statistics(
     logit_softcap: float | None = None,
     temperatures: tuple[float, ...] = CALIBRATION_TEMPERATURES,
     chunk_size: int = 1024,
+    choices: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per target token, in float32 and without grad, one chunk of [chunk_size, V] logits at a time:
 
     `nll`, `targets`, `argmax` (the model's top-1 token), `entropy` (nats, at temperature 1),
     `nll_at_temperature` [N, K] (the NLL under softmax(logits / T) for each T of `temperatures`),
-    and `seq_index`. Inputs as `target_token_nll`.
+    and `seq_index`; with `choices` (C token ids), also `choice_logprobs` [N, C]: each choice token's
+    log-probability at temperature 1. Inputs as `target_token_nll`.
     """
     mask, targets = shift_targets(labels)
     picked = hidden[mask]
     inverse = [1.0 / t for t in temperatures]
     scales = torch.tensor(inverse, dtype=torch.float32, device=hidden.device)
     parts: dict[str, list[torch.Tensor]] = {"nll": [], "argmax": [], "entropy": [], "nll_at_temperature": []}
+    if choices is not None:
+        parts["choice_logprobs"] = []
     for start in range(0, picked.shape[0], chunk_size):
         logits, _ = _chunk_logits(picked[start:start + chunk_size], head_weight, bias, logit_softcap)
         target = targets[start:start + chunk_size]
@@ -148,9 +152,13 @@ def target_token_statistics(
         parts["nll"].append(log_z - target_d)
         parts["entropy"].append(log_z - tilted / sums[:, 0])  # H = log Z - E_p[d]
         parts["nll_at_temperature"].append(sums[:, 1:].log() - target_d[:, None] * scales.to(sums.dtype))
+        if choices is not None:
+            parts["choice_logprobs"].append(logits[:, choices.to(logits.device)] - log_z[:, None])
     out = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
     if not parts["nll"]:
         out["nll_at_temperature"] = torch.empty(0, len(temperatures))
+        if choices is not None:
+            out["choice_logprobs"] = torch.empty(0, len(choices))
     out.update(targets=targets, seq_index=mask.nonzero(as_tuple=True)[0])
     return out
 

@@ -32,7 +32,8 @@ def test_token_statistics_match_their_definitions_in_float64():
     labels = torch.randint(0, 50, (2, 7))
     labels[0, :3] = IGNORE_INDEX  # a prompt
     labels[1, :2] = IGNORE_INDEX
-    stats = target_token_statistics(hidden, weight, labels, chunk_size=3)  # several chunks
+    choices = torch.tensor([3, 7, 11])
+    stats = target_token_statistics(hidden, weight, labels, chunk_size=3, choices=choices)  # several chunks
     logits64, targets = [], []
     for b in range(2):
         for t in range(6):
@@ -44,6 +45,7 @@ def test_token_statistics_match_their_definitions_in_float64():
     torch.testing.assert_close(stats["nll"].double(), -log_p[torch.arange(len(targets)), targets], atol=1e-5, rtol=0)
     assert torch.equal(stats["argmax"], logits64.argmax(-1))
     torch.testing.assert_close(stats["entropy"].double(), -(log_p.exp() * log_p).sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats["choice_logprobs"].double(), log_p[:, choices], atol=1e-5, rtol=0)
     for k, temperature in enumerate(CALIBRATION_TEMPERATURES):
         log_q = logits64 / temperature - (logits64 / temperature).logsumexp(-1, keepdim=True)
         torch.testing.assert_close(stats["nll_at_temperature"][:, k].double(),
@@ -249,3 +251,64 @@ def test_calibrated_kl_on_greedy_answers_is_the_lowest_kl_over_the_temperatures(
     assert measured["temperature"] == pytest.approx(CALIBRATION_TEMPERATURES[best])
     assert measured["kl_calibrated"] == pytest.approx(per_temperature[best], rel=1e-3, abs=1e-7)
     assert 0 < measured["kl_calibrated"] < measured["kl"]
+
+
+ESCI_ROWS = [("usb c cable", "Anker USB C cable, 6 ft, braided", 0), ("usb c cable", "Lightning cable for iPhone", 1),
+             ("usb c cable", "USB C wall charger 20W", 2), ("usb c cable", "Garden hose 50 ft", 3),
+             ("red mug", "Red ceramic coffee mug 12 oz", 0), ("red mug", "Blue ceramic coffee mug", 1),
+             ("red mug", "Mug warmer for desk", 2), ("red mug", "Bicycle helmet, adult", 3)]
+
+
+def esci_batch(tokenizer, task):
+    from talr.data import encode_example, left_pad_prompts, turn_end_text
+
+    rows = [{"query": q, "product_info": p, "label": label} for q, p, label in ESCI_ROWS]
+    encoded = [encode_example(tokenizer, task, row, i, 512, "error", turn_end_text(tokenizer)) for i, row in enumerate(rows)]
+    batch = {**pad_examples(encoded, tokenizer.pad_token_id), **left_pad_prompts(encoded, tokenizer.pad_token_id)}
+    return rows, encoded, {**batch, "row_index": torch.arange(len(rows))}
+
+
+@pytest.mark.parametrize("generate", [False, True])
+def test_classification_rows_keep_each_class_log_probability_and_the_label_auc(tiny_model_dir, tokenizer, generate):
+    """ESCI label only: each held-out row's log-probability of each class digit at its first target
+    position equals a float64 log-softmax of the model's own logits after the prompt; val/label_auc is
+    the macro one-vs-rest ROC AUC (sklearn) of those log-probabilities centred per row."""
+    from sklearn.metrics import roc_auc_score
+
+    from talr.tasks.esci import ESCI
+
+    task = ESCI(source="unused", cot=False)
+    rows, encoded, batch = esci_batch(tokenizer, task)
+    model = untied_copy(tiny_model_dir, 1.0)
+    evaluation = DomainEvaluation()
+    evaluation.add(TokenNLLModel(model), tokenizer, batch, task, rows, max_new_tokens=3 if generate else None)
+    metrics, _, scored = evaluation.finish(task, rows)
+    digit_ids = [tokenizer(str(k), add_special_tokens=False)["input_ids"][0] for k in range(4)]
+    expected = []
+    with torch.no_grad():
+        for example in encoded:
+            prompt = torch.tensor([example.input_ids[:example.prompt_len]])
+            log_p = model(input_ids=prompt).logits[0, -1].double().log_softmax(-1)
+            expected.append(log_p[digit_ids])
+    expected = torch.stack(expected)
+    assert [r.choice for r in scored] == [label for _, _, label in ESCI_ROWS]
+    torch.testing.assert_close(torch.tensor([r.choice_logprobs for r in scored], dtype=torch.float64), expected,
+                               atol=1e-4, rtol=0)
+    centred = (expected - expected.mean(1, keepdim=True)).numpy()
+    labels = [label for _, _, label in ESCI_ROWS]
+    macro = sum(roc_auc_score([y == k for y in labels], centred[:, k]) for k in range(4)) / 4
+    assert metrics["label_auc"] == pytest.approx(macro, abs=1e-9)
+
+
+def test_choices_that_do_not_begin_the_targets_are_refused(tiny_model_dir, tokenizer):
+    from talr.tasks.base import DataError
+    from talr.tasks.esci import ESCI
+
+    class Shuffled(ESCI):
+        def choice_index(self, row):
+            return (int(row["label"]) + 1) % 4  # not the class its target starts with
+
+    task = Shuffled(source="unused", cot=False)
+    rows, _, batch = esci_batch(tokenizer, task)
+    with pytest.raises(DataError, match="target starts with token"):
+        DomainEvaluation().add(TokenNLLModel(untied_copy(tiny_model_dir, 1.0)), tokenizer, batch, task, rows, None)

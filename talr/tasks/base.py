@@ -67,6 +67,17 @@ class Task(ABC):
     def score(self, generation: str, row: Row) -> Verdict:
         """Score one generated continuation (the text after the assistant prefix)."""
 
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        """For a classification whose target starts with its class: the text each class's target
+        starts with, in class order (their first tokens must differ). Validation then also scores each
+        held-out row's first target position over the classes (`val/label_auc`). None: not a classification."""
+        return None
+
+    def choice_index(self, row: Row) -> int:
+        """The class of `row`, an index into `choices`."""
+        raise NotImplementedError(f"{type(self).__name__} declares no choices")
+
     def group_keys(self, row: Row) -> dict[str, str]:
         """Named groupings for per-group accuracy (for example category, calculator)."""
         return {}

@@ -377,6 +377,15 @@ class ESCI(Task):
             return f"<answer>{answer}"
         return f"<think>\n{row['rationale']}\n</think>\n<answer>{answer}"
 
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        # label only: the target is the class digit, so its first token decides the class; a chain of
+        # thought puts the label after a rationale, where no single position holds the decision
+        return None if self.cot else tuple(str(index) for index in range(len(LABELS)))
+
+    def choice_index(self, row: Row) -> int:
+        return int(row["label"])
+
     # ------------------------------------------------------------------------------ scoring
 
     def score(self, generation: str, row: Row) -> Verdict:
