@@ -174,8 +174,8 @@ def test_lora_runs_fail_clearly(tiny_model_dir):
 
 # -- end to end ------------------------------------------------------------------------------------
 class FinalWeights(Callback):
-    """Records the weights as training ends, before any on_fit_end hook (last.ckpt may be older:
-    ModelCheckpoint only refreshes it when it saves a new best)."""
+    """Records the weights as training ends, before any on_fit_end hook (last.ckpt holds the last
+    validation's state, which need not be the final step's)."""
 
     def on_train_end(self, trainer, pl_module):
         self.state = {k: v.detach().clone() for k, v in pl_module.lm.state_dict().items()}
