@@ -1,6 +1,7 @@
 """talr.stats against computations written here from each method's definition: binomial sums with
 math.comb, a published McNemar p-value and Tango interval, the closed-form quartic of Tango's
-interval, a bootstrap and a full sign-flip enumeration written out, and the t formula."""
+interval, a bootstrap and a full sign-flip enumeration written out, and the t formula; the
+classification metrics against sklearn's roc_auc_score and balanced_accuracy_score."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from talr.stats import (PairedComparison, PairedItems, compare_binary, compare_paired, compare_replicates,
-                        mcnemar_exact_p, mean_score, pair_by_id, paired_bootstrap_interval, sign_flip_p,
-                        tango_interval)
+from talr.stats import (PairedComparison, PairedItems, compare_auc, compare_balanced_accuracy, compare_binary,
+                        compare_paired, compare_replicates, mcnemar_exact_p, mean_score, one_vs_rest_auc, pair_by_id,
+                        paired_bootstrap_interval, sign_flip_p, tango_interval)
 
 Z95 = scipy_stats.norm.ppf(0.975)
 
@@ -221,3 +222,160 @@ def test_verdict_line():
     assert line == "ARC-Easy: -0.012 [-0.031, +0.007], n 1000 (b 40, c 28), McNemar p 0.23: no significant change"
     drop = PairedComparison(n=50, before=0.5, after=0.3, delta=-0.2, low=-0.3, high=-0.1, p=0.001, test="McNemar")
     assert drop.verdict() == "significant drop"
+
+
+# -- classification: one-vs-rest AUC and balanced accuracy ------------------------------------------------
+
+def macro_auc_by_sklearn(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The definition: sklearn's ROC AUC of each class against the rest on the row-centred scores,
+    averaged over the classes that have positive and negative rows."""
+    from sklearn.metrics import roc_auc_score
+
+    centred = scores - scores.mean(axis=1, keepdims=True)
+    return float(np.mean([roc_auc_score(labels == c, centred[:, c]) for c in range(scores.shape[1])
+                          if 0 < np.sum(labels == c) < len(labels)]))
+
+
+def macro_auc_by_pairs(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The same by counting: per class, the share of (positive, negative) row pairs whose centred scores
+    are ordered right, ties 1/2."""
+    centred = scores - scores.mean(axis=1, keepdims=True)
+    aucs = []
+    for c in range(scores.shape[1]):
+        positives, negatives = centred[labels == c, c], centred[labels != c, c]
+        if len(positives) and len(negatives):
+            aucs.append(np.mean(0.5 + 0.5 * np.sign(positives[:, None] - negatives[None, :])))
+    return float(np.mean(aucs))
+
+
+def class_scores(rows: int, classes: int, signal: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probability-like scores: a bump of `signal` on each row's own class, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, rows)
+    logits = rng.normal(size=(rows, classes)) + signal * np.eye(classes)[labels]
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)), labels
+
+
+def test_one_vs_rest_auc_is_sklearns_macro_auc_of_the_centred_scores():
+    scores, labels = class_scores(200, 4, 1.0, seed=3)
+    assert one_vs_rest_auc(scores, labels) == pytest.approx(macro_auc_by_sklearn(scores, labels), abs=1e-12)
+    # ties count 1/2: integer scores with many ties, and a class absent from the rows (left out)
+    rng = np.random.default_rng(4)
+    tied, few = rng.integers(0, 3, size=(60, 4)).astype(float), rng.choice([0, 1, 3], size=60)
+    assert one_vs_rest_auc(tied, few) == pytest.approx(macro_auc_by_sklearn(tied, few), abs=1e-12)
+    # by hand: two classes, centred scores of class 1 are (s1 - s0) / 2: rows 0.5, -0.5, 1, 1 for labels 1, 0, 0, 1
+    hand = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]])
+    # class 1's positives (0.5, 1) against negatives (-0.5, 1): 1 + 0 + 1 + 1/2 of 4 pairs; class 0 mirrors it
+    assert one_vs_rest_auc(hand, np.array([1, 0, 0, 1])) == pytest.approx(2.5 / 4)
+    with pytest.raises(ValueError, match="at least one row of it and one row of another"):
+        one_vs_rest_auc(hand, np.array([1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="class indices 0..1"):
+        one_vs_rest_auc(hand, np.array([1, 0, 2, 1]))
+
+
+def test_one_vs_rest_auc_cannot_be_moved_by_a_temperature_or_a_class_prior():
+    """log softmax(z / T + b) for any T > 0 and per-class bias b (a prior shift; a collapse to one class)
+    ranks every class's rows as log softmax(z) does: the AUC is exactly the same."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, 300)
+    logits = rng.normal(size=(300, 4)) + 0.8 * np.eye(4)[labels]
+
+    def log_softmax(z):
+        return z - np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True)) - z.max(axis=1, keepdims=True)
+
+    plain = one_vs_rest_auc(log_softmax(logits), labels)
+    for temperature in (0.25, 3.0):
+        for bias in (np.zeros(4), np.array([6.0, -2.0, 0.5, -9.0])):
+            shifted = log_softmax(logits / temperature + bias)
+            assert one_vs_rest_auc(shifted, labels) == plain
+            # the model now answers (nearly) one class: its accuracy falls, its ranking stays
+            if bias[0] == 6.0 and temperature == 3.0:
+                assert np.mean(shifted.argmax(axis=1) == 0) > 0.95
+    # the mass a row leaves to the rest of the vocabulary lowers all its classes' log-probabilities alike:
+    # the centred AUC ignores it, the uncentred one would rank rows by it
+    from sklearn.metrics import roc_auc_score
+
+    elsewhere = log_softmax(logits) - rng.exponential(3.0, size=(300, 1))
+    assert one_vs_rest_auc(elsewhere, labels) == pytest.approx(plain, abs=1e-12)
+    uncentred = np.mean([roc_auc_score(labels == c, elsewhere[:, c]) for c in range(4)])
+    assert abs(uncentred - 0.5) < abs(plain - 0.5) / 2
+
+
+def test_compare_auc_by_its_definition():
+    """Interval: rows resampled with numpy's generator (one (resamples, rows) draw), the macro AUC of the
+    centred scores counted over row pairs on each resample (classes without positives or negatives left out), the
+    percentile interval of the change. p: every swap of the rows' two score vectors enumerated."""
+    before, labels = class_scores(9, 3, 0.5, seed=11)
+    after, _ = class_scores(9, 3, 0.5, seed=12)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    comparison = compare_auc(before, after, labels, resamples=600, seed=2)  # 600 > 2^9: the swap test is exact
+    assert comparison.before == pytest.approx(macro_auc_by_sklearn(before, labels), abs=1e-12)
+    assert comparison.after == pytest.approx(macro_auc_by_sklearn(after, labels), abs=1e-12)
+    assert comparison.delta == pytest.approx(comparison.after - comparison.before) and comparison.n == 9
+    deltas = []
+    for picks in np.random.default_rng(2).integers(0, 9, size=(600, 9)):
+        if len(set(labels[picks])) > 1:  # a resample of one class has no AUC
+            deltas.append(macro_auc_by_pairs(after[picks], labels[picks]) - macro_auc_by_pairs(before[picks], labels[picks]))
+    assert (comparison.low, comparison.high) == pytest.approx(tuple(np.quantile(deltas, [0.025, 0.975])), abs=1e-12)
+    observed = comparison.delta
+    null = []
+    for swap in itertools.product((False, True), repeat=9):
+        mask = np.array(swap)[:, None]
+        null.append(macro_auc_by_pairs(np.where(mask, before, after), labels)
+                    - macro_auc_by_pairs(np.where(mask, after, before), labels))
+    null = np.array(null)
+    # two-sided as scipy's permutation_test: twice the smaller tail, exact over the 2^9 swaps
+    by_hand = min(1.0, 2 * min(np.mean(null >= observed - 1e-12), np.mean(null <= observed + 1e-12)))
+    assert comparison.p == pytest.approx(by_hand, abs=1e-12) and comparison.test == "paired bootstrap / swap"
+
+
+def test_compare_auc_finds_a_better_model_and_no_change_between_equals():
+    before, labels = class_scores(419, 4, 0.3, seed=21)
+    rng = np.random.default_rng(22)
+    after = before + 1.5 * np.eye(4)[labels] + rng.normal(size=before.shape) * 0.3  # ranks its classes' rows higher
+    better = compare_auc(before, after, labels, resamples=1000)
+    assert better.low < better.delta < better.high and better.low > 0
+    assert better.p == pytest.approx(2 / 1001) and better.verdict() == "significant gain"  # no swap reaches it
+    same = compare_auc(before, before, labels, resamples=1000)
+    assert (same.delta, same.low, same.high, same.p) == (0.0, 0.0, 0.0, 1.0)
+    # two scorings of equal quality (the same signal, fresh noise): no significant change either way
+    other = before + rng.normal(size=before.shape) * 0.05
+    equal = compare_auc(before, other, labels, resamples=1000)
+    assert equal.low < equal.delta < equal.high and equal.p > 0.05
+    backwards = compare_auc(other, before, labels, resamples=1000)
+    assert backwards.delta == pytest.approx(-equal.delta) and backwards.p == pytest.approx(equal.p)
+    # a better ranking is found even where both models answer one class: the bias is invisible to the AUC
+    collapsed = compare_auc(before + [9.0, 0, 0, 0], after + [9.0, 0, 0, 0], labels, resamples=1000)
+    assert collapsed.delta == pytest.approx(better.delta, abs=1e-12)
+
+
+def test_compare_balanced_accuracy_by_sklearn():
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(31)
+    classes = rng.choice(4, size=120, p=[0.5, 0.3, 0.15, 0.05])
+    guesses_before = np.where(rng.random(120) < 0.3, classes, rng.integers(0, 4, 120))
+    guesses_after = np.where(rng.random(120) < 0.6, classes, rng.integers(0, 4, 120))
+    before, after = (guesses_before == classes).astype(int), (guesses_after == classes).astype(int)
+    comparison = compare_balanced_accuracy(before, after, classes, resamples=500, seed=4)
+    assert comparison.before == pytest.approx(balanced_accuracy_score(classes, guesses_before), abs=1e-12)
+    assert comparison.after == pytest.approx(balanced_accuracy_score(classes, guesses_after), abs=1e-12)
+    assert comparison.delta == pytest.approx(comparison.after - comparison.before, abs=1e-12)
+    assert comparison.test == "paired bootstrap / sign-flip" and comparison.n == 120
+    # the interval: sklearn's balanced accuracy recomputed on each resample of the rows (absent classes left out)
+    deltas = [balanced_accuracy_score(classes[p], guesses_after[p]) - balanced_accuracy_score(classes[p], guesses_before[p])
+              for p in np.random.default_rng(4).integers(0, 120, size=(500, 120))]
+    assert (comparison.low, comparison.high) == pytest.approx(tuple(np.quantile(deltas, [0.025, 0.975])), abs=1e-12)
+    # the p-value: the sign-flip test of each row's weighed change, weight 1 / (classes x rows of its class)
+    weights = np.array([1 / (4 * np.sum(classes == c)) for c in classes])
+    assert comparison.p == pytest.approx(sign_flip_p(before * weights, after * weights, 500, 4), abs=1e-12)
+    assert comparison.p < 0.01
+    # a collapse from one class to another moves no class's share: balanced accuracy stays at chance,
+    # on every resample, whatever the classes' sizes
+    collapse = compare_balanced_accuracy((classes == 0).astype(int), (classes == 3).astype(int), classes, resamples=500)
+    assert collapse.before == pytest.approx(0.25) and collapse.after == pytest.approx(0.25)
+    assert collapse.low == pytest.approx(0.0, abs=1e-12) and collapse.high == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="one class per row"):
+        compare_balanced_accuracy(before, after, classes[:-1])
+    with pytest.raises(ValueError, match="0/1 correctness"):
+        compare_balanced_accuracy(before * 0.5, after, classes)
