@@ -195,10 +195,14 @@ def choice_token_ids(tokenizer: Any, task: Task) -> torch.Tensor | None:
 
 
 def describe_metrics(metrics: dict[str, float]) -> str:
-    """One line for the log: accuracy with its counts where the task scores generations, and target NLL."""
+    """One line for the log: accuracy with its counts where the task scores generations, balanced accuracy
+    and label AUC where the task has them, and target NLL."""
     parts = []
     if "accuracy" in metrics:
         n = int(metrics["count"])
         parts.append(f"accuracy {metrics['accuracy']:.3f} ({round(metrics['accuracy'] * n)}/{n}, unparsed {int(metrics['unparsed'])})")
+    for key, name in (("balanced_accuracy", "balanced accuracy"), ("label_auc", "label AUC")):
+        if key in metrics:
+            parts.append(f"{name} {metrics[key]:.3f}")
     parts.append(f"target NLL {metrics['loss']:.4f}")
     return ", ".join(parts)
