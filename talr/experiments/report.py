@@ -15,7 +15,8 @@ no significant change. A cell with several seeds gets the t-interval across its 
 a column without paired records gets the t-interval of its mean across seeds (none for one run).
 `pareto.md` adds a significance table (talr.experiments.significance): each cell against the
 initial model, and every two strategies at the same learning rate, paired over the held-out rows
-and benchmark documents both runs scored.
+and benchmark documents both runs scored; for a classification task (ESCI label only) also the
+balanced accuracy and label AUC, each against the initial model and between strategies.
 """
 
 from __future__ import annotations
@@ -250,21 +251,34 @@ def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
     return f"{mark}{outcome.delta:+.4f}{mark} [{outcome.low:+.4f}, {outcome.high:+.4f}] | {p} | {outcome.test}"
 
 
-def _pair_table(pairs: pd.DataFrame, columns: dict[str, str], intro: str, alpha: float, notes: list[str]) -> list[str]:
-    """A table of `between_strategies` outcomes (header -> column), or nothing when no pair has one."""
-    if pairs.empty or not any(isinstance(o, PairedComparison) for name in columns.values() for o in pairs[name]):
+# the leading columns (header -> column) of a table of `between_strategies` pairs and of `against_initial` cells
+PAIR_KEYS = {"learning rate": "learning_rate", "a": "a", "b": "b", "seeds": "seeds"}
+CELL_KEYS = {"loss": "loss", "learning rate": "learning_rate", "runs": "runs"}
+# the classification tables (talr.experiments.significance.CLASSIFICATION): header -> column, and their tests
+CLASSIFICATION_TITLES = {"balanced accuracy": "balanced_accuracy", "label AUC": "label_auc"}
+CLASSIFICATION_TESTS = ("paired bootstrap / sign-flip (balanced accuracy) and paired bootstrap / swap (label AUC) = "
+                        "the metric recomputed on each resample of the rows, p from swapping each row's two scorings. ")
+
+
+def _outcome_table(frame: pd.DataFrame, columns: dict[str, str], intro: str, alpha: float, notes: list[str],
+                   keys: dict[str, str] = PAIR_KEYS, change: str = "b - a") -> list[str]:
+    """A table of outcomes (header -> column) per row of `frame` (`between_strategies` pairs by default;
+    `keys`: its leading columns), or nothing when no row has one."""
+    if (frame.empty or not all(name in frame for name in columns.values())
+            or not any(isinstance(o, PairedComparison) for name in columns.values() for o in frame[name])):
         return []
-    header = "".join(f" {title} b - a [95% CI] | p | test |" for title in columns)
-    lines = ["", intro, "", f"| learning rate | a | b | seeds |{header}", "|---" * (4 + 3 * len(columns)) + "|"]
-    for _, pair in pairs.iterrows():
-        lines.append(f"| {pair['learning_rate']:g} | {pair['a']} | {pair['b']} | {pair['seeds']} | "
-                     + " | ".join(_change(pair[name], alpha, notes) for name in columns.values()) + " |")
+    header = "".join(f" {title} {change} [95% CI] | p | test |" for title in columns)
+    lines = ["", intro, "", f"| {' | '.join(keys)} |{header}", "|---" * (len(keys) + 3 * len(columns)) + "|"]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in keys.values())
+                     + " | " + " | ".join(_change(row[name], alpha, notes) for name in columns.values()) + " |")
     return lines
 
 
 def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
     """The significance section of the report: each cell against the initial model, and every two
-    strategies at the same learning rate, on the domain and the general side."""
+    strategies at the same learning rate, on the domain and the general side; for a classification
+    task also balanced accuracy and label AUC, both ways."""
     results = fine_tuned_runs(results)  # a WiSE-FT alpha or a merge point is no seed of its run's cell
     notes: list[str] = []
     lines = [f"## Significance (95% intervals; two-sided p; **bold**: p < {alpha:g})", "",
@@ -272,9 +286,16 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
              "and benchmark documents (general score at fit end):", "",
              "| loss | learning rate | runs | domain change [95% CI] | p | test | general change [95% CI] | p | test |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for _, cell in against_initial(results).iterrows():
+    cells = against_initial(results)
+    for _, cell in cells.iterrows():
         lines.append(f"| {cell['loss']} | {cell['learning_rate']:g} | {cell['runs']} | "
                      f"{_change(cell['domain'], alpha, notes)} | {_change(cell['general'], alpha, notes)} |")
+    classification = _outcome_table(
+        cells, CLASSIFICATION_TITLES, "Classification: change from the initial model on the same held-out rows at the "
+        "best step: balanced accuracy of the greedy answers (the mean of the classes' recalls) and label AUC (macro "
+        "one-vs-rest ROC AUC of the row-centred class log-probabilities), which neither a temperature nor the class "
+        "prior moves:", alpha, notes, keys=CELL_KEYS, change="change")
+    lines += classification
     pairs = between_strategies(results)
     lines += ["", "Between strategies at the same learning rate (b minus a), paired over the rows and documents both "
               "scored; seeds matched by value:", "",
@@ -285,20 +306,24 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
                      f"{_change(pair['domain'], alpha, notes)} | {_change(pair['general'], alpha, notes)} |")
     if pairs.empty:
         lines.append("| (one strategy per learning rate: nothing to compare) | | | | | | | | | |")
-    lines += _pair_table(pairs, {"token accuracy": "token_accuracy", "calibrated NLL": "calibrated_nll", "NLL": "nll"},
-                         "The same pairs on the held-out rows, teacher-forced over all their target tokens (b minus a): "
-                         "top-1 token accuracy and NLL at each run's best temperature, which a temperature cannot move, "
-                         "beside plain NLL, which it can:", alpha, notes)
-    lines += _pair_table(pairs, {"agreement": "agreement", "calibrated KL": "kl_calibrated", "KL": "kl", "entropy": "entropy"},
-                         "The same pairs on the general prompts (b minus a), prompt by prompt over the initial model's "
-                         "answers (ForgettingMonitor at the best step): top-1 agreement with the initial model and the KL "
-                         "left at each run's best temperature, which a temperature cannot move, beside the KL and the "
-                         "entropy, which it can (a sharpened model's entropy falls):", alpha, notes)
+    lines += _outcome_table(pairs, {"token accuracy": "token_accuracy", "calibrated NLL": "calibrated_nll", "NLL": "nll"},
+                            "The same pairs on the held-out rows, teacher-forced over all their target tokens (b minus a): "
+                            "top-1 token accuracy and NLL at each run's best temperature, which a temperature cannot move, "
+                            "beside plain NLL, which it can:", alpha, notes)
+    lines += _outcome_table(pairs, {"agreement": "agreement", "calibrated KL": "kl_calibrated", "KL": "kl", "entropy": "entropy"},
+                            "The same pairs on the general prompts (b minus a), prompt by prompt over the initial model's "
+                            "answers (ForgettingMonitor at the best step): top-1 agreement with the initial model and the KL "
+                            "left at each run's best temperature, which a temperature cannot move, beside the KL and the "
+                            "entropy, which it can (a sharpened model's entropy falls):", alpha, notes)
+    between = _outcome_table(pairs, CLASSIFICATION_TITLES, "The same pairs on the classes of the held-out rows (b minus "
+                             "a): balanced accuracy of the greedy answers and label AUC, on the same rows:", alpha, notes)
+    lines += between
     lines += ["", "Tests: McNemar = exact McNemar test with Tango's score interval (accuracy of one task); sign-flip = "
               "paired permutation test, interval from the tasks' own intervals (general score over several tasks; "
               "teacher-forced and drift: rows or prompts resampled, a paired bootstrap); "
-              "t-test across seeds = the seeds' paired differences. p-values are not corrected for the number of "
-              "comparisons: among k comparisons without any real difference, about k x alpha come out significant."]
+              "t-test across seeds = the seeds' paired differences. " + (CLASSIFICATION_TESTS if classification or between else "")
+              + "p-values are not corrected for the number of comparisons: among k comparisons without any real "
+              "difference, about k x alpha come out significant."]
     if notes:
         lines += ["", "Not compared:"] + [f"({i}) {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"

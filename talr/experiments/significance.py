@@ -15,6 +15,14 @@ Two comparisons, each on the domain side and the general side:
   compare runs whose domain metric is a loss. On the general side also the forgetting monitor's
   drift, prompt by prompt (`drift_pair`): agreement and calibrated KL beside KL and entropy.
 
+A classification task (its row scores carry each row's class and class log-probabilities, `choice` /
+`choice_logprobs`; or the run's monitor is one of these two metrics) also gets, against the initial
+model and between strategies, the paired change of balanced accuracy of the greedy answers
+(`balanced_accuracy_pair`, talr.stats.compare_balanced_accuracy) and of the label AUC
+(`label_auc_pair`, talr.stats.compare_auc): `balanced_accuracy_*` and `label_auc_*` columns. Neither
+is a mean over rows, so both are recomputed on each resample of the rows, which must be the same rows
+in both scorings.
+
 Seeds: runs of one cell (loss, learning rate) that differ only in a seed column are replicates.
 A cell with one run reports the paired test of that run (exact McNemar and Tango's interval for
 accuracy). A cell with several seeds reports the mean of the per-seed paired differences with a
@@ -30,14 +38,15 @@ import math
 from functools import lru_cache
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Union
 
 import numpy as np
 import pandas as pd
 import yaml
 
 from talr.general_prompts import prompt_scores_file
-from talr.stats import PairedComparison, PairedItems, compare_paired, compare_replicates, pair_by_id
+from talr.stats import (RESAMPLES, PairedComparison, PairedItems, compare_auc, compare_balanced_accuracy, compare_paired,
+                        compare_replicates, pair_by_id)
 
 SIDES = ("domain", "general")
 Outcome = Union[PairedComparison, str]  # a comparison, or why there is none
@@ -140,6 +149,83 @@ def drift_pair(path_a: Path, path_b: Path) -> dict[str, Outcome]:
                          "the runs' initial answers differ (another prompt set, seed or max_new_tokens)")
 
 
+# the classification comparisons (table order); each is also a validation metric, `val/<name>`
+CLASSIFICATION = ("balanced_accuracy", "label_auc")
+
+
+@lru_cache(maxsize=256)
+def read_choices(path: Path) -> dict[int, tuple[int, tuple[float, ...]]]:
+    """Row index -> (its class, the log-probability of each class's answer token) of a row-scores file
+    (RowScores' `choice`, `choice_logprobs`); empty when no row carries them (not a classification task)."""
+    rows = read_row_scores(Path(path))
+    carried = {i: r for i, r in rows.items() if "choice" in r and "choice_logprobs" in r}
+    if carried and len(carried) != len(rows):  # every row of a classification task has a class
+        raise ValueError(f"{path}: {len(rows) - len(carried)} of {len(rows)} rows carry no choice / choice_logprobs")
+    return {i: (int(r["choice"]), tuple(float(v) for v in r["choice_logprobs"])) for i, r in carried.items()}
+
+
+def generations_beside(row_scores: Path) -> Path:
+    """The generations of the validation that wrote `row_scores` (publish_records names both by one tag)."""
+    return Path(row_scores).parent.parent / "generations" / Path(row_scores).name
+
+
+def _same_classified_rows(path_a: Path, path_b: Path) -> tuple[list[int], np.ndarray] | str:
+    """The rows of two row-scores files and their classes, or why they cannot be paired: label AUC and
+    balanced accuracy are not means over rows, so a change on part of the rows is another metric."""
+    a, b = read_choices(Path(path_a)), read_choices(Path(path_b))
+    for path, choices in ((path_a, a), (path_b, b)):
+        if not choices:
+            return f"no class log-probabilities (choice / choice_logprobs) in {path}"
+    if set(a) != set(b):
+        return (f"the scorings hold different rows ({len(set(a) - set(b))} only in {path_a}, "
+                f"{len(set(b) - set(a))} only in {path_b})")
+    rows = sorted(a)
+    if any(a[i][0] != b[i][0] for i in rows):
+        return "the rows' classes differ between the scorings (another task or split)"
+    if len({len(x[1]) for x in (*a.values(), *b.values())}) != 1:
+        return "the scorings have different numbers of classes"
+    return rows, np.array([a[i][0] for i in rows])
+
+
+def label_auc_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES) -> Outcome:
+    """Two scorings of the same held-out rows (row-scores files): the change (b minus a) of the label
+    AUC, the macro one-vs-rest ROC AUC of the row-centred class log-probabilities (talr.stats.compare_auc)."""
+    paired = _same_classified_rows(path_a, path_b)
+    if isinstance(paired, str):
+        return paired
+    rows, classes = paired
+    if len(set(classes.tolist())) < 2:
+        return "the rows hold one class: there is no ranking to compare"
+    scores = [np.array([read_choices(Path(path))[i][1] for i in rows]) for path in (path_a, path_b)]
+    return compare_auc(scores[0], scores[1], classes, resamples=resamples)
+
+
+def balanced_accuracy_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES) -> Outcome:
+    """Two scorings of the same held-out rows (row-scores files, each read with the generations beside
+    it): the change (b minus a) of the balanced accuracy of the greedy answers, the mean over the
+    classes of each class's recall (talr.stats.compare_balanced_accuracy)."""
+    paired = _same_classified_rows(path_a, path_b)
+    if isinstance(paired, str):
+        return paired
+    rows, classes = paired
+    correct = []
+    for path in (path_a, path_b):
+        generations = generations_beside(Path(path))
+        if not generations.is_file():
+            return f"not found: {generations} (a validation without generation has no greedy answers)"
+        by_row = dict(zip(*read_generations(generations)))
+        if set(by_row) != set(rows):
+            return f"{generations} holds other rows than its row scores"
+        correct.append([by_row[i] for i in rows])
+    return compare_balanced_accuracy(correct[0], correct[1], classes, resamples=resamples)
+
+
+def classification_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES) -> dict[str, Outcome]:
+    """`balanced_accuracy_pair` and `label_auc_pair` of two row-scores files, by name (CLASSIFICATION)."""
+    pairs = {"balanced_accuracy": balanced_accuracy_pair, "label_auc": label_auc_pair}
+    return {name: pairs[name](path_a, path_b, resamples) for name in CLASSIFICATION}
+
+
 def heldout_split(config_file: str | Path | None) -> str | None:
     """What decides a run's held-out rows (data.task, data.val_size, data.seed of its config), as one
     string: runs with the same string scored the same rows under the same row indices."""
@@ -161,8 +247,9 @@ def comparison_columns(side: str, outcome: Outcome) -> dict[str, Any]:
 def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
     """A finished run's sweep-table columns beside its summary: its domain accuracy at the best step
     against the initial model on the same held-out rows (`comparison_columns("domain", ...)`), the
-    files the report pairs runs with (absolute paths) and the run's held-out split. A summary that
-    names `domain_generations_file` is compared on those generations instead of the best step's."""
+    files the report pairs runs with (absolute paths) and the run's held-out split; a classification
+    run also its balanced accuracy and label AUC against the initial model (`classification_columns`).
+    A summary that names `domain_generations_file` is compared on those generations instead of the best step's."""
     log_dir = Path(summary["log_dir"]).resolve() if summary.get("log_dir") else None
     out: dict[str, Any] = {"heldout_split": heldout_split(summary.get("config_file"))}
     for when in ("initial", "best"):  # GeneralBenchmarks names them relative to the log directory
@@ -196,6 +283,50 @@ def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
             else:
                 outcome = compare_paired([pair_by_id(rows_before, before, rows_after, after)])
     out.update(comparison_columns("domain", outcome))
+    out.update(classification_columns(summary, log_dir))
+    return out
+
+
+def classification_columns(summary: dict[str, Any], log_dir: Path | None) -> dict[str, Any]:
+    """A classification run's `balanced_accuracy_*` and `label_auc_*` columns: `comparison_columns` of
+    the best step against the initial model (step 0) on the same held-out rows, with the values before
+    and after (`_initial`, `_best`). Only for a run whose monitor is one of the two metrics or whose
+    best step's row scores carry classes: other runs get no such columns. A summary that names
+    `domain_generations_file` (a WiSE-FT alpha, a merge point) is read from the row scores beside it."""
+    monitor = summary.get("monitor")
+    best: Path | None = None
+    if log_dir is not None and summary.get("best_step") is not None:
+        named = summary.get("domain_generations_file")
+        best = log_dir / "row_scores" / Path(named).name if named else row_scores_file(log_dir, summary["best_step"])
+    try:
+        carried, malformed = best is not None and best.is_file() and bool(read_choices(best)), None
+    except ValueError as error:  # a broken file: said in the columns of a run monitored on these metrics
+        carried, malformed = False, str(error)
+    if monitor not in {f"val/{name}" for name in CLASSIFICATION} and not carried:
+        return {}
+    outcomes: dict[str, Outcome]
+    if best is None:
+        outcomes = dict.fromkeys(CLASSIFICATION, "the run names no log directory or best step")
+    elif malformed:
+        outcomes = dict.fromkeys(CLASSIFICATION, malformed)
+    else:
+        initial = row_scores_file(log_dir, 0)
+        missing = [str(p) for p in (initial, best) if not p.is_file()]
+        outcomes = (dict.fromkeys(CLASSIFICATION, f"not found: {', '.join(missing)}") if missing
+                    else classification_pair(initial, best))
+    out: dict[str, Any] = {}
+    for name, outcome in outcomes.items():
+        if isinstance(outcome, PairedComparison) and monitor == f"val/{name}":
+            # the files must be the validations the summary logged (to float32 rounding: Lightning logs float32)
+            for when, value in (("initial", outcome.before), ("best", outcome.after)):
+                logged = summary.get(f"domain_{when}")
+                if (isinstance(logged, (int, float)) and not math.isnan(logged)
+                        and not math.isclose(value, logged, abs_tol=1e-5)):
+                    outcome = f"the row scores give {monitor} {value:.6f}, not the summary's domain_{when} {logged}"
+                    break
+        out.update(comparison_columns(name, outcome))
+        out[f"{name}_initial"] = outcome.before if isinstance(outcome, PairedComparison) else math.nan
+        out[f"{name}_best"] = outcome.after if isinstance(outcome, PairedComparison) else math.nan
     return out
 
 
@@ -233,14 +364,20 @@ def combine_seeds(outcomes: list[Outcome], before: float = math.nan) -> Outcome:
 def against_initial(results: pd.DataFrame) -> pd.DataFrame:
     """Per cell (loss, learning rate): the change from the initial model on each side (an Outcome)."""
     done = results[results["status"] == "done"]
+    sides = (*SIDES, *classified(results))
     cells = []
     for (loss, rate), rows in done.groupby(["loss", "learning_rate"], sort=True):
         cell: dict[str, Any] = {"loss": loss, "learning_rate": rate, "runs": len(rows)}
-        for side in SIDES:
+        for side in sides:
             before = float(rows[f"{side}_initial"].mean()) if f"{side}_initial" in rows else math.nan
             cell[side] = combine_seeds([outcome_from_row(row, side) for _, row in rows.iterrows()], before)
         cells.append(cell)
-    return pd.DataFrame(cells, columns=["loss", "learning_rate", "runs", *SIDES])
+    return pd.DataFrame(cells, columns=["loss", "learning_rate", "runs", *sides])
+
+
+def classified(results: pd.DataFrame) -> tuple[str, ...]:
+    """The classification comparisons of a sweep table (CLASSIFICATION, where `run_columns` wrote them)."""
+    return tuple(name for name in CLASSIFICATION if f"{name}_test" in results.columns)
 
 
 def _domain_pair(a: pd.Series, b: pd.Series) -> Outcome:
@@ -270,9 +407,12 @@ PAIRS: dict[str, Callable[[pd.Series, pd.Series], Outcome]] = {"domain": _domain
 
 def between_strategies(results: pd.DataFrame) -> pd.DataFrame:
     """Every two strategies at the same learning rate: the change from `a` to `b` on each side,
-    paired over the rows / documents both scored, seeds matched by their values."""
+    paired over the rows / documents both scored, seeds matched by their values; teacher-forced and
+    drift comparisons beside them, and in a table with classification columns (`classified`) the
+    balanced accuracy and label AUC on the same rows."""
     done = results[results["status"] == "done"]
     keys = replicate_columns(done)
+    class_metrics = classified(results)
     pairs = []
     for rate, at_rate in done.groupby("learning_rate", sort=True):
         by_loss = {loss: {_replicate(r, keys): r for _, r in rows.iterrows()} for loss, rows in at_rate.groupby("loss")}
@@ -282,12 +422,12 @@ def between_strategies(results: pd.DataFrame) -> pd.DataFrame:
             for side in SIDES:
                 outcomes = [PAIRS[side](by_loss[a][k], by_loss[b][k]) for k in shared]
                 entry[side] = combine_seeds(outcomes) if shared else "no seed in common"
-            per_seed = [{**_teacher_forced(by_loss[a][k], by_loss[b][k]), **_drift(by_loss[a][k], by_loss[b][k])}
-                        for k in shared]
-            for name in (*TEACHER_FORCED, *DRIFT):
+            per_seed = [{**_teacher_forced(by_loss[a][k], by_loss[b][k]), **_drift(by_loss[a][k], by_loss[b][k]),
+                         **(_classification(by_loss[a][k], by_loss[b][k]) if class_metrics else {})} for k in shared]
+            for name in (*TEACHER_FORCED, *DRIFT, *class_metrics):
                 entry[name] = combine_seeds([o[name] for o in per_seed]) if shared else "no seed in common"
             pairs.append(entry)
-    return pd.DataFrame(pairs, columns=["learning_rate", "a", "b", "seeds", *SIDES, *TEACHER_FORCED, *DRIFT])
+    return pd.DataFrame(pairs, columns=["learning_rate", "a", "b", "seeds", *SIDES, *TEACHER_FORCED, *DRIFT, *class_metrics])
 
 
 def _drift(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
@@ -297,10 +437,20 @@ def _drift(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
     return drift_pair(Path(files[0]), Path(files[1]))
 
 
-def _teacher_forced(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
+def _row_scores_pair(a: pd.Series, b: pd.Series, names: Iterable[str],
+                     compare: Callable[[Path, Path], dict[str, Outcome]]) -> dict[str, Outcome]:
+    """`compare` of two runs' best-step row scores, or why not, for each of `names`."""
     files = [row.get("row_scores_best") for row in (a, b)]
     if not all(isinstance(f, str) and Path(f).is_file() for f in files):
-        return dict.fromkeys(TEACHER_FORCED, "no row scores of the best step (a sweep from before they were kept)")
+        return dict.fromkeys(names, "no row scores of the best step (a sweep from before they were kept)")
     if not isinstance(a.get("heldout_split"), str) or a.get("heldout_split") != b.get("heldout_split"):
-        return dict.fromkeys(TEACHER_FORCED, "the runs held out different rows (data.task / val_size / seed differ, or a config is missing)")
-    return teacher_forced_pair(Path(files[0]), Path(files[1]))
+        return dict.fromkeys(names, "the runs held out different rows (data.task / val_size / seed differ, or a config is missing)")
+    return compare(Path(files[0]), Path(files[1]))
+
+
+def _teacher_forced(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
+    return _row_scores_pair(a, b, TEACHER_FORCED, teacher_forced_pair)
+
+
+def _classification(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
+    return _row_scores_pair(a, b, CLASSIFICATION, classification_pair)
