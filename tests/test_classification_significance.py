@@ -181,9 +181,13 @@ def test_run_columns_compare_the_best_step_with_the_initial_model(tmp_path):
         assert 0 <= columns[f"{name}_p"] <= 1 and columns[f"{name}_n"] == len(CLASSES)
     assert columns["label_auc_test"] == "paired bootstrap / swap"
     assert columns["balanced_accuracy_test"] == "paired bootstrap / sign-flip"
-    assert columns["domain_test"].startswith("none: the domain metric is val/label_auc")  # unchanged
-    # balanced accuracy as the monitor: the same columns
-    assert run_columns(classification_run(tmp_path, "ba", monitor="val/balanced_accuracy"))["balanced_accuracy_n"] == 10
+    # the monitored metric's comparison is the run's domain comparison (the Pareto plot's bars)
+    for key in ("delta", "delta_low", "delta_high", "p", "n", "test"):
+        assert columns[f"domain_{key}"] == columns[f"label_auc_{key}"]
+    # balanced accuracy as the monitor: the same columns, and it is the domain comparison
+    by_balanced_accuracy = run_columns(classification_run(tmp_path, "ba", monitor="val/balanced_accuracy"))
+    assert by_balanced_accuracy["balanced_accuracy_n"] == 10
+    assert by_balanced_accuracy["domain_delta"] == pytest.approx(balanced_accuracy_by_hand(CLASSES, PREDICTED_BEST) - 0.25)
     # the row scores carry classes while the monitor is another metric: the columns all the same
     loss_monitored = run_columns(classification_run(tmp_path, "loss", monitor="val/loss"))
     assert loss_monitored["label_auc_delta"] == pytest.approx(columns["label_auc_delta"])

@@ -2,7 +2,9 @@
 regulariser in YAML trained through `talr fit` and read back from its checkpoint, sweep grids over
 `model.loss`, and the one error an old-form loss config gets."""
 
+import importlib.util
 import inspect
+import math
 import re
 import shlex
 import subprocess
@@ -209,3 +211,24 @@ def test_the_token_probability_logger_reports_the_runs_own_talr_also_when_wrappe
     assert talr_strategy(SimpleNamespace(loss_fn=KLToInitial(base=own)), named) is named  # an explicit one wins
     default = talr_strategy(SimpleNamespace(loss_fn=KLToInitial(base=CrossEntropy())), None)
     assert (default.w_min, default.tau, default.tau_scope) == (0.01, None, "global")  # TALR's documented defaults
+
+
+def test_the_readmes_new_strategy_example_applies_and_trains_by_its_formula(tmp_path, monkeypatch):
+    """The README's focal-loss diff is what a contributor copies: it must apply to today's files, and
+    the class it adds must give sum((1 - p)^gamma * nll) over the tokens."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    patch = re.search(r"```diff\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "talr").mkdir()
+    (tmp_path / "talr" / "losses.py").write_bytes((REPO / "talr" / "losses.py").read_bytes())
+    (tmp_path / "example.diff").write_text(patch, encoding="utf-8")
+    subprocess.run(["git", "apply", "example.diff"], cwd=tmp_path, check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("readme_example_losses", tmp_path / "talr" / "losses.py")
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(example)
+    nll = torch.tensor([0.05, 0.7, 3.0])
+    out = example.Focal(gamma=2.0)(example.TokenBatch(nll=nll, seq_index=torch.tensor([0, 0, 1]), num_seqs=2))
+    by_hand = sum((1 - math.exp(-x)) ** 2 * x for x in nll.tolist())
+    assert out.total.item() == pytest.approx(by_hand, rel=1e-6)
+    config = yaml.safe_load((tmp_path / "configs" / "medcalc" / "focal.yaml").read_text(encoding="utf-8"))
+    assert config["model"]["loss"] == {"class_path": "talr.losses.Focal", "init_args": {"gamma": 2.0}}

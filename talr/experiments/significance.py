@@ -249,7 +249,8 @@ def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
     against the initial model on the same held-out rows (`comparison_columns("domain", ...)`), the
     files the report pairs runs with (absolute paths) and the run's held-out split; a classification
     run also its balanced accuracy and label AUC against the initial model (`classification_columns`).
-    A summary that names `domain_generations_file` is compared on those generations instead of the best step's."""
+    A summary that names `domain_generations_file` is compared on those generations instead of the best step's.
+    A run monitored on a classification metric gets that metric's comparison as its `domain_*` columns."""
     log_dir = Path(summary["log_dir"]).resolve() if summary.get("log_dir") else None
     out: dict[str, Any] = {"heldout_split": heldout_split(summary.get("config_file"))}
     for when in ("initial", "best"):  # GeneralBenchmarks names them relative to the log directory
@@ -263,6 +264,11 @@ def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
         drift = prompt_scores_file(log_dir / "forgetting", summary["best_step"])  # ForgettingMonitor's default dirpath
         if drift.is_file():
             out["prompt_scores_best"] = str(drift)
+    classification = classification_columns(summary, log_dir)
+    monitored = str(summary.get("monitor", "")).removeprefix("val/")
+    if monitored in CLASSIFICATION:  # the domain axis is the monitored metric: its paired change gives the plots' bars
+        out.update({f"domain_{k}": classification[f"{monitored}_{k}"] for k in ("delta", "delta_low", "delta_high", "p", "n", "test")})
+        return {**out, **classification}
     outcome: Outcome
     if summary.get("monitor") != "val/accuracy":
         outcome = f"the domain metric is {summary.get('monitor')}, not val/accuracy"
@@ -283,7 +289,7 @@ def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
             else:
                 outcome = compare_paired([pair_by_id(rows_before, before, rows_after, after)])
     out.update(comparison_columns("domain", outcome))
-    out.update(classification_columns(summary, log_dir))
+    out.update(classification)
     return out
 
 
