@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import SHARED, tiny_fit_config
 from talr.experiments.report import initial_point, pareto_front, plot, trade_off_table, wiseft_table
 from talr.experiments.report import main as report_main
+from talr.experiments.significance import between_strategies
 from talr.experiments.sweep import Sweep, collect, run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -374,6 +376,26 @@ def test_sweep_table_carries_the_paired_domain_change(synthetic_sweep):
         assert row["domain_delta"] == pytest.approx(row["domain_best"] - row["domain_initial"])
     pending = table[table["status"] == "pending"]
     assert len(pending) == 2 and pending["domain_delta"].isna().all()
+
+
+def test_a_sweep_folder_copied_elsewhere_collects_to_the_same_pairs(synthetic_sweep, tmp_path):
+    """A sweep kept in a repository or copied off a cluster's scratch: its summaries name the folder it
+    ran in, which is gone; the copy still pairs every run with the initial model and between runs."""
+    out, vectors, sweep = synthetic_sweep
+    copy = tmp_path / "kept" / "study"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)
+    table = pd.DataFrame(collect(sweep, copy))
+    done = table[table["status"] == "done"]
+    assert len(done) == 6 and (done["domain_test"] == "McNemar").all()
+    for _, row in done.iterrows():
+        before, after = vectors[(row["loss"], row["learning_rate"], row["seed"])]["domain"]
+        b, c, _ = mcnemar_by_hand(before, after)
+        assert row["domain_delta"] == pytest.approx((c - b) / ROWS)
+        assert Path(row["domain_generations_best"]).is_relative_to(copy) and Path(row["general_file_best"]).is_file()
+        assert isinstance(row["heldout_split"], str)  # the config beside the copied logs
+    pairs = between_strategies(table)
+    assert (pairs["seeds"] > 0).all() and not any(isinstance(v, str) for v in pairs["domain"])
 
 
 def test_pareto_plot_draws_the_paired_intervals_as_error_bars(synthetic_sweep):

@@ -165,7 +165,7 @@ def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run": name, **{k: v for k, v in values.items()}}
         summary_path = out / name / SUMMARY
         if summary_path.is_file():
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            summary = relocated(json.loads(summary_path.read_text(encoding="utf-8")), out / name)
             row.update(status="done", **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
             row["config"] = summary.get("config_file", values.get("config"))
             row.update(run_columns(summary))  # domain change from the initial model; the files to pair runs with
@@ -183,9 +183,30 @@ def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     full = []
     for row in rows:  # the JSON also carries each run's full summary, history and config
         summary_path = out / row["run"] / SUMMARY
-        full.append({**row, "summary": json.loads(summary_path.read_text(encoding="utf-8"))} if summary_path.is_file() else row)
+        full.append({**row, "summary": relocated(json.loads(summary_path.read_text(encoding="utf-8")), out / row["run"])}
+                    if summary_path.is_file() else row)
     write_atomic(out / "results.json", json.dumps(full, indent=2))
     return rows
+
+
+def relocated(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The summary with its paths (`log_dir`, `config_file`) under `run_dir` where the run was written
+    elsewhere: a sweep folder copied from a cluster's scratch, or kept in a repository, still pairs its
+    runs. The recorded path's part below the run's own folder name is looked up below `run_dir`."""
+    recorded = summary.get("log_dir")
+    if not recorded or Path(recorded).is_dir():
+        return summary
+    parts = Path(recorded).parts
+    if run_dir.name not in parts:
+        return summary
+    below = parts[len(parts) - parts[::-1].index(run_dir.name):]  # after the last occurrence of the run's name
+    log_dir = run_dir.joinpath(*below)
+    if not log_dir.is_dir():
+        return summary
+    moved = {**summary, "log_dir": str(log_dir)}
+    if summary.get("config_file"):
+        moved["config_file"] = str(log_dir / Path(summary["config_file"]).name)
+    return moved
 
 
 # a weight-space search's rows in a run summary (callbacks.model_averaging): the summary's key, the
