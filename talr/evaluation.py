@@ -153,8 +153,10 @@ class DomainEvaluation:
             metrics.update(task.summarize([r.verdict for r in records], [rows[r.row_index] for r in records]))
         with_choices = [r for r in scored if r.choice_logprobs is not None]
         if len({r.choice for r in with_choices}) > 1:  # a ranking needs rows of two classes
-            metrics["label_auc"] = one_vs_rest_auc(np.array([r.choice_logprobs for r in with_choices]),
-                                                   np.array([r.choice for r in with_choices]))
+            scores, classes = np.array([r.choice_logprobs for r in with_choices]), np.array([r.choice for r in with_choices])
+            metrics["label_auc"] = one_vs_rest_auc(scores, classes)
+            # weighted by class support: a rare class (ESCI's Complement, 2% of rows) adds its noise in proportion
+            metrics["label_auc_weighted"] = one_vs_rest_auc(scores, classes, average="weighted")
         self.reset()
         return metrics, records, scored
 

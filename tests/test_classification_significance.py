@@ -79,6 +79,16 @@ def label_auc_by_definition(logprobs: np.ndarray, classes: list[int]) -> float:
                           if 0 < np.sum(labels == c) < len(labels)]))
 
 
+def weighted_label_auc_by_definition(logprobs: np.ndarray, classes: list[int]) -> float:
+    """sklearn's one-vs-rest ROC AUC weighted by each class's number of rows, on the centred log-probabilities."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.array(classes)
+    centred = logprobs - logprobs.mean(axis=1, keepdims=True)
+    present = sorted(set(classes))
+    return float(roc_auc_score(np.eye(logprobs.shape[1])[labels][:, present], centred[:, present], average="weighted"))
+
+
 def balanced_accuracy_by_hand(classes: list[int], predicted: list[int]) -> float:
     """The mean over the classes present of each class's recall: its rows answered with it, over its rows."""
     recalls = []
@@ -180,6 +190,9 @@ def test_run_columns_compare_the_best_step_with_the_initial_model(tmp_path):
         assert columns[f"{name}_delta_low"] <= columns[f"{name}_delta"] <= columns[f"{name}_delta_high"]
         assert 0 <= columns[f"{name}_p"] <= 1 and columns[f"{name}_n"] == len(CLASSES)
     assert columns["label_auc_test"] == "paired bootstrap / swap"
+    assert columns["label_auc_weighted_initial"] == pytest.approx(weighted_label_auc_by_definition(before, CLASSES), abs=1e-12)
+    assert columns["label_auc_weighted_best"] == pytest.approx(weighted_label_auc_by_definition(after, CLASSES), abs=1e-12)
+    assert columns["label_auc_weighted_delta_low"] <= columns["label_auc_weighted_delta"] <= columns["label_auc_weighted_delta_high"]
     assert columns["balanced_accuracy_test"] == "paired bootstrap / sign-flip"
     # the monitored metric's comparison is the run's domain comparison (the Pareto plot's bars)
     for key in ("delta", "delta_low", "delta_high", "p", "n", "test"):
@@ -243,6 +256,9 @@ def test_strategies_are_compared_on_the_same_rows_and_reported(tmp_path):
     assert auc.delta == pytest.approx(label_auc_by_definition(talr_scores, CLASSES)
                                       - label_auc_by_definition(ce_scores, CLASSES), abs=1e-12)
     assert auc.low <= auc.delta <= auc.high and 0 <= auc.p <= 1
+    weighted = pair["label_auc_weighted"]
+    assert weighted.delta == pytest.approx(weighted_label_auc_by_definition(talr_scores, CLASSES)
+                                           - weighted_label_auc_by_definition(ce_scores, CLASSES), abs=1e-12)
     balanced = pair["balanced_accuracy"]
     assert balanced.delta == pytest.approx(balanced_accuracy_by_hand(CLASSES, PREDICTED_BEST) - 0.25)
     assert balanced.low <= balanced.delta <= balanced.high and 0 <= balanced.p <= 1

@@ -298,6 +298,9 @@ def test_classification_rows_keep_each_class_log_probability_and_the_label_auc(t
     labels = [label for _, _, label in ESCI_ROWS]
     macro = sum(roc_auc_score([y == k for y in labels], centred[:, k]) for k in range(4)) / 4
     assert metrics["label_auc"] == pytest.approx(macro, abs=1e-9)
+    support = [labels.count(k) / len(labels) for k in range(4)]
+    weighted = sum(support[k] * roc_auc_score([y == k for y in labels], centred[:, k]) for k in range(4))
+    assert metrics["label_auc_weighted"] == pytest.approx(weighted, abs=1e-9)
     from talr.evaluation import describe_metrics
 
     assert f"label AUC {macro:.3f}" in describe_metrics(metrics)  # the validation's log line

@@ -273,6 +273,40 @@ def test_one_vs_rest_auc_is_sklearns_macro_auc_of_the_centred_scores():
         one_vs_rest_auc(hand, np.array([1, 0, 2, 1]))
 
 
+def test_the_weighted_one_vs_rest_auc_is_sklearns_weighted_auc_of_the_centred_scores():
+    """average="weighted": each class's AUC weighted by its share of the rows, sklearn's definition
+    (roc_auc_score on the one-hot labels with average="weighted")."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, labels = class_scores(300, 4, 0.8, seed=6)
+    labels[:280] = np.where(labels[:280] == 2, 0, labels[:280])  # class 2 rare, as ESCI's Complement
+    centred = scores - scores.mean(axis=1, keepdims=True)
+    by_sklearn = roc_auc_score(np.eye(4)[labels], centred, average="weighted")
+    assert one_vs_rest_auc(scores, labels, average="weighted") == pytest.approx(by_sklearn, abs=1e-12)
+    # by hand: support-weighted mean of the per-class AUCs counted over row pairs
+    per_class = [np.mean(0.5 + 0.5 * np.sign(centred[labels == c, c][:, None] - centred[labels != c, c][None, :]))
+                 for c in range(4)]
+    weights = np.bincount(labels, minlength=4) / len(labels)
+    assert one_vs_rest_auc(scores, labels, average="weighted") == pytest.approx(float(weights @ per_class), abs=1e-12)
+    with pytest.raises(ValueError, match="'macro' or 'weighted'"):
+        one_vs_rest_auc(scores, labels, average="micro")
+
+
+def test_compare_auc_weighted_is_the_change_of_the_weighted_auc_and_is_tighter_with_a_rare_class():
+    """With a rare class, the macro mean gives its noisy AUC a full share: the weighted change's
+    interval is narrower on the same rows (the study's reason to report it beside the macro one)."""
+    rng = np.random.default_rng(31)
+    labels = rng.choice(4, size=419, p=[0.38, 0.25, 0.02, 0.35])
+    before, _ = class_scores(419, 4, 0.0, seed=32)
+    after = before + 0.6 * np.eye(4)[labels] + rng.normal(size=before.shape) * 0.5
+    weighted = compare_auc(before, after, labels, resamples=2000, average="weighted")
+    macro = compare_auc(before, after, labels, resamples=2000)
+    assert weighted.before == pytest.approx(one_vs_rest_auc(before, labels, average="weighted"), abs=1e-12)
+    assert weighted.after == pytest.approx(one_vs_rest_auc(after, labels, average="weighted"), abs=1e-12)
+    assert weighted.low < weighted.delta < weighted.high
+    assert weighted.high - weighted.low < macro.high - macro.low
+
+
 def test_one_vs_rest_auc_cannot_be_moved_by_a_temperature_or_a_class_prior():
     """log softmax(z / T + b) for any T > 0 and per-class bias b (a prior shift; a collapse to one class)
     ranks every class's rows as log softmax(z) does: the AUC is exactly the same."""

@@ -255,7 +255,8 @@ def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
 PAIR_KEYS = {"learning rate": "learning_rate", "a": "a", "b": "b", "seeds": "seeds"}
 CELL_KEYS = {"loss": "loss", "learning rate": "learning_rate", "runs": "runs"}
 # the classification tables (talr.experiments.significance.CLASSIFICATION): header -> column, and their tests
-CLASSIFICATION_TITLES = {"balanced accuracy": "balanced_accuracy", "label AUC": "label_auc"}
+CLASSIFICATION_TITLES = {"balanced accuracy": "balanced_accuracy", "label AUC": "label_auc",
+                         "label AUC, weighted": "label_auc_weighted"}
 CLASSIFICATION_TESTS = ("paired bootstrap / sign-flip (balanced accuracy) and paired bootstrap / swap (label AUC) = "
                         "the metric recomputed on each resample of the rows, p from swapping each row's two scorings. ")
 

@@ -19,7 +19,8 @@ A classification task (its row scores carry each row's class and class log-proba
 `choice_logprobs`; or the run's monitor is one of these two metrics) also gets, against the initial
 model and between strategies, the paired change of balanced accuracy of the greedy answers
 (`balanced_accuracy_pair`, talr.stats.compare_balanced_accuracy) and of the label AUC
-(`label_auc_pair`, talr.stats.compare_auc): `balanced_accuracy_*` and `label_auc_*` columns. Neither
+(`label_auc_pair`, talr.stats.compare_auc), macro and weighted by class support:
+`balanced_accuracy_*`, `label_auc_*` and `label_auc_weighted_*` columns. None
 is a mean over rows, so both are recomputed on each resample of the rows, which must be the same rows
 in both scorings.
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
@@ -45,7 +46,7 @@ import pandas as pd
 import yaml
 
 from talr.general_prompts import prompt_scores_file
-from talr.stats import (RESAMPLES, PairedComparison, PairedItems, compare_auc, compare_balanced_accuracy, compare_paired,
+from talr.stats import (RESAMPLES, AucAverage, PairedComparison, PairedItems, compare_auc, compare_balanced_accuracy, compare_paired,
                         compare_replicates, pair_by_id)
 
 SIDES = ("domain", "general")
@@ -150,7 +151,7 @@ def drift_pair(path_a: Path, path_b: Path) -> dict[str, Outcome]:
 
 
 # the classification comparisons (table order); each is also a validation metric, `val/<name>`
-CLASSIFICATION = ("balanced_accuracy", "label_auc")
+CLASSIFICATION = ("balanced_accuracy", "label_auc", "label_auc_weighted")
 
 
 @lru_cache(maxsize=256)
@@ -187,9 +188,10 @@ def _same_classified_rows(path_a: Path, path_b: Path) -> tuple[list[int], np.nda
     return rows, np.array([a[i][0] for i in rows])
 
 
-def label_auc_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES) -> Outcome:
+def label_auc_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES, average: AucAverage = "macro") -> Outcome:
     """Two scorings of the same held-out rows (row-scores files): the change (b minus a) of the label
-    AUC, the macro one-vs-rest ROC AUC of the row-centred class log-probabilities (talr.stats.compare_auc)."""
+    AUC, the one-vs-rest ROC AUC of the row-centred class log-probabilities, averaged over the classes
+    as `average` says (talr.stats.compare_auc)."""
     paired = _same_classified_rows(path_a, path_b)
     if isinstance(paired, str):
         return paired
@@ -197,7 +199,7 @@ def label_auc_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES) -> Ou
     if len(set(classes.tolist())) < 2:
         return "the rows hold one class: there is no ranking to compare"
     scores = [np.array([read_choices(Path(path))[i][1] for i in rows]) for path in (path_a, path_b)]
-    return compare_auc(scores[0], scores[1], classes, resamples=resamples)
+    return compare_auc(scores[0], scores[1], classes, resamples=resamples, average=average)
 
 
 def balanced_accuracy_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES) -> Outcome:
@@ -221,8 +223,10 @@ def balanced_accuracy_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLE
 
 
 def classification_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES) -> dict[str, Outcome]:
-    """`balanced_accuracy_pair` and `label_auc_pair` of two row-scores files, by name (CLASSIFICATION)."""
-    pairs = {"balanced_accuracy": balanced_accuracy_pair, "label_auc": label_auc_pair}
+    """`balanced_accuracy_pair` and `label_auc_pair` (macro and weighted) of two row-scores files, by name
+    (CLASSIFICATION)."""
+    pairs = {"balanced_accuracy": balanced_accuracy_pair, "label_auc": label_auc_pair,
+             "label_auc_weighted": partial(label_auc_pair, average="weighted")}
     return {name: pairs[name](path_a, path_b, resamples) for name in CLASSIFICATION}
 
 
