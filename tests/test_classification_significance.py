@@ -256,6 +256,7 @@ def test_strategies_are_compared_on_the_same_rows_and_reported(tmp_path):
     assert auc.delta == pytest.approx(label_auc_by_definition(talr_scores, CLASSES)
                                       - label_auc_by_definition(ce_scores, CLASSES), abs=1e-12)
     assert auc.low <= auc.delta <= auc.high and 0 <= auc.p <= 1
+    assert pair["domain"].delta == auc.delta and pair["domain"].low == auc.low  # the monitor, val/label_auc
     weighted = pair["label_auc_weighted"]
     assert weighted.delta == pytest.approx(weighted_label_auc_by_definition(talr_scores, CLASSES)
                                            - weighted_label_auc_by_definition(ce_scores, CLASSES), abs=1e-12)

@@ -225,9 +225,12 @@ def balanced_accuracy_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLE
 def classification_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES) -> dict[str, Outcome]:
     """`balanced_accuracy_pair` and `label_auc_pair` (macro and weighted) of two row-scores files, by name
     (CLASSIFICATION)."""
-    pairs = {"balanced_accuracy": balanced_accuracy_pair, "label_auc": label_auc_pair,
-             "label_auc_weighted": partial(label_auc_pair, average="weighted")}
-    return {name: pairs[name](path_a, path_b, resamples) for name in CLASSIFICATION}
+    return {name: CLASSIFICATION_PAIRS[name](path_a, path_b, resamples) for name in CLASSIFICATION}
+
+
+CLASSIFICATION_PAIRS: dict[str, Callable[..., Outcome]] = {
+    "balanced_accuracy": balanced_accuracy_pair, "label_auc": label_auc_pair,
+    "label_auc_weighted": partial(label_auc_pair, average="weighted")}
 
 
 def heldout_split(config_file: str | Path | None) -> str | None:
@@ -391,6 +394,9 @@ def classified(results: pd.DataFrame) -> tuple[str, ...]:
 
 
 def _domain_pair(a: pd.Series, b: pd.Series) -> Outcome:
+    monitored = str(a.get("monitor", "")).removeprefix("val/")
+    if monitored in CLASSIFICATION and b.get("monitor") == a.get("monitor"):  # as in run_columns: the monitored metric
+        return _row_scores_pair(a, b, [monitored], lambda x, y: {monitored: CLASSIFICATION_PAIRS[monitored](x, y)})[monitored]
     files = [row.get("domain_generations_best") for row in (a, b)]
     if not all(isinstance(f, str) and Path(f).is_file() for f in files):
         return "no scored generations of the best step (the domain metric is not accuracy, or files moved)"
