@@ -283,7 +283,8 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
     results = fine_tuned_runs(results)  # a WiSE-FT alpha or a merge point is no seed of its run's cell
     notes: list[str] = []
     lines = [f"## Significance (95% intervals; two-sided p; **bold**: p < {alpha:g})", "",
-             "Change from the initial model, paired on the same held-out rows (domain accuracy at the best step) "
+             "Change from the initial model, paired on the same held-out rows (domain: accuracy at the best step, or a "
+             "classification run's monitored metric) "
              "and benchmark documents (general score at fit end):", "",
              "| loss | learning rate | runs | domain change [95% CI] | p | test | general change [95% CI] | p | test |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -293,8 +294,9 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
                      f"{_change(cell['domain'], alpha, notes)} | {_change(cell['general'], alpha, notes)} |")
     classification = _outcome_table(
         cells, CLASSIFICATION_TITLES, "Classification: change from the initial model on the same held-out rows at the "
-        "best step: balanced accuracy of the greedy answers (the mean of the classes' recalls) and label AUC (macro "
-        "one-vs-rest ROC AUC of the row-centred class log-probabilities), which neither a temperature nor the class "
+        "best step: balanced accuracy of the greedy answers (the mean of the classes' recalls) and label AUC (one-vs-rest "
+        "ROC AUC of the row-centred class log-probabilities, the classes' mean plain and weighted by their rows), which "
+        "neither a temperature nor the class "
         "prior moves:", alpha, notes, keys=CELL_KEYS, change="change")
     lines += classification
     pairs = between_strategies(results)
