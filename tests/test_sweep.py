@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import SHARED, tiny_fit_config
 from talr.experiments.report import initial_point, pareto_front, plot, trade_off_table, wiseft_table
 from talr.experiments.report import main as report_main
-from talr.experiments.significance import between_strategies
+from talr.experiments.significance import between_learning_rates, between_strategies
 from talr.experiments.sweep import Sweep, collect, run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -468,6 +468,28 @@ def test_teacher_forced_comparison_by_hand(tmp_path):
     write_row_scores(b, [11, 20], hits=[6, 12], nll=[9.0, 27.0], best_temperature=10)
     read_row_scores.cache_clear()
     assert "target tokens differ" in teacher_forced_pair(a, b)["nll"]
+
+
+def test_learning_rates_of_one_strategy_are_compared_on_the_same_rows(synthetic_sweep):
+    """The paper's Finding 1 asks how one strategy's smaller and larger rate differ: each pair of rates
+    of a loss, seeds matched, paired over the held-out rows and documents both runs scored."""
+    out, vectors, _ = synthetic_sweep
+    table = pd.read_csv(out / "results.csv")
+    pairs = between_learning_rates(table)
+    assert sorted(pairs["loss"]) == ["ce", "talr"]
+    for _, pair in pairs.iterrows():
+        assert (pair["a"], pair["b"]) == (1e-5, 1e-4) and pair["seeds"] == 1  # seed 1 at 1e-4 is pending
+        small, large = (vectors[(pair["loss"], rate, 0)] for rate in (1e-5, 1e-4))
+        b, c, p = mcnemar_by_hand(small["domain"][1], large["domain"][1])
+        assert pair["domain"].delta == pytest.approx((c - b) / ROWS) and pair["domain"].p == pytest.approx(p)
+        gained = sum(large["general"][1]) - sum(small["general"][1])
+        assert pair["general"].delta == pytest.approx(gained / DOCS)
+    assert report_main([str(out / "results.csv")]) == 0
+    lines = (out / "pareto.md").read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("Between learning rates of the same strategy")))
+    (row,) = [line for line in lines[start:] if line.startswith("| ce | 1e-05 | 0.0001 | 1 |")]
+    domain = pairs.set_index("loss").loc["ce", "domain"]
+    assert f"{domain.delta:+.4f}" in row and "McNemar" in row
 
 
 def test_report_compares_strategies_on_row_scores(synthetic_sweep):

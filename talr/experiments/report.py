@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from talr.experiments.significance import Outcome, against_initial, between_strategies, combine_seeds, outcome_from_row
+from talr.experiments.significance import (Outcome, against_initial, between_learning_rates, between_strategies, combine_seeds,
+                                          outcome_from_row)
 from talr.stats import ALPHA, PairedComparison, compare_replicates
 
 GROUP = ["loss", "learning_rate"]
@@ -254,6 +255,7 @@ def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
 # the leading columns (header -> column) of a table of `between_strategies` pairs and of `against_initial` cells
 PAIR_KEYS = {"learning rate": "learning_rate", "a": "a", "b": "b", "seeds": "seeds"}
 CELL_KEYS = {"loss": "loss", "learning rate": "learning_rate", "runs": "runs"}
+RATE_KEYS = {"loss": "loss", "a": "a", "b": "b", "seeds": "seeds"}
 # the classification tables (talr.experiments.significance.CLASSIFICATION): header -> column, and their tests
 CLASSIFICATION_TITLES = {"balanced accuracy": "balanced_accuracy", "label AUC": "label_auc",
                          "label AUC, weighted": "label_auc_weighted"}
@@ -262,11 +264,11 @@ CLASSIFICATION_TESTS = ("paired bootstrap / sign-flip (balanced accuracy) and pa
 
 
 def _outcome_table(frame: pd.DataFrame, columns: dict[str, str], intro: str, alpha: float, notes: list[str],
-                   keys: dict[str, str] = PAIR_KEYS, change: str = "b - a") -> list[str]:
+                   keys: dict[str, str] = PAIR_KEYS, change: str = "b - a", always: bool = False) -> list[str]:
     """A table of outcomes (header -> column) per row of `frame` (`between_strategies` pairs by default;
-    `keys`: its leading columns), or nothing when no row has one."""
+    `keys`: its leading columns), or nothing when no row has one (unless `always`: then each row says why)."""
     if (frame.empty or not all(name in frame for name in columns.values())
-            or not any(isinstance(o, PairedComparison) for name in columns.values() for o in frame[name])):
+            or not (always or any(isinstance(o, PairedComparison) for name in columns.values() for o in frame[name]))):
         return []
     header = "".join(f" {title} {change} [95% CI] | p | test |" for title in columns)
     lines = ["", intro, "", f"| {' | '.join(keys)} |{header}", "|---" * (len(keys) + 3 * len(columns)) + "|"]
@@ -274,6 +276,32 @@ def _outcome_table(frame: pd.DataFrame, columns: dict[str, str], intro: str, alp
         lines.append("| " + " | ".join(f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in keys.values())
                      + " | " + " | ".join(_change(row[name], alpha, notes) for name in columns.values()) + " |")
     return lines
+
+
+def _between_markdown(pairs: pd.DataFrame, keys: dict[str, str], title: str, alpha: float,
+                      notes: list[str]) -> tuple[list[str], bool]:
+    """The tables of `between_strategies` or `between_learning_rates` pairs (`keys`: their leading
+    columns): domain and general, then teacher-forced, drift and classification where the pairs have them;
+    and whether a classification table was printed."""
+    lines = ["", f"{title} (b minus a), paired over the rows and documents both scored; seeds matched by value:", ""]
+    if pairs.empty:
+        lines += [f"| {' | '.join(keys)} | domain b - a [95% CI] | p | test | general b - a [95% CI] | p | test |",
+                  "|---" * (len(keys) + 6) + "|", "| (nothing to compare) |" + " |" * (len(keys) + 5)]
+    else:  # the table's header and rows under this section's intro
+        lines += _outcome_table(pairs, {"domain": "domain", "general": "general"}, "", alpha, notes, keys=keys, always=True)[3:]
+    lines += _outcome_table(pairs, {"token accuracy": "token_accuracy", "calibrated NLL": "calibrated_nll", "NLL": "nll"},
+                            "The same pairs on the held-out rows, teacher-forced over all their target tokens (b minus a): "
+                            "top-1 token accuracy and NLL at each run's best temperature, which a temperature cannot move, "
+                            "beside plain NLL, which it can:", alpha, notes, keys=keys)
+    lines += _outcome_table(pairs, {"agreement": "agreement", "calibrated KL": "kl_calibrated", "KL": "kl", "entropy": "entropy"},
+                            "The same pairs on the general prompts (b minus a), prompt by prompt over the initial model's "
+                            "answers (ForgettingMonitor at the best step): top-1 agreement with the initial model and the KL "
+                            "left at each run's best temperature, which a temperature cannot move, beside the KL and the "
+                            "entropy, which it can (a sharpened model's entropy falls):", alpha, notes, keys=keys)
+    classification = _outcome_table(pairs, CLASSIFICATION_TITLES, "The same pairs on the classes of the held-out rows (b "
+                                    "minus a): balanced accuracy of the greedy answers and label AUC, on the same rows:",
+                                    alpha, notes, keys=keys)
+    return lines + classification, bool(classification)
 
 
 def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
@@ -299,32 +327,19 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
         "neither a temperature nor the class "
         "prior moves:", alpha, notes, keys=CELL_KEYS, change="change")
     lines += classification
-    pairs = between_strategies(results)
-    lines += ["", "Between strategies at the same learning rate (b minus a), paired over the rows and documents both "
-              "scored; seeds matched by value:", "",
-              "| learning rate | a | b | seeds | domain b - a [95% CI] | p | test | general b - a [95% CI] | p | test |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for _, pair in pairs.iterrows():
-        lines.append(f"| {pair['learning_rate']:g} | {pair['a']} | {pair['b']} | {pair['seeds']} | "
-                     f"{_change(pair['domain'], alpha, notes)} | {_change(pair['general'], alpha, notes)} |")
-    if pairs.empty:
-        lines.append("| (one strategy per learning rate: nothing to compare) | | | | | | | | | |")
-    lines += _outcome_table(pairs, {"token accuracy": "token_accuracy", "calibrated NLL": "calibrated_nll", "NLL": "nll"},
-                            "The same pairs on the held-out rows, teacher-forced over all their target tokens (b minus a): "
-                            "top-1 token accuracy and NLL at each run's best temperature, which a temperature cannot move, "
-                            "beside plain NLL, which it can:", alpha, notes)
-    lines += _outcome_table(pairs, {"agreement": "agreement", "calibrated KL": "kl_calibrated", "KL": "kl", "entropy": "entropy"},
-                            "The same pairs on the general prompts (b minus a), prompt by prompt over the initial model's "
-                            "answers (ForgettingMonitor at the best step): top-1 agreement with the initial model and the KL "
-                            "left at each run's best temperature, which a temperature cannot move, beside the KL and the "
-                            "entropy, which it can (a sharpened model's entropy falls):", alpha, notes)
-    between = _outcome_table(pairs, CLASSIFICATION_TITLES, "The same pairs on the classes of the held-out rows (b minus "
-                             "a): balanced accuracy of the greedy answers and label AUC, on the same rows:", alpha, notes)
-    lines += between
+    strategies, classified_pairs = _between_markdown(
+        between_strategies(results), PAIR_KEYS, "Between strategies at the same learning rate", alpha, notes)
+    lines += strategies
+    rates = between_learning_rates(results)
+    if not rates.empty:  # the paper's Finding 1: the same strategy at a smaller and a larger rate
+        more, classified_rates = _between_markdown(rates, RATE_KEYS, "Between learning rates of the same strategy (a: "
+                                                   "the smaller rate)", alpha, notes)
+        lines += more
+        classified_pairs = classified_pairs or classified_rates
     lines += ["", "Tests: McNemar = exact McNemar test with Tango's score interval (accuracy of one task); sign-flip = "
               "paired permutation test, interval from the tasks' own intervals (general score over several tasks; "
               "teacher-forced and drift: rows or prompts resampled, a paired bootstrap); "
-              "t-test across seeds = the seeds' paired differences. " + (CLASSIFICATION_TESTS if classification or between else "")
+              "t-test across seeds = the seeds' paired differences. " + (CLASSIFICATION_TESTS if classification or classified_pairs else "")
               + "p-values are not corrected for the number of comparisons: among k comparisons without any real "
               "difference, about k x alpha come out significant."]
     if notes:

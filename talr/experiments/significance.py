@@ -6,7 +6,8 @@ Two comparisons, each on the domain side and the general side:
   fine-tuning (the step-0 validation) against the best step, row by row (`run_columns`, for the
   sweep table); the general score from GeneralBenchmarks' paired records of the fit-end event
   (`general_delta`, ... in the run summary).
-- **strategies against each other at the same learning rate** (`between_strategies`): paired
+- **strategies against each other at the same learning rate** (`between_strategies`), and the same
+  strategy's learning rates against each other (`between_learning_rates`, the paper's Finding 1): paired
   over the held-out rows both runs scored (only when their data split is the same: same
   `data.task`, `data.val_size` and `data.seed`) and over the benchmark documents both scored.
   On the held-out rows also teacher-forced, from each validation's row scores
@@ -426,24 +427,37 @@ def between_strategies(results: pd.DataFrame) -> pd.DataFrame:
     paired over the rows / documents both scored, seeds matched by their values; teacher-forced and
     drift comparisons beside them, and in a table with classification columns (`classified`) the
     balanced accuracy and label AUC on the same rows."""
+    return paired_cells(results, within="learning_rate", across="loss")
+
+
+def between_learning_rates(results: pd.DataFrame) -> pd.DataFrame:
+    """Every two learning rates of the same strategy (the paper's Finding 1: does the smaller rate keep
+    more for the same domain gain?), compared as `between_strategies` compares strategies; `a` is the
+    smaller rate."""
+    return paired_cells(results, within="loss", across="learning_rate")
+
+
+def paired_cells(results: pd.DataFrame, within: str, across: str) -> pd.DataFrame:
+    """Within each value of `within`, every two values `a` < `b` of `across`: one row with `within`, `a`,
+    `b`, the number of seeds both ran, and an Outcome (or why none) per side and per paired metric."""
     done = results[results["status"] == "done"]
     keys = replicate_columns(done)
     class_metrics = classified(results)
     pairs = []
-    for rate, at_rate in done.groupby("learning_rate", sort=True):
-        by_loss = {loss: {_replicate(r, keys): r for _, r in rows.iterrows()} for loss, rows in at_rate.groupby("loss")}
-        for a, b in combinations(sorted(by_loss), 2):
-            shared = sorted(set(by_loss[a]) & set(by_loss[b]))
-            entry: dict[str, Any] = {"learning_rate": rate, "a": a, "b": b, "seeds": len(shared)}
+    for fixed, group in done.groupby(within, sort=True):
+        by_value = {value: {_replicate(r, keys): r for _, r in rows.iterrows()} for value, rows in group.groupby(across)}
+        for a, b in combinations(sorted(by_value), 2):
+            shared = sorted(set(by_value[a]) & set(by_value[b]))
+            entry: dict[str, Any] = {within: fixed, "a": a, "b": b, "seeds": len(shared)}
             for side in SIDES:
-                outcomes = [PAIRS[side](by_loss[a][k], by_loss[b][k]) for k in shared]
+                outcomes = [PAIRS[side](by_value[a][k], by_value[b][k]) for k in shared]
                 entry[side] = combine_seeds(outcomes) if shared else "no seed in common"
-            per_seed = [{**_teacher_forced(by_loss[a][k], by_loss[b][k]), **_drift(by_loss[a][k], by_loss[b][k]),
-                         **(_classification(by_loss[a][k], by_loss[b][k]) if class_metrics else {})} for k in shared]
+            per_seed = [{**_teacher_forced(by_value[a][k], by_value[b][k]), **_drift(by_value[a][k], by_value[b][k]),
+                         **(_classification(by_value[a][k], by_value[b][k]) if class_metrics else {})} for k in shared]
             for name in (*TEACHER_FORCED, *DRIFT, *class_metrics):
                 entry[name] = combine_seeds([o[name] for o in per_seed]) if shared else "no seed in common"
             pairs.append(entry)
-    return pd.DataFrame(pairs, columns=["learning_rate", "a", "b", "seeds", *SIDES, *TEACHER_FORCED, *DRIFT, *class_metrics])
+    return pd.DataFrame(pairs, columns=[within, "a", "b", "seeds", *SIDES, *TEACHER_FORCED, *DRIFT, *class_metrics])
 
 
 def _drift(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
