@@ -352,15 +352,44 @@ def test_compare_auc_by_its_definition():
             deltas.append(macro_auc_by_pairs(after[picks], labels[picks]) - macro_auc_by_pairs(before[picks], labels[picks]))
     assert (comparison.low, comparison.high) == pytest.approx(tuple(np.quantile(deltas, [0.025, 0.975])), abs=1e-12)
     observed = comparison.delta
+    # the swap test exchanges each row's two scorings as ranks within their own scoring (per class, over
+    # the rows, of the centred scores): an AUC counted over row pairs of those ranks is the same as of
+    # the scores, but a swapped row then sits on the other scoring's scale
+    def ranks(scores: np.ndarray) -> np.ndarray:
+        centred = scores - scores.mean(axis=1, keepdims=True)
+        return np.stack([[np.sum(column < x) + 0.5 * (np.sum(column == x) - 1) + 1 for x in column]
+                         for column in centred.T], axis=1)
+
+    def macro_auc_of(values: np.ndarray) -> float:  # already comparable across rows: counted as is
+        return float(np.mean([np.mean(0.5 + 0.5 * np.sign(values[labels == c, c][:, None] - values[labels != c, c][None, :]))
+                              for c in range(values.shape[1])]))
+
+    ranked_before, ranked_after = ranks(before), ranks(after)
+    assert macro_auc_of(ranked_after) - macro_auc_of(ranked_before) == pytest.approx(observed, abs=1e-12)
     null = []
     for swap in itertools.product((False, True), repeat=9):
         mask = np.array(swap)[:, None]
-        null.append(macro_auc_by_pairs(np.where(mask, before, after), labels)
-                    - macro_auc_by_pairs(np.where(mask, after, before), labels))
+        null.append(macro_auc_of(np.where(mask, ranked_before, ranked_after))
+                    - macro_auc_of(np.where(mask, ranked_after, ranked_before)))
     null = np.array(null)
     # two-sided as scipy's permutation_test: twice the smaller tail, exact over the 2^9 swaps
     by_hand = min(1.0, 2 * min(np.mean(null >= observed - 1e-12), np.mean(null <= observed + 1e-12)))
     assert comparison.p == pytest.approx(by_hand, abs=1e-12) and comparison.test == "paired bootstrap / swap"
+
+
+def test_the_auc_swap_test_sees_a_better_ranking_on_a_sharper_scale():
+    """A fine-tuned model's log-probabilities spread wider (sharpening). Swapping raw scores between a
+    narrow and a wide scoring ranks rows of both scales together, which worsens every swapped ranking
+    and hides a real gain; swapping ranks does not: the p-value agrees with the bootstrap interval."""
+    before, labels = class_scores(419, 4, 0.3, seed=41)
+    rng = np.random.default_rng(42)
+    after = 8.0 * (before + 0.1 * np.eye(4)[labels] + rng.normal(size=before.shape) * 0.3)
+    gain = compare_auc(before, after, labels, resamples=2000, average="weighted")
+    assert gain.low > 0 and gain.p < 0.005  # raw scores swapped: p 0.04 here (0.019 at 4x, the smaller spread)
+    # the same change on the before's own scale: the same delta, interval and verdict
+    same_scale = compare_auc(before, after / 8.0, labels, resamples=2000, average="weighted")
+    assert (same_scale.delta, same_scale.low, same_scale.high) == pytest.approx((gain.delta, gain.low, gain.high), abs=1e-12)
+    assert same_scale.p == pytest.approx(gain.p, abs=1e-12)
 
 
 def test_compare_auc_finds_a_better_model_and_no_change_between_equals():
