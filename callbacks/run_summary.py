@@ -129,7 +129,7 @@ class RunSummary(Callback):
             "general_initial": math.nan,
             "general_best": math.nan,
             "learning_rate": hparams.get("learning_rate"),
-            "loss": pl_module.loss_fn.name,  # the short name (ce, talr, kl, ...), not its options
+            "loss": strategy_name(pl_module.loss_fn.name, hparams.get("lora")),  # the short name, not its options
             "model": hparams.get("model"),
             "seed": _seed(),
             "steps": trainer.global_step,
@@ -152,6 +152,15 @@ class RunSummary(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+def strategy_name(loss: str, lora: dict[str, Any] | None) -> str:
+    """A run's strategy as sweep tables and reports group it: the loss's short name (ce, talr, kl, ...);
+    with LoRA adapters `lora` (trained with ce, the paper's baseline) or `<loss>+lora`, so a LoRA run is
+    never averaged with full fine-tuning as a seed of the same cell."""
+    if not lora:
+        return loss
+    return "lora" if loss == "ce" else f"{loss}+lora"
 
 
 def _seed() -> int | None:

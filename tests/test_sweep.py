@@ -655,3 +655,12 @@ def test_the_esci_pilot_sweeps_ce_over_four_learning_rates_on_the_study_config(t
     rates = sorted(float(a.split("=")[1]) for argv in commands for a in argv if a.startswith("--model.learning_rate="))
     assert rates == [3e-6, 1e-5, 3e-5, 1e-4]
     assert not any(a.startswith("--model.loss") for argv in commands for a in argv)  # ce: the study config's own
+
+
+def test_a_lora_run_is_its_own_strategy_in_the_table():
+    """LoRA trains with the ce loss: named by its loss alone it would be averaged with full fine-tuning."""
+    from callbacks.run_summary import strategy_name
+
+    assert strategy_name("ce", None) == "ce" and strategy_name("talr", {}) == "talr"
+    assert strategy_name("ce", {"r": 64, "alpha": 128}) == "lora"
+    assert strategy_name("talr", {"r": 8}) == "talr+lora"
