@@ -189,6 +189,7 @@ def _same_classified_rows(path_a: Path, path_b: Path) -> tuple[list[int], np.nda
     return rows, np.array([a[i][0] for i in rows])
 
 
+@lru_cache(maxsize=256)  # a classification run's domain pair is also one of its class tables' pairs: bootstrapped once
 def label_auc_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES, average: AucAverage = "macro") -> Outcome:
     """Two scorings of the same held-out rows (row-scores files): the change (b minus a) of the label
     AUC, the one-vs-rest ROC AUC of the row-centred class log-probabilities, averaged over the classes
@@ -203,6 +204,7 @@ def label_auc_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES, avera
     return compare_auc(scores[0], scores[1], classes, resamples=resamples, average=average)
 
 
+@lru_cache(maxsize=256)
 def balanced_accuracy_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES) -> Outcome:
     """Two scorings of the same held-out rows (row-scores files, each read with the generations beside
     it): the change (b minus a) of the balanced accuracy of the greedy answers, the mean over the
