@@ -154,11 +154,14 @@ def compare_binary(before: Sequence[float], after: Sequence[float], confidence: 
 class PairedItems:
     """One task's items scored twice: per item the sum of its scores before and after, and how many
     scores it holds (1 for a plain accuracy; IFEval: the prompt's instructions). The task's score is
-    sum(scores) / sum(counts), as lm-eval aggregates instruction-level accuracy."""
+    sum(scores) / sum(counts), as lm-eval aggregates instruction-level accuracy. `scores`: False where
+    the values are differences of scores (a change of changes), which are no 0/1 scores even where
+    they happen to be 0 or 1, so no exact McNemar test applies to them."""
 
     before: np.ndarray
     after: np.ndarray
     counts: np.ndarray
+    scores: bool = True
 
     @classmethod
     def from_values(cls, before: Sequence[Any], after: Sequence[Any]) -> "PairedItems":
@@ -171,7 +174,7 @@ class PairedItems:
     @property
     def binary(self) -> bool:
         """One 0/1 score per item: McNemar's setting."""
-        return bool((self.counts == 1).all() and np.isin(np.concatenate([self.before, self.after]), (0.0, 1.0)).all())
+        return self.scores and bool((self.counts == 1).all() and np.isin(np.concatenate([self.before, self.after]), (0.0, 1.0)).all())
 
     def score(self, which: np.ndarray) -> float:
         return float(which.sum() / self.counts.sum()) if self.counts.sum() else math.nan

@@ -664,3 +664,82 @@ def test_a_lora_run_is_its_own_strategy_in_the_table():
     assert strategy_name("ce", None) == "ce" and strategy_name("talr", {}) == "talr"
     assert strategy_name("ce", {"r": 64, "alpha": 128}) == "lora"
     assert strategy_name("talr", {"r": 8}) == "talr+lora"
+
+
+def test_finding_2_compares_two_tables_learning_rate_costs_per_document_and_prompt(tmp_path):
+    """`talr report A --versus B`: per strategy, B's change from the smaller to the larger learning rate
+    minus A's, on the general score (per document, mean over tasks) and the drift (per prompt), checked
+    against the same differences counted by hand."""
+    from talr.experiments.report import versus_markdown
+    from talr.experiments.significance import _general_record, between_tables
+
+    docs = 6
+    general = {  # table -> rate -> task -> per-document 0/1 scores on the same documents
+        "esci": {1e-5: {"arc": [1, 1, 0, 0, 1, 0], "piqa": [1, 0, 1, 1, 0, 1]},
+                 1e-4: {"arc": [1, 1, 0, 1, 1, 0], "piqa": [1, 0, 1, 1, 0, 1]}},
+        "medcalc": {1e-5: {"arc": [1, 1, 0, 0, 1, 0], "piqa": [1, 1, 1, 1, 0, 1]},
+                    1e-4: {"arc": [0, 0, 0, 0, 1, 0], "piqa": [1, 0, 0, 1, 0, 1]}},
+    }
+    agreement = {("esci", 1e-5): [9, 18, 27, 36], ("esci", 1e-4): [8, 17, 25, 33],
+                 ("medcalc", 1e-5): [9, 19, 27, 35], ("medcalc", 1e-4): [5, 12, 20, 24]}
+    kl = {("esci", 1e-5): [1.0, 2.0, 3.0, 4.0], ("esci", 1e-4): [2.0, 2.0, 4.0, 5.0],
+          ("medcalc", 1e-5): [1.0, 1.0, 3.0, 3.0], ("medcalc", 1e-4): [4.0, 5.0, 9.0, 9.0]}
+    best_temperature = {("esci", 1e-5): 8, ("esci", 1e-4): 10, ("medcalc", 1e-5): 16, ("medcalc", 1e-4): 20}
+    tables = {}
+    for table, by_rate in general.items():
+        rows = []
+        for rate, tasks in by_rate.items():
+            run = tmp_path / table / str(rate)
+            run.mkdir(parents=True)
+            record = {"general": {"included": list(tasks)}, "per_document": {
+                task: {"doc_ids": list(range(docs)), "values": values} for task, values in tasks.items()}}
+            (run / "fit_end.json").write_text(json.dumps(record))
+            write_prompt_scores(run / "prompts.jsonl", [10, 20, 30, 40], agreement[table, rate], kl[table, rate],
+                                [1.0] * 4, best_temperature[table, rate])
+            rows.append({"status": "done", "loss": "ce", "learning_rate": rate, "data.seed": 0.0 if table == "esci" else 0,
+                         "general_file_best": str(run / "fit_end.json"), "prompt_scores_best": str(run / "prompts.jsonl")})
+        tables[table] = pd.DataFrame(rows)
+
+    (pair,) = between_tables(tables["esci"], tables["medcalc"]).to_dict("records")
+    assert (pair["a"], pair["b"], pair["seeds"]) == (1e-5, 1e-4, 1)  # seed 0.0 (a column with NaN) matches seed 0
+
+    def change(table: str) -> float:  # the general score is the mean of the tasks' accuracies
+        return sum(sum(general[table][1e-4][t]) - sum(general[table][1e-5][t]) for t in ("arc", "piqa")) / (2 * docs)
+
+    assert change("esci") == pytest.approx(1 / 12) and change("medcalc") == pytest.approx(-4 / 12)
+    assert pair["general_first"].delta == pytest.approx(change("esci"))
+    assert pair["general_second"].delta == pytest.approx(change("medcalc"))
+    assert pair["general"].delta == pytest.approx(change("medcalc") - change("esci"))
+    assert pair["general"].low <= pair["general"].delta <= pair["general"].high
+
+    # agreement: medcalc lost 4 + 7 + 7 + 11 = 29 of 100 tokens, esci 1 + 1 + 2 + 3 = 7
+    assert pair["agreement"].delta == pytest.approx(-29 / 100 - -7 / 100)
+    # each prompt's change of changes differs (-3, -6, -5, -8): only all-plus and all-minus of 2^4 sign flips reach it
+    assert pair["agreement"].p == pytest.approx(2 / 16)
+    # calibrated KL: each run read at its own best temperature, where write_prompt_scores puts 0.25 x the KL
+    assert pair["kl_calibrated"].delta == pytest.approx(0.25 * ((27 - 8) - (13 - 10)) / 100)
+    assert pair["kl"].delta == pytest.approx(((27 - 8) - (13 - 10)) / 100)
+
+    text = versus_markdown(tables["esci"], tables["medcalc"], "esci", "medcalc")
+    (row,) = [line for line in text.splitlines() if line.startswith("| ce | 1e-05 | 0.0001 | 1 |")][:1]
+    assert f"{change('esci'):+.4f}" in row and f"{change('medcalc'):+.4f}" in row
+    assert f"{change('medcalc') - change('esci'):+.4f}" in row
+
+    # one task whose documents' changes are all 0 or 1 in both tables: changes are no 0/1 scores, so the
+    # comparison is the paired bootstrap and sign-flip test, not McNemar's on 0/1 scores
+    for table, rate, values in (("esci", 1e-5, [0, 0, 0, 0, 0, 0]), ("esci", 1e-4, [0, 0, 0, 1, 0, 0]),
+                                ("medcalc", 1e-5, [0, 0, 0, 0, 0, 0]), ("medcalc", 1e-4, [1, 1, 0, 0, 0, 0])):
+        (tmp_path / table / str(rate) / "fit_end.json").write_text(json.dumps({
+            "general": {"included": ["arc"]}, "per_document": {"arc": {"doc_ids": list(range(docs)), "values": values}}}))
+    _general_record.cache_clear()
+    (pair,) = between_tables(tables["esci"], tables["medcalc"]).to_dict("records")
+    assert pair["general"].delta == pytest.approx(2 / 6 - 1 / 6) and pair["general"].test == "sign-flip"
+    assert pair["general_first"].test == "McNemar"  # a table's own change is one of 0/1 scores
+
+    # a table whose runs scored other documents, or whose initial answers differ, says so instead
+    write_prompt_scores(tmp_path / "medcalc" / "0.0001" / "prompts.jsonl", [10, 20, 30, 41], agreement["medcalc", 1e-4],
+                        kl["medcalc", 1e-4], [1.0] * 4, 20)
+    from talr.experiments.significance import read_prompt_scores
+    read_prompt_scores.cache_clear()
+    (pair,) = between_tables(tables["esci"], tables["medcalc"]).to_dict("records")
+    assert "initial answers differ" in pair["agreement"]

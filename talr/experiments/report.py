@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from talr.experiments.significance import (Outcome, against_initial, between_learning_rates, between_strategies, combine_seeds,
+from talr.experiments.significance import (Outcome, against_initial, between_learning_rates, between_strategies, between_tables, combine_seeds,
                                           outcome_from_row)
 from talr.stats import ALPHA, PairedComparison, compare_replicates
 
@@ -270,7 +270,7 @@ def _outcome_table(frame: pd.DataFrame, columns: dict[str, str], intro: str, alp
     if (frame.empty or not all(name in frame for name in columns.values())
             or not (always or any(isinstance(o, PairedComparison) for name in columns.values() for o in frame[name]))):
         return []
-    header = "".join(f" {title} {change} [95% CI] | p | test |" for title in columns)
+    header = "".join(f" {' '.join(filter(None, (title, change)))} [95% CI] | p | test |" for title in columns)
     lines = ["", intro, "", f"| {' | '.join(keys)} |{header}", "|---" * (len(keys) + 3 * len(columns)) + "|"]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in keys.values())
@@ -347,6 +347,32 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
     return "\n".join(lines) + "\n"
 
 
+def versus_markdown(results: pd.DataFrame, other: pd.DataFrame, name: str, other_name: str, alpha: float = ALPHA) -> str:
+    """The paper's Finding 2 between two sweep tables (say ESCI label only against MedCalc with
+    explanations): how the general side moves from a smaller to a larger learning rate in each, and the
+    other table's move minus this one's, paired per benchmark document and per general prompt
+    (talr.experiments.significance.between_tables)."""
+    pairs = between_tables(fine_tuned_runs(results), fine_tuned_runs(other))
+    other_name = other_name if other_name != name else f"{other_name} (the other table)"
+    notes: list[str] = []
+    lines = [f"## The learning rates' cost, {other_name} against {name} (the paper's Finding 2)", "",
+             f"Per strategy, the change from the smaller learning rate a to the larger b in each table, and {other_name}'s "
+             f"change minus {name}'s (a negative general difference: the larger rate costs more of the general score after "
+             f"{other_name}'s targets), paired over the benchmark documents and general prompts both tables scored:"]
+    if pairs.empty:
+        return "\n".join([*lines, "", "(no strategy ran the same two learning rates in both tables)"]) + "\n"
+    lines += _outcome_table(pairs, {f"general b - a, {name}": "general_first", f"general b - a, {other_name}": "general_second",
+                                    "general, difference": "general"}, "", alpha, notes, keys=RATE_KEYS, change="",
+                            always=True)[2:]
+    lines += _outcome_table(pairs, {"agreement": "agreement", "calibrated KL": "kl_calibrated", "KL": "kl", "entropy": "entropy"},
+                            f"The drift on the general prompts, {other_name}'s change from a to b minus {name}'s, prompt by "
+                            "prompt over the initial model's answers:", alpha, notes, keys=RATE_KEYS,
+                            change="difference", always=True)
+    if notes:
+        lines += ["", "Not compared:"] + [f"({i}) {note}" for i, note in enumerate(notes, 1)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="talr report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="results.csv written by `talr sweep`")
@@ -357,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--y-lower-better", action="store_true", help="the y column is a loss (forgetting_kl_best, ...)")
     parser.add_argument("--y-log", action="store_true", help="y on a log scale (linear near zero), for a drift such as KL")
     parser.add_argument("--alpha", type=float, default=ALPHA, help=f"significance level of the tables (default {ALPHA})")
+    parser.add_argument("--versus", metavar="OTHER_RESULTS_CSV",
+                        help="another sweep's results.csv: add how each strategy's larger learning rate costs on the general "
+                             "side there against here (the paper's Finding 2; both scored on the same documents and prompts)")
     args = parser.parse_args(argv)
     from talr.results import write_atomic  # here, not at the top: talr.results imports lightning, `--help` need not wait
 
@@ -376,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(part for part in (markdown(table, initial, args.x, args.y), wiseft_markdown(curves, args.x, args.y),
                                         merge_markdown(merge_table(results, args.x, args.y), args.x, args.y),
                                         significance_markdown(results, args.alpha)) if part)
+    if args.versus:
+        other = Path(args.versus)
+        if not other.is_file():
+            raise FileNotFoundError(f"--versus: results table not found: {other}")
+        text += "\n" + versus_markdown(results, pd.read_csv(other), path.parent.name, other.parent.name, args.alpha)
     write_atomic(out / "pareto.md", text)
     print(text)
     print(f"[report] {png}, {out / 'pareto.md'}")

@@ -106,12 +106,15 @@ def _compare_sums(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], ke
     if any(a[i]["tokens"] != b[i]["tokens"] for i in shared):
         return dict.fromkeys(keys, differ)
     counts = np.array([a[i]["tokens"] for i in shared], dtype=float)
+    return {name: compare_paired([PairedItems(_sums_of(a, shared, key), _sums_of(b, shared, key), counts)])
+            for name, key in keys.items()}
 
-    def column(scored: dict[int, dict[str, Any]], key: str) -> np.ndarray:
-        values = np.array([scored[i][key] for i in shared], dtype=float)
-        return values[:, int(values.sum(0).argmin())] if values.ndim == 2 else values
 
-    return {name: compare_paired([PairedItems(column(a, key), column(b, key), counts)]) for name, key in keys.items()}
+def _sums_of(scored: dict[int, dict[str, Any]], items: list[int], key: str) -> np.ndarray:
+    """Each item's sum of `key`; a grid over the calibration temperatures is read at the scoring's own
+    best temperature (the lowest total over `items`)."""
+    values = np.array([scored[i][key] for i in items], dtype=float)
+    return values[:, int(values.sum(0).argmin())] if values.ndim == 2 else values
 
 
 # the row-scores comparisons (table order) and the talr.evaluation.RowScores field each reads
@@ -352,7 +355,8 @@ def replicate_columns(results: pd.DataFrame) -> list[str]:
 
 
 def _replicate(row: pd.Series, keys: list[str]) -> tuple[str, ...]:
-    return tuple(str(row[k]) for k in keys)
+    """A run's seed values, written alike in every table (a seed column with a pending run's NaN reads 0 as 0.0)."""
+    return tuple(str(int(row[k])) if isinstance(row[k], float) and row[k].is_integer() else str(row[k]) for k in keys)
 
 
 def outcome_from_row(row: pd.Series, side: str) -> Outcome:
@@ -409,16 +413,29 @@ def _domain_pair(a: pd.Series, b: pd.Series) -> Outcome:
     return compare_paired([pair_by_id(rows_a, correct_a, rows_b, correct_b)])
 
 
-def _general_pair(a: pd.Series, b: pd.Series) -> Outcome:
-    files = [row.get("general_file_best") for row in (a, b)]
-    if not all(isinstance(f, str) and Path(f).is_file() for f in files):
+def _general_documents(row: pd.Series) -> dict[str, dict[Any, Any]] | str:
+    """Task -> (document id -> its score) of a run's fit-end benchmark record, for the tasks its general
+    score includes; or why there is none."""
+    file = row.get("general_file_best")
+    if not (isinstance(file, str) and Path(file).is_file()):
         return "no GeneralBenchmarks fit-end record"
-    first, second = (_general_record(Path(f)) for f in files)
-    tasks = [t for t in first["general"]["included"] if t in second["general"]["included"]]
-    documents = [(first.get("per_document", {}).get(t, {}), second.get("per_document", {}).get(t, {})) for t in tasks]
-    if not tasks or not all("doc_ids" in x and "doc_ids" in y for x, y in documents):
-        return "no per-document scores of the general score's tasks in both runs"
-    return compare_paired([pair_by_id(x["doc_ids"], x["values"], y["doc_ids"], y["values"]) for x, y in documents])
+    record = _general_record(Path(file))
+    per_document = record.get("per_document", {})
+    tasks = record["general"]["included"]
+    if not tasks or not all("doc_ids" in per_document.get(t, {}) for t in tasks):
+        return "no per-document scores of the general score's tasks"
+    return {t: dict(zip(per_document[t]["doc_ids"], per_document[t]["values"])) for t in tasks}
+
+
+def _general_pair(a: pd.Series, b: pd.Series) -> Outcome:
+    first, second = _general_documents(a), _general_documents(b)
+    if isinstance(first, str) or isinstance(second, str):
+        return first if isinstance(first, str) else second
+    tasks = [t for t in first if t in second]
+    if not tasks:
+        return "the runs' general scores share no task"
+    return compare_paired([pair_by_id(list(first[t]), list(first[t].values()), list(second[t]), list(second[t].values()))
+                           for t in tasks])
 
 
 PAIRS: dict[str, Callable[[pd.Series, pd.Series], Outcome]] = {"domain": _domain_pair, "general": _general_pair}
@@ -460,6 +477,86 @@ def paired_cells(results: pd.DataFrame, within: str, across: str) -> pd.DataFram
                 entry[name] = combine_seeds([o[name] for o in per_seed]) if shared else "no seed in common"
             pairs.append(entry)
     return pd.DataFrame(pairs, columns=[within, "a", "b", "seeds", *SIDES, *TEACHER_FORCED, *DRIFT, *class_metrics])
+
+
+def between_tables(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Finding 2 asks whether a larger learning rate costs less general capability after one
+    kind of target (ESCI's labels) than after another (MedCalc's explanations): for each strategy and
+    each two learning rates a < b that both sweep tables ran, the change from a to b in `second` minus
+    the change from a to b in `first`, on the general score (document by document, where both tables
+    scored the same benchmark documents) and on the drift (prompt by prompt, where both hold the same
+    initial answers). Each table's own change (`general_first`, `general_second`) comes beside it. A
+    table's seeds are matched with the other's by value: the two tables' runs are trained apart, so
+    the match only counts seeds, and with several a t-interval across them holds both tables' spread.
+    Give each table's fine-tuned runs (talr.experiments.report.fine_tuned_runs: no WiSE-FT alpha rows)."""
+    keys = [column for column in replicate_columns(first) if column in replicate_columns(second)]
+    runs = [_runs_by_cell(table, keys) for table in (first, second)]
+    pairs = []
+    for loss in sorted({loss for loss, _ in runs[0]}):
+        rates = sorted(rate for cell, rate in runs[0] if cell == loss and (loss, rate) in runs[1])
+        for a, b in combinations(rates, 2):
+            entry: dict[str, Any] = {"loss": loss, "a": a, "b": b}
+            for side, cells in zip(("general_first", "general_second"), runs):
+                own = sorted(set(cells[loss, a]) & set(cells[loss, b]))
+                entry[side] = combine_seeds([_general_pair(cells[loss, a][k], cells[loss, b][k]) for k in own])
+            seeds = sorted(set.intersection(*(set(cells[loss, rate]) for cells in runs for rate in (a, b))))
+            entry["seeds"] = len(seeds)
+            quads = [[cells[loss, rate][k] for cells in runs for rate in (a, b)] for k in seeds]
+            entry["general"] = combine_seeds([_general_change_of_changes(*q) for q in quads]) if seeds else "no seed in common"
+            per_seed = [_drift_change_of_changes(*q) for q in quads]
+            for name in DRIFT:
+                entry[name] = combine_seeds([o[name] for o in per_seed]) if seeds else "no seed in common"
+            pairs.append(entry)
+    return pd.DataFrame(pairs, columns=["loss", "a", "b", "seeds", "general_first", "general_second", "general", *DRIFT])
+
+
+def _runs_by_cell(results: pd.DataFrame, keys: list[str]) -> dict[tuple[Any, Any], dict[tuple[str, ...], pd.Series]]:
+    """(loss, learning rate) -> the values of the seed columns `keys` -> the finished run."""
+    done = results[results["status"] == "done"]
+    cells: dict[tuple[Any, Any], dict[tuple[str, ...], pd.Series]] = {}
+    for _, row in done.iterrows():
+        cells.setdefault((row["loss"], row["learning_rate"]), {})[_replicate(row, keys)] = row
+    return cells
+
+
+def _general_change_of_changes(first_a: pd.Series, first_b: pd.Series, second_a: pd.Series, second_b: pd.Series) -> Outcome:
+    """(second_b - second_a) - (first_b - first_a) of the general score, document by document."""
+    scored = [_general_documents(row) for row in (first_a, first_b, second_a, second_b)]
+    reasons = [s for s in scored if isinstance(s, str)]
+    if reasons:
+        return reasons[0]
+    tasks = [t for t in scored[0] if all(t in s for s in scored)]
+    items = []
+    for task in tasks:
+        documents = [d for d in scored[0][task] if all(d in s[task] for s in scored)]
+        first = PairedItems.from_values(*([scored[i][task][d] for d in documents] for i in (0, 1)))
+        second = PairedItems.from_values(*([scored[i][task][d] for d in documents] for i in (2, 3)))
+        if not np.array_equal(first.counts, second.counts):
+            return f"{task}: the tables' documents hold different numbers of scores"
+        items.append(PairedItems(first.after - first.before, second.after - second.before, first.counts, scores=False))
+    if not any(len(t.counts) for t in items):
+        return "the tables' runs scored no benchmark document in common"
+    return compare_paired(items)
+
+
+def _drift_change_of_changes(first_a: pd.Series, first_b: pd.Series, second_a: pd.Series,
+                             second_b: pd.Series) -> dict[str, Outcome]:
+    """(second_b - second_a) - (first_b - first_a) of each drift metric, prompt by prompt."""
+    files = [row.get("prompt_scores_best") for row in (first_a, first_b, second_a, second_b)]
+    if not all(isinstance(f, str) and Path(f).is_file() for f in files):
+        return dict.fromkeys(DRIFT, "no ForgettingMonitor prompt scores of the best step in all four runs")
+    scored = [read_prompt_scores(Path(f)) for f in files]
+    prompts = sorted(set.intersection(*(set(s) for s in scored)))
+    if not prompts:
+        return dict.fromkeys(DRIFT, "the tables' runs share no general prompt")
+    if any(len({s[i]["tokens"] for s in scored}) > 1 for i in prompts):
+        return dict.fromkeys(DRIFT, "the tables' initial answers differ (another prompt set, seed or max_new_tokens)")
+    counts = np.array([scored[0][i]["tokens"] for i in prompts], dtype=float)
+    outcomes: dict[str, Outcome] = {}
+    for name, key in DRIFT.items():
+        first_a_, first_b_, second_a_, second_b_ = (_sums_of(s, prompts, key) for s in scored)
+        outcomes[name] = compare_paired([PairedItems(first_b_ - first_a_, second_b_ - second_a_, counts, scores=False)])
+    return outcomes
 
 
 def _drift(a: pd.Series, b: pd.Series) -> dict[str, Outcome]:
