@@ -743,3 +743,20 @@ def test_finding_2_compares_two_tables_learning_rate_costs_per_document_and_prom
     read_prompt_scores.cache_clear()
     (pair,) = between_tables(tables["esci"], tables["medcalc"]).to_dict("records")
     assert "initial answers differ" in pair["agreement"]
+
+
+def test_report_versus_another_table_adds_the_finding_2_section(synthetic_sweep, tmp_path):
+    out, vectors, _ = synthetic_sweep
+    other = tmp_path / "other" / "results.csv"
+    other.parent.mkdir()
+    shutil.copy(out / "results.csv", other)
+    assert report_main([str(out / "results.csv"), "--versus", str(other)]) == 0
+    text = (out / "pareto.md").read_text()
+    assert "## The learning rates' cost, other against sweep (the paper's Finding 2)" in text
+    rows = [line for line in text.split("## The learning rates' cost")[1].splitlines() if line.startswith("| ce | 1e-05 | 0.0001 | 1 |")]
+    small, large = vectors[("ce", 1e-5, 0)]["general"][1], vectors[("ce", 1e-4, 0)]["general"][1]
+    change = (sum(large) - sum(small)) / DOCS
+    # the same table twice: each side's change is the run pair's own, and their difference is zero
+    assert rows[0].count(f"{change:+.4f}") == 2 and "+0.0000 [+0.0000, +0.0000]" in rows[0]
+    with pytest.raises(FileNotFoundError, match="--versus"):
+        report_main([str(out / "results.csv"), "--versus", str(tmp_path / "missing.csv")])
