@@ -760,3 +760,29 @@ def test_report_versus_another_table_adds_the_finding_2_section(synthetic_sweep,
     assert rows[0].count(f"{change:+.4f}") == 2 and "+0.0000 [+0.0000, +0.0000]" in rows[0]
     with pytest.raises(FileNotFoundError, match="--versus"):
         report_main([str(out / "results.csv"), "--versus", str(tmp_path / "missing.csv")])
+
+
+def test_report_reads_the_stages_of_a_study_as_one_table_without_counting_a_seed_twice(synthetic_sweep, tmp_path, capsys):
+    """Stage 2 (ce, talr) and stage 3 (other strategies, plus a WiSE-FT run whose own row repeats a ce
+    cell's seed) reported together: the new strategy's cells join, the repeated ce runs are left out
+    and named, so no cell counts a seed twice."""
+    out, _, _ = synthetic_sweep
+    stage2 = pd.read_csv(out / "results.csv")
+    stage3 = stage2.copy()
+    stage3["run"] = "stage3_" + stage3["run"]
+    stage3.loc[stage3["loss"] == "talr", "loss"] = "dft"
+    (tmp_path / "stage3").mkdir()
+    stage3.to_csv(tmp_path / "stage3" / "results.csv", index=False)
+    with pytest.raises(ValueError, match="--out"):
+        report_main([str(out / "results.csv"), str(tmp_path / "stage3" / "results.csv")])
+    assert report_main([str(out / "results.csv"), str(tmp_path / "stage3" / "results.csv"), "--out", str(tmp_path / "all")]) == 0
+    printed = capsys.readouterr().out
+    repeated = stage2[(stage2["loss"] == "ce") & (stage2["status"] == "done")]
+    assert len(repeated) == 3  # ce: two seeds at 1e-5, one at 1e-4
+    for run in repeated["run"]:
+        assert f"stage3_{run} left out: the same strategy, learning rate and seeds as {run} of an earlier table" in printed
+    text = (tmp_path / "all" / "pareto.md").read_text()
+    significance = text[text.index("## Significance"):]
+    cells = {tuple(line.split(" | ")[:3]): line for line in significance.splitlines() if line.startswith("| ")}
+    assert ("| ce", "1e-05", "2") in cells and ("| dft", "1e-05", "2") in cells and ("| talr", "1e-05", "2") in cells
+    assert ("| dft", "0.0001", "1") in cells

@@ -17,6 +17,11 @@ a column without paired records gets the t-interval of its mean across seeds (no
 initial model, and every two strategies at the same learning rate, paired over the held-out rows
 and benchmark documents both runs scored; for a classification task (ESCI label only) also the
 balanced accuracy and label AUC, each against the initial model and between strategies.
+
+Several tables (`talr report stage2/results.csv stage3/results.csv --out all/`) are read as one, the
+stages of one study: a later table's run that repeats an earlier one's strategy, learning rate and
+seeds is left out and named (`read_tables`). `--versus other/results.csv` adds the paper's Finding 2:
+each strategy's cost of its larger learning rate here and there, and the difference of the two.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from talr.experiments.significance import (Outcome, against_initial, between_learning_rates, between_strategies, between_tables, combine_seeds,
-                                          outcome_from_row)
+from talr.experiments.significance import (Outcome, against_initial, between_learning_rates, between_strategies,
+                                          between_tables, combine_seeds, outcome_from_row, replicate_columns,
+                                          seed_values)
 from talr.stats import ALPHA, PairedComparison, compare_replicates
 
 GROUP = ["loss", "learning_rate"]
@@ -373,9 +379,36 @@ def versus_markdown(results: pd.DataFrame, other: pd.DataFrame, name: str, other
     return "\n".join(lines) + "\n"
 
 
+def read_tables(paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
+    """One table from one or more sweeps' results.csv (the stages of one study, say), and a note per run
+    left out: a finished run of a later table with the same strategy, learning rate and seed values as a
+    finished run of an earlier one (a WiSE-FT run's own CE row beside the CE cell it repeats) would
+    count one seed twice, so the earlier table's run is kept. WiSE-FT alphas and merge points stay."""
+    frames = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"results table not found: {path}")
+        frames.append(pd.read_csv(path))
+    if len(frames) == 1:
+        return frames[0], []
+    results = pd.concat(frames, ignore_index=True)
+    seeds = replicate_columns(results)
+    own = fine_tuned_runs(results)
+    done = own[own["status"] == "done"]
+    if done.empty:
+        return results, []
+    keys = done.apply(lambda row: (row["loss"], row["learning_rate"], *seed_values(row, seeds)), axis=1)
+    repeated = done.index[keys.duplicated()]
+    first = {key: done.loc[index, "run"] for index, key in keys[~keys.duplicated()].items()}
+    notes = [f"{results.loc[i, 'run']} left out: the same strategy, learning rate and seeds as {first[keys[i]]} of an "
+             "earlier table" for i in repeated]
+    return results.drop(index=repeated).reset_index(drop=True), notes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="talr report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="results.csv written by `talr sweep`")
+    parser.add_argument("results", nargs="+", help="results.csv written by `talr sweep`; several (stages of one study) "
+                        "are read as one table, which needs --out")
     parser.add_argument("--out", help="output directory (default: beside the table)")
     parser.add_argument("--x", default="domain_best", help="domain column (default domain_best)")
     parser.add_argument("--y", default="general_best", help="general column (default general_best)")
@@ -389,10 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from talr.results import write_atomic  # here, not at the top: talr.results imports lightning, `--help` need not wait
 
-    path = Path(args.results)
-    if not path.is_file():
-        raise FileNotFoundError(f"results table not found: {path}")
-    results = pd.read_csv(path)
+    paths = [Path(p) for p in args.results]
+    if len(paths) > 1 and not args.out:
+        raise ValueError("talr report: several results tables are written as one report: give --out <directory>")
+    results, dropped = read_tables(paths)
+    for note in dropped:
+        print(f"[report] {note}")
+    path = paths[0]
     table = trade_off_table(results, args.x, args.y, args.x_lower_better, args.y_lower_better)
     initial = initial_point(results, args.x.replace("_best", "_initial"), args.y.replace("_best", "_initial"))
     out = Path(args.out) if args.out else path.parent

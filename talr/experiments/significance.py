@@ -354,7 +354,7 @@ def replicate_columns(results: pd.DataFrame) -> list[str]:
     return [c for c in results.columns if c == "seed" or c.endswith((".seed", "seed_everything"))]
 
 
-def _replicate(row: pd.Series, keys: list[str]) -> tuple[str, ...]:
+def seed_values(row: pd.Series, keys: list[str]) -> tuple[str, ...]:
     """A run's seed values, written alike in every table (a seed column with a pending run's NaN reads 0 as 0.0)."""
     return tuple(str(int(row[k])) if isinstance(row[k], float) and row[k].is_integer() else str(row[k]) for k in keys)
 
@@ -464,7 +464,7 @@ def paired_cells(results: pd.DataFrame, within: str, across: str) -> pd.DataFram
     class_metrics = classified(results)
     pairs = []
     for fixed, group in done.groupby(within, sort=True):
-        by_value = {value: {_replicate(r, keys): r for _, r in rows.iterrows()} for value, rows in group.groupby(across)}
+        by_value = {value: {seed_values(r, keys): r for _, r in rows.iterrows()} for value, rows in group.groupby(across)}
         for a, b in combinations(sorted(by_value), 2):
             shared = sorted(set(by_value[a]) & set(by_value[b]))
             entry: dict[str, Any] = {within: fixed, "a": a, "b": b, "seeds": len(shared)}
@@ -515,7 +515,7 @@ def _runs_by_cell(results: pd.DataFrame, keys: list[str]) -> dict[tuple[Any, Any
     done = results[results["status"] == "done"]
     cells: dict[tuple[Any, Any], dict[tuple[str, ...], pd.Series]] = {}
     for _, row in done.iterrows():
-        cells.setdefault((row["loss"], row["learning_rate"]), {})[_replicate(row, keys)] = row
+        cells.setdefault((row["loss"], row["learning_rate"]), {})[seed_values(row, keys)] = row
     return cells
 
 
