@@ -235,8 +235,11 @@ def compare_paired(tasks: Sequence[PairedItems], confidence: float = CONFIDENCE,
     x = np.concatenate([t.before for t in tasks]) * weights
     y = np.concatenate([t.after for t in tasks]) * weights
     before = float(np.mean([t.score(t.before) for t in tasks]))
+    # a mean of scores in [0, 1] changes by at most 1; an NLL or a KL (sums per token) has no such bound
+    bounded = all(t.scores and ((0 <= v).all() and (v <= t.counts).all()) for t in tasks for v in (t.before, t.after))
     return PairedComparison(n=int(sum(len(t.counts) for t in tasks)), before=before, after=before + delta, delta=delta,
-                            low=max(low, -1.0), high=min(high, 1.0), p=sign_flip_p(x, y, resamples, seed),
+                            low=max(low, -1.0) if bounded else low, high=min(high, 1.0) if bounded else high,
+                            p=sign_flip_p(x, y, resamples, seed),
                             test="sign-flip", confidence=confidence)
 
 

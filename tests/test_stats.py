@@ -141,6 +141,21 @@ def test_bootstrap_interval_by_its_definition():
     assert low == pytest.approx(np.quantile(more, 0.025), abs=0.01) and high == pytest.approx(np.quantile(more, 0.975), abs=0.01)
 
 
+def test_an_unbounded_per_token_sum_keeps_its_whole_interval():
+    """Per-row NLL sums over their tokens (not scores in [0, 1]) can change by more than 1 nat per token:
+    the interval is the bootstrap's, by its definition, not cut at +-1 as a change of accuracy is."""
+    tokens = np.array([10, 20, 30, 40, 25, 15] * 5, dtype=float)
+    rng = np.random.default_rng(3)
+    before = tokens * rng.uniform(0.3, 0.7, len(tokens))  # about 0.5 nats per token
+    after = tokens * rng.uniform(2.0, 3.0, len(tokens))  # about 2.5 nats per token
+    outcome = compare_paired([PairedItems(before, after, tokens)], resamples=2000, seed=7)
+    assert outcome.delta == pytest.approx((after.sum() - before.sum()) / tokens.sum())
+    draws = np.random.default_rng(7).integers(0, len(tokens), size=(2000, len(tokens)))
+    by_hand = [((after[p] - before[p]).sum()) / tokens[p].sum() for p in draws]
+    assert (outcome.low, outcome.high) == pytest.approx(tuple(np.quantile(by_hand, [0.025, 0.975])), abs=1e-12)
+    assert outcome.low > 1.0  # the whole interval lies above the +-1 a change of accuracy is bounded by
+
+
 def test_a_mean_over_tasks_combines_the_tasks_intervals_by_mover():
     """The general score's change: the mean of the tasks' changes; its bounds by MOVER from each
     task's own interval (Tango's for 0/1 tasks, here from the quartic's roots; the bootstrap's for
