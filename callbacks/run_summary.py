@@ -129,7 +129,7 @@ class RunSummary(Callback):
             "general_initial": math.nan,
             "general_best": math.nan,
             "learning_rate": hparams.get("learning_rate"),
-            "loss": strategy_name(pl_module.loss_fn.name, hparams.get("lora")),  # the short name, not its options
+            "loss": strategy_name(pl_module.loss_fn, hparams.get("lora")),  # the short name, not its options
             "model": hparams.get("model"),
             "seed": _seed(),
             "steps": trainer.global_step,
@@ -154,13 +154,18 @@ class RunSummary(Callback):
         self.history = list(state_dict.get("history", []))
 
 
-def strategy_name(loss: str, lora: dict[str, Any] | None) -> str:
-    """A run's strategy as sweep tables and reports group it: the loss's short name (ce, talr, kl, ...);
-    with LoRA adapters `lora` (trained with ce, the paper's baseline) or `<loss>+lora`, so a LoRA run is
-    never averaged with full fine-tuning as a seed of the same cell."""
+def strategy_name(loss: Any, lora: dict[str, Any] | None) -> str:
+    """A run's strategy as sweep tables and reports group it: the loss's short name (ce, talr, kl, ...;
+    `loss` a talr.losses strategy or its name); a regulariser around another base than ce adds it
+    (`kl+dft`, ASFT), so it is never averaged with the ce-based one as a seed of the same cell; with
+    LoRA adapters `lora` (trained with ce, the paper's baseline) or `<loss>+lora`, likewise."""
+    name = loss if isinstance(loss, str) else loss.name
+    base = getattr(loss, "base", None)
+    if base is not None and base.name != "ce":
+        name = f"{name}+{base.name}"
     if not lora:
-        return loss
-    return "lora" if loss == "ce" else f"{loss}+lora"
+        return name
+    return "lora" if name == "ce" else f"{name}+lora"
 
 
 def _seed() -> int | None:

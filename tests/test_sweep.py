@@ -666,6 +666,17 @@ def test_a_lora_run_is_its_own_strategy_in_the_table():
     assert strategy_name("talr", {"r": 8}) == "talr+lora"
 
 
+def test_a_regulariser_around_another_base_than_ce_is_its_own_strategy():
+    """ASFT (the KL to the initial model around DFT) is not a seed of the kl cell (the KL around ce)."""
+    from callbacks.run_summary import strategy_name
+    from talr.losses import DFT, TALR, CrossEntropy, KLToInitial, L2Anchor
+
+    assert strategy_name(KLToInitial(base=CrossEntropy()), None) == "kl"
+    assert strategy_name(KLToInitial(estimator="exact", base=DFT()), None) == "kl+dft"
+    assert strategy_name(L2Anchor(base=TALR()), {"r": 8}) == "l2+talr+lora"
+    assert strategy_name(CrossEntropy(), {"r": 8}) == "lora" and strategy_name(TALR(), None) == "talr"
+
+
 def test_finding_2_compares_two_tables_learning_rate_costs_per_document_and_prompt(tmp_path):
     """`talr report A --versus B`: per strategy, B's change from the smaller to the larger learning rate
     minus A's, on the general score (per document, mean over tasks) and the drift (per prompt), checked
