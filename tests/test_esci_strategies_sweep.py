@@ -1,5 +1,6 @@
-"""configs/sweeps/esci_cpu_strategies.yaml (docs/study_plan.md, stage 3): one overlay per strategy on
-configs/esci/cpu.yaml. Only the commands are printed and parsed (print_config builds nothing): no run."""
+"""configs/sweeps/esci_cpu_strategies.yaml and esci_cpu_newer.yaml (docs/study_plan.md, stages 3 and 3b):
+one overlay per strategy on configs/esci/cpu.yaml; and medcalc_cpu_finding2.yaml, the MedCalc half of the
+paper's Finding 2. Only the commands are printed and parsed (print_config builds nothing): no run."""
 
 import contextlib
 import io
@@ -24,7 +25,15 @@ EXPECTED_LOSS = {
     "lora": CE,  # the study config's own loss
     "gate": {"class_path": "talr.losses.HardGate", "init_args": {"threshold": 0.2}},
     "wise-ft": CE,  # WiSE-FT mixes a CE run back toward theta_0
+    # stage 3b, the newer strategies, with configs/medcalc/'s coefficients
+    "eaft": {"class_path": "talr.losses.EAFT", "init_args": {"alpha": 1.0, "k": 20}},
+    "stm": {"class_path": "talr.losses.SelectiveTokenMasking", "init_args": {"threshold": 2.5}},
+    "rho1": {"class_path": "talr.losses.Rho1", "init_args": {"ratio": 0.6}},
+    "asft": {"class_path": "talr.losses.KLToInitial",
+             "init_args": {"beta": 0.1, "estimator": "exact", "direction": "initial_model",
+                           "base": {"class_path": "talr.losses.DFT"}}},
 }
+SWEEPS = ["configs/sweeps/esci_cpu_strategies.yaml", "configs/sweeps/esci_cpu_newer.yaml"]
 LORA = {"r": 64, "alpha": 128, "dropout": 0.0, "target_modules": "all-linear"}
 WISEFT = {"alphas": [0.0, 0.25, 0.5, 0.75, 1.0], "general_alphas": [0.5], "source": "best"}
 # configs/esci/cpu.yaml's callbacks, which no overlay may drop
@@ -36,15 +45,16 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 @pytest.fixture(scope="module")
 def commands(tmp_path_factory):
-    """The sweep's `talr fit` commands by strategy, printed in-process with a scratch --out."""
-    out = tmp_path_factory.mktemp("esci_strategies")
+    """Both sweeps' `talr fit` commands by strategy, printed in-process with a scratch --out."""
+    return {Path(argv[5]).stem: argv for sweep in SWEEPS for argv in printed_commands(sweep, tmp_path_factory.mktemp("out"))}
+
+
+def printed_commands(sweep: str, out: Path) -> list[list[str]]:
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.chdir(REPO)  # the sweep file names configs relative to the repository
-        assert sweep_main(["--config", "configs/sweeps/esci_cpu_strategies.yaml", "--print-commands",
-                           "--out", str(out)]) == 0
-    argvs = [shlex.split(line) for line in printed.getvalue().splitlines() if line.startswith("talr fit ")]
-    return {Path(argv[5]).stem: argv for argv in argvs}
+        assert sweep_main(["--config", sweep, "--print-commands", "--out", str(out)]) == 0
+    return [shlex.split(line) for line in printed.getvalue().splitlines() if line.startswith("talr fit ")]
 
 
 def test_the_sweep_prints_one_command_per_strategy_on_the_study_config(commands):
@@ -84,3 +94,29 @@ def test_each_command_parses_to_its_strategy_and_keeps_the_base_callbacks(name, 
         from callbacks.model_averaging import WiSEFT
 
         WiSEFT(**callbacks[-2]["init_args"])  # the callback accepts them (general_alphas within alphas); no model
+
+
+def test_the_medcalc_half_of_finding_2_scores_the_esci_runs_benchmark_documents(tmp_path, capsys, monkeypatch):
+    """CE at 1e-5 and 1e-4 on MedCalc, with GeneralBenchmarks on configs/esci/cpu.yaml's 1,000 documents a
+    task (the base MedCalc config scores 100), so the two domains' learning-rate costs pair per document."""
+    argvs = printed_commands("configs/sweeps/medcalc_cpu_finding2.yaml", tmp_path)
+    assert [a for argv in argvs for a in argv if a.startswith("--model.learning_rate=")] == [
+        "--model.learning_rate=1e-05", "--model.learning_rate=0.0001"]
+    esci_callbacks = {c["class_path"]: c.get("init_args", {})
+                      for c in yaml.safe_load((REPO / "configs/esci/cpu.yaml").read_text())["trainer"]["callbacks"]}
+    esci = esci_callbacks["callbacks.general_benchmarks.GeneralBenchmarks"]
+    esci_monitor = esci_callbacks["callbacks.forgetting_monitor.ForgettingMonitor"]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["talr"])
+    for argv in argvs:
+        with pytest.raises(SystemExit):
+            build_cli(argv[1:] + ["--print_config"])
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["model"]["loss"]["class_path"] == "talr.losses.CrossEntropy" and config["data"]["seed"] == 0
+        (benchmarks,) = [c["init_args"] for c in config["trainer"]["callbacks"]
+                         if c["class_path"] == "callbacks.general_benchmarks.GeneralBenchmarks"]
+        assert benchmarks["limit"] == esci["limit"] == 1000 and benchmarks["tasks"] == esci["tasks"]
+        assert benchmarks["shared_context"] is True
+        (monitor,) = [c["init_args"] for c in config["trainer"]["callbacks"]
+                      if c["class_path"] == "callbacks.forgetting_monitor.ForgettingMonitor"]
+        assert esci_monitor.items() <= monitor.items()  # the same prompts and sampling: the same initial answers
