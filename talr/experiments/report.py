@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = [Path(p) for p in args.results]
     if len(paths) > 1 and not args.out:
-        raise ValueError("talr report: several results tables are written as one report: give --out <directory>")
+        raise ValueError("several results tables make one report: give --out <directory>")
     results, dropped = read_tables(paths)
     for note in dropped:
         print(f"[report] {note}")
