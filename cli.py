@@ -31,7 +31,8 @@ LIGHTNING_COMMANDS = {
 
 # Plain subcommands beside LightningCLI's fit/validate/test: name -> "module:function", where the
 # function takes the remaining arguments and returns the exit status.
-EXTRA_COMMANDS = {"cot": "talr.experiments.cot:main", "sweep": "talr.experiments.sweep:main", "report": "talr.experiments.report:main"}
+EXTRA_COMMANDS = {"cot": "talr.experiments.cot:main", "sweep": "talr.experiments.sweep:main", "report": "talr.experiments.report:main",
+                  "curriculum": "talr.experiments.curriculum:main"}
 
 
 def build_cli(args: list[str] | None = None) -> TalrCLI:
