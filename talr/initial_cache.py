@@ -24,21 +24,39 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from talr.models import cache_dir
+from talr.models import cache_dir, is_peft
 from talr.results import write_atomic
 
 
 def weights_fingerprint(model: nn.Module) -> str:
     """A digest of every parameter's and buffer's name, shape, dtype and bytes (CRC-32 per tensor:
-    about half a second for a 135M float32 model on one CPU core)."""
+    about half a second for a 135M float32 model on one CPU core), over `computing_tensors`."""
     digest = hashlib.sha256()
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    for name, tensor in computing_tensors(model):
         data = tensor.detach()
         data = getattr(data, "full_tensor", lambda: data)()  # an FSDP2 shard: its whole tensor
         data = data.cpu().contiguous().reshape(-1)
         crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy())) if data.numel() else 0
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{crc:08x};".encode())
     return digest.hexdigest()
+
+
+def computing_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The named parameters and buffers that determine the model's outputs. A peft LoRA model whose
+    adapters are all inert (every B matrix zero, as peft initializes them, and no DoRA magnitude, whose
+    renormalisation is not exact) adds exact zeros to its base layers' outputs, so it computes what its
+    base model computes, bit for bit: it is named by the base model's tensors under the base model's
+    names, and a LoRA run shares the initial numbers of plain runs of the same weights."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    if not is_peft(model):
+        return tensors
+    adapters = [(name, tensor) for name, tensor in tensors if ".lora_" in name]
+    inert = not any("lora_magnitude_vector" in name for name, _ in adapters) and not any(
+        bool(tensor.detach().any()) for name, tensor in adapters if ".lora_B." in name or ".lora_embedding_B." in name)
+    if not inert:
+        return tensors
+    return [(name.removeprefix("base_model.model.").replace(".base_layer.", "."), tensor)
+            for name, tensor in tensors if ".lora_" not in name]
 
 
 @lru_cache(maxsize=None)

@@ -15,7 +15,7 @@ from callbacks.forgetting_monitor import ForgettingMonitor
 from cli import build_cli
 from conftest import tiny_fit_config
 from talr.initial_cache import weights_fingerprint
-from talr.models import TokenNLLModel, load_model
+from talr.models import TokenNLLModel, add_lora, load_model
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -36,6 +36,29 @@ def test_the_fingerprint_sees_one_changed_bit_of_the_weights(tiny_model_dir):
         weight = lm.model.layers[1].mlp.up_proj.weight.view(-1)
         weight[5] = torch.nextafter(weight[5], torch.tensor(float("inf")))  # the next float up
     assert weights_fingerprint(lm) != fingerprint
+
+
+def test_fresh_lora_adapters_compute_and_fingerprint_as_the_base_model(tiny_model_dir):
+    """peft's B matrices start at zero: the wrapped model's logits equal the plain model's bit for bit,
+    so both get one fingerprint (one cache entry); a nonzero B, or DoRA, makes another."""
+    plain = load_model(str(tiny_model_dir), "float32")
+    ids = torch.randint(0, plain.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+    lora = add_lora(load_model(str(tiny_model_dir), "float32"), {"r": 4, "target_modules": ["q_proj", "v_proj", "up_proj"]})
+    lora.eval()
+    with torch.no_grad():
+        assert torch.equal(lora(input_ids=ids).logits, expected)
+    assert weights_fingerprint(lora) == weights_fingerprint(plain)
+    with torch.no_grad():
+        lora.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight[0, 0] = 1e-3
+    assert weights_fingerprint(lora) != weights_fingerprint(plain)
+
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(load_model(str(tiny_model_dir), "float32"),
+                          LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))
+    assert weights_fingerprint(dora) != weights_fingerprint(plain)
 
 
 def validate(tiny_model_dir: Path, out: Path, *extra: str):
