@@ -56,6 +56,9 @@ def test_easy_shares_are_counted_over_the_same_rows_and_tokens(run_dir):
     assert shares["easy_share"].tolist() == pytest.approx([12 / 15, 14 / 15, 15 / 15])
     # the true class's token above 0.2: step 0 none (0.1, 0.15, 0.19), step 10 rows 0 and 2, step 20 all three
     assert shares["class_easy_share"].tolist() == pytest.approx([0, 2 / 3, 1])
+    # a resample of the three rows holds 0 to 3 copies of the two easy rows: the share's bounds are hand counts
+    low, high = shares["class_easy_share_interval"][1]
+    assert {low, high} <= {0, 1 / 3, 2 / 3, 1} and low < 2 / 3 < high
     change = shares["easy_share_change"][2]
     assert change.delta == pytest.approx(3 / 15) and change.low <= change.delta <= change.high
     class_change = shares["class_easy_share_change"][1]
@@ -71,7 +74,8 @@ def test_the_gates_passed_share_is_read_and_averaged_between_validations(run_dir
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     # steps 5 and 10 follow validation 0 (mean 0.6); 15 and 20 follow validation 10 (mean 0.9); none after 20
     assert [c[-1] for c in cells] == ["0.600", "0.900", ""]
-    assert [c[2] for c in cells] == ["0.800", "0.933", "1.000"]
+    assert [c[2].split(" [")[0] for c in cells] == ["0.800", "0.933", "1.000"]
+    assert cells[2][2] == "1.000 [1.000, 1.000]"  # every row's tokens all easy: every resample gives 1
     assert "## run" in text  # the run's folder (it holds summary.json) names it
     assert (tmp_path / "out" / "curriculum.png").stat().st_size > 0
 

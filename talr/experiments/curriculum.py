@@ -36,7 +36,7 @@ import pandas as pd
 
 from talr.evaluation import EASY_PROBABILITY
 from talr.experiments.significance import read_row_scores
-from talr.stats import ALPHA, PairedComparison, PairedItems, compare_paired
+from talr.stats import ALPHA, PairedComparison, PairedItems, bootstrap_interval, compare_paired
 
 ROW_SCORES = re.compile(r"^val_step(\d+)\.jsonl$")
 PASSED_SHARE = re.compile(r"^train/[^/]+/passed_share$")
@@ -55,9 +55,16 @@ def _class_token_easy(rows: dict[int, dict], items: list[int]) -> np.ndarray:
     return np.array([float(math.exp(rows[i]["choice_logprobs"][rows[i]["choice"]]) > EASY_PROBABILITY) for i in items])
 
 
+def share_interval(easy: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval of sum(easy) / sum(tokens), rows resampled with replacement (a row's
+    tokens stay together: they are not independent draws)."""
+    return bootstrap_interval(lambda picks: easy[picks].sum(axis=1) / tokens[picks].sum(axis=1), len(tokens))
+
+
 def held_out_shares(log_dir: Path) -> pd.DataFrame:
-    """One row per validation: the share of easy target tokens (`easy_share`) and, where the rows are
-    classified, of easy class tokens (`class_easy_share`), each with its paired change from the first
+    """One row per validation: the share of easy target tokens (`easy_share`, with its 95% interval over
+    rows in `easy_share_interval`) and, where the rows are classified, of easy class tokens
+    (`class_easy_share`, `class_easy_share_interval`), each with its paired change from the first
     validation (`*_change`: a PairedComparison, or why there is none)."""
     files = validation_files(log_dir)
     first = read_row_scores(next(iter(files.values())))
@@ -66,7 +73,9 @@ def held_out_shares(log_dir: Path) -> pd.DataFrame:
         rows = read_row_scores(path)
         items = sorted(set(first) & set(rows))
         tokens = np.array([rows[i]["tokens"] for i in items], dtype=float)
-        record: dict = {"step": step, "rows": len(items), "easy_share": float(sum(rows[i]["easy"] for i in items) / tokens.sum())}
+        easy = np.array([rows[i]["easy"] for i in items], dtype=float)
+        record: dict = {"step": step, "rows": len(items), "easy_share": float(easy.sum() / tokens.sum()),
+                        "easy_share_interval": share_interval(easy, tokens)}
         if any(first[i]["tokens"] != rows[i]["tokens"] for i in items):
             record["easy_share_change"] = "the rows' target tokens differ between the two validations"
         else:
@@ -77,6 +86,7 @@ def held_out_shares(log_dir: Path) -> pd.DataFrame:
         if classified:
             before, after = _class_token_easy(first, classified), _class_token_easy(rows, classified)
             record["class_easy_share"] = float(after.mean())
+            record["class_easy_share_interval"] = share_interval(after, np.ones(len(classified)))
             record["class_easy_share_change"] = compare_paired([PairedItems(before, after, np.ones(len(classified)))])
         records.append(record)
     return pd.DataFrame(records)
@@ -112,11 +122,16 @@ def _cell(outcome: PairedComparison | str | float, alpha: float) -> str:
     return f"{mark}{outcome.delta:+.3f}{mark} [{outcome.low:+.3f}, {outcome.high:+.3f}]"
 
 
+def _level(row: pd.Series, name: str) -> str:
+    low, high = row[f"{name}_interval"]
+    return f"{row[name]:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def markdown(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]], alpha: float = ALPHA) -> str:
     """One table per run: each validation's easy shares, their change from the first, and the mean
     passed share of the training steps that follow it."""
     lines = [f"# Easy target tokens (p > {EASY_PROBABILITY:g}) as training proceeds (the paper's Section 4.3)", "",
-             f"Changes are from the first validation, paired row by row over the same held-out rows, with 95% "
+             f"Shares with a 95% interval over rows; changes are from the first validation, paired row by row over the same held-out rows, with 95% "
              f"intervals; bold: p < {alpha:g}. 'training passed share': the mean over the logged training steps "
              "after that validation up to the next of the share of the step's target tokens that passed the gate."]
     for label, (held_out, training) in runs.items():
@@ -126,9 +141,9 @@ def markdown(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]], alpha: float = 
         lines += ["", f"## {label}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         passed = between_validations(training, held_out["step"].tolist()) + [math.nan]
         for (_, row), share in zip(held_out.iterrows(), passed):
-            cells = [str(row["step"]), str(row["rows"]), f"{row['easy_share']:.3f}", _cell(row["easy_share_change"], alpha)]
+            cells = [str(row["step"]), str(row["rows"]), _level(row, "easy_share"), _cell(row["easy_share_change"], alpha)]
             if has_class:
-                cells += [f"{row['class_easy_share']:.3f}", _cell(row["class_easy_share_change"], alpha)]
+                cells += [_level(row, "class_easy_share"), _cell(row["class_easy_share_change"], alpha)]
             cells.append("" if math.isnan(share) else f"{share:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         if training.empty:
