@@ -31,20 +31,23 @@ def measure_cpu_peak_flops(size: int = CPU_PEAK_MATMUL_SIZE, repeats: int = CPU_
     return 2 * size**3 / best
 
 
-def lm_parameter_counts(lm: torch.nn.Module) -> tuple[int, int]:
-    """(decoder-body parameters, lm-head parameters): the body without the input embeddings (a lookup,
-    no matmul); a head tied to the embeddings counts once, as the head."""
+def lm_flop_weights(lm: torch.nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((decoder-body parameters, of them trained), (lm-head parameters, of them trained)): the body
+    without the input embeddings (a lookup, no matmul); a head tied to the embeddings counts once, as
+    the head. A trained weight costs 6 FLOPs per token (forward 2, input gradient 2, weight gradient
+    2), a frozen one 4: no weight gradient (LoRA's base model)."""
     head = lm.get_output_embeddings()
     embeddings = lm.get_input_embeddings()
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    skip = head_ids | {id(p) for p in embeddings.parameters()}
+    head_params = list(head.parameters()) if head is not None else []
+    skip = {id(p) for p in head_params} | {id(p) for p in embeddings.parameters()}
     seen: set[int] = set()
-    body = 0
+    body = trained = 0
     for p in lm.parameters():
         if id(p) not in skip and id(p) not in seen:
             seen.add(id(p))
             body += p.numel()
-    return body, sum(p.numel() for p in head.parameters()) if head is not None else 0
+            trained += p.numel() if p.requires_grad else 0
+    return (body, trained), (sum(p.numel() for p in head_params), sum(p.numel() for p in head_params if p.requires_grad))
 
 
 def compute_dtype(trainer: L.Trainer, lm: torch.nn.Module) -> torch.dtype:
@@ -67,14 +70,15 @@ class Throughput(Callback):
       or other callbacks' batch-end work.
     - `train/target_tokens_per_s`: the same for the supervised (target) tokens only.
     - `train/mfu`: model FLOPs per second over the devices' peak. Model FLOPs of a step:
-      6 x (decoder-body parameters) x (all tokens) + 6 x (lm-head parameters) x (target tokens), the
-      forward (2) and backward (4) FLOPs per parameter and token; the input embeddings are a lookup
-      and count nothing, and only target tokens reach the vocabulary projection in talr
-      (`talr.token_loss`). Attention's sequence-length term is left out, as is every pass beyond the
-      one forward and backward (TALR's no-grad tau pass with several micro-batches, KL's reference
-      forward, activation recomputation under gradient checkpointing): they show as a lower mfu.
-      Under LoRA no weight gradients of the frozen base are computed, so the count is up to a third
-      too high there.
+      (6 x trained + 4 x frozen decoder-body parameters) x (all tokens) + (the same for the lm head) x
+      (target tokens): forward (2), input-gradient (2) and, for a trained weight only, weight-gradient
+      (2) FLOPs per parameter and token (LoRA's frozen base costs 4: `lm_flop_weights`); the input
+      embeddings are a lookup and count nothing, and only target tokens reach the vocabulary
+      projection in talr (`talr.token_loss`). Input gradients are counted through every layer, as
+      when something trains in every layer (full fine-tuning, LoRA on all layers). Attention's
+      sequence-length term is left out, as is every pass beyond the one forward and backward (TALR's
+      no-grad tau pass with several micro-batches, KL's reference forward, activation recomputation
+      under gradient checkpointing): they show as a lower mfu.
 
     The peak is `peak_flops` if given, per device; else on a GPU the dense figure for the compute
     dtype from Lightning's table (`get_available_flops`; no mfu for a GPU it does not know), and on
@@ -94,13 +98,15 @@ class Throughput(Callback):
             raise ValueError(f"Throughput.peak_flops must be positive FLOP/s, got {peak_flops}")
         self.peak_flops = peak_flops
         self.peak_source = "given" if peak_flops else None
-        self.body_params = 0
-        self.head_params = 0
+        self.body_params = self.head_params = 0
+        self.flops_per_token = self.flops_per_target_token = 0.0
         self.totals = {"tokens": 0, "target_tokens": 0, "seconds": 0.0, "flops": 0.0}  # this process's steps, summed
         self._started = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.body_params, self.head_params = lm_parameter_counts(pl_module.lm)
+        (self.body_params, body_trained), (self.head_params, head_trained) = lm_flop_weights(pl_module.lm)
+        self.flops_per_token = 4.0 * self.body_params + 2.0 * body_trained
+        self.flops_per_target_token = 4.0 * self.head_params + 2.0 * head_trained
         device = trainer.strategy.root_device
         if self.peak_source != "given":
             dtype = compute_dtype(trainer, pl_module.lm)
@@ -113,8 +119,11 @@ class Throughput(Callback):
                 self.peak_source = f"Lightning's table for {dtype}" if self.peak_flops else None
         peak = f"{self.peak_flops / 1e9:,.1f} GFLOP/s per device ({self.peak_source})" if self.peak_flops else \
             "unknown (no train/mfu; set Throughput.peak_flops)"
-        rank_zero_info(f"[throughput] peak {peak}; model FLOPs per step = 6 x {self.body_params:,} body parameters x "
-                       f"tokens + 6 x {self.head_params:,} lm-head parameters x target tokens")
+        frozen = "" if self.flops_per_token == 6.0 * self.body_params else \
+            f" ({self.flops_per_token / self.body_params:.3g} FLOPs per body parameter: frozen weights cost 4, trained 6)"
+        rank_zero_info(f"[throughput] peak {peak}; model FLOPs per step = {self.flops_per_token:,.0f} x tokens + "
+                       f"{self.flops_per_target_token:,.0f} x target tokens ({self.body_params:,} body and "
+                       f"{self.head_params:,} lm-head parameters){frozen}")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         _synchronize(trainer.strategy.root_device)
@@ -131,7 +140,7 @@ class Throughput(Callback):
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
         tokens, target = (int(c) for c in counts.tolist())
         step_counts = {"tokens": tokens, "target_tokens": target, "seconds": seconds,
-                       "flops": 6.0 * (self.body_params * tokens + self.head_params * target)}
+                       "flops": self.flops_per_token * tokens + self.flops_per_target_token * target}
         for key, value in step_counts.items():
             self.totals[key] += value
         metrics = self.rates(step_counts, trainer.world_size)

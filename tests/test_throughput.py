@@ -92,6 +92,25 @@ def test_mfu_is_six_flops_per_parameter_and_token_over_the_peak(run):
         assert mfu == pytest.approx(flops / seconds / peak, rel=1e-5)
 
 
+def test_under_lora_a_frozen_weight_counts_four_flops_per_token(tiny_model_dir, tmp_path, one_cpu_thread):
+    """LoRA trains only its adapters: the frozen base costs forward (2) and input-gradient (2) FLOPs per
+    parameter and token, each adapter 6. The parameters are counted here from the peft model's own
+    trainable flags, by name, apart from the callback's walk over the modules."""
+    config = tiny_fit_config(tiny_model_dir, tmp_path, "lora", [], validate_before_fit=False, trainer={"max_steps": 1},
+                             model={"loss": "CrossEntropy", "learning_rate": 1e-3,
+                                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "up_proj"]}})
+    cli = build_cli(["fit", "--config", str(config)])
+    lm = cli.model.lm
+    throughput = next(c for c in cli.trainer.callbacks if isinstance(c, Throughput))
+    named = dict(lm.named_parameters())  # a tied head is listed once, under the embeddings' name
+    embedding = next(n for n in named if n.endswith("embed_tokens.weight"))
+    body = {n: p for n, p in named.items() if n != embedding}
+    trained = sum(p.numel() for p in body.values() if p.requires_grad)
+    assert trained == sum(p.numel() for n, p in body.items() if ".lora_" in n) > 0
+    assert throughput.flops_per_token == 4 * sum(p.numel() for p in body.values()) + 2 * trained
+    assert throughput.flops_per_target_token == 4 * named[embedding].numel()  # the tied head: frozen
+
+
 def test_plain_progress_chosen_in_a_config_prints_every_step_with_its_speed(run):
     _, scalars, stdout, _ = run
     lines = [line for line in stdout.splitlines() if line.startswith("[train] step")]
