@@ -157,7 +157,10 @@ def plot(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, (held_out, training) in runs.items():
+    last_step = max(float(held_out["step"].max()) for held_out, _ in runs.values())
+    for number, (label, (held_out, training)) in enumerate(runs.items()):
+        # runs with the same shares would hide each other: each is moved sideways by 1% of the steps
+        dodge = (number - (len(runs) - 1) / 2) * 0.01 * max(last_step, 1.0)
         column = "class_easy_share" if "class_easy_share" in held_out else "easy_share"
         first = held_out[column].iloc[0]
         low, high = [], []
@@ -165,12 +168,12 @@ def plot(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]):
             ok = isinstance(outcome, PairedComparison)
             low.append(value - (first + outcome.low) if ok else 0.0)
             high.append((first + outcome.high) - value if ok else 0.0)
-        left.errorbar(held_out["step"], held_out[column], yerr=[low, high], marker="o", capsize=3,
+        left.errorbar(held_out["step"] + dodge, held_out[column], yerr=[low, high], marker="osD^vP*X"[number % 8], capsize=3,
                       label=f"{label} ({'class token' if column == 'class_easy_share' else 'all tokens'})")
         if not training.empty:
             right.plot(training["step"], training["passed_share"], marker=".", label=label)
     left.set(xlabel="training step", ylabel=f"held-out share with p > {EASY_PROBABILITY:g}",
-             title="Held-out target tokens (bars: 95% interval of the change from step 0)")
+             title="Held-out target tokens (bars: 95% interval of the change from step 0;\nruns moved apart sideways)")
     right.set(xlabel="training step", ylabel="share of the step's tokens that passed", title="Training batches (the gate's passed share)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
