@@ -44,7 +44,7 @@ def run_dir(tmp_path: Path) -> Path:
     (tmp_path / "run" / "summary.json").write_text("{}")
     with SummaryWriter(str(log_dir)) as writer:
         for step, share in ((5, 0.5), (10, 0.7), (15, 0.8), (20, 1.0)):
-            writer.add_scalar("train/hard_gate/passed_share", share, step)
+            writer.add_scalar("train/gate/passed_share", share, step)
             writer.add_scalar("train/loss", 9.0, step)  # another tag: not read
     return log_dir
 
