@@ -85,6 +85,13 @@ def test_two_runs_with_one_label_are_refused(run_dir, tmp_path):
         main([str(run_dir), str(run_dir), "--out", str(tmp_path)])
 
 
+def test_the_threshold_is_the_one_the_row_files_count_easy_tokens_at():
+    import talr.evaluation
+    import talr.experiments.curriculum
+
+    assert talr.experiments.curriculum.EASY_PROBABILITY == talr.evaluation.EASY_PROBABILITY == 0.2
+
+
 def test_a_folder_without_row_scores_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="row_scores"):
         held_out_shares(tmp_path)

@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from talr.evaluation import EASY_PROBABILITY
 from talr.experiments.significance import read_row_scores
 from talr.stats import ALPHA, PairedComparison, PairedItems, bootstrap_interval, compare_paired
 
 ROW_SCORES = re.compile(r"^val_step(\d+)\.jsonl$")
 PASSED_SHARE = re.compile(r"^train/[^/]+/passed_share$")
+EASY_PROBABILITY = 0.2  # the paper's easy token; the row files count `easy` at talr.evaluation.EASY_PROBABILITY (not imported: torch would load for --help)
 
 
 def validation_files(log_dir: Path) -> dict[int, Path]:
