@@ -35,8 +35,10 @@ from callbacks.forgetting_monitor import summary_columns as forgetting_columns
 from callbacks.general_benchmarks import GeneralBenchmarks
 from callbacks.run_summary import RunSummary
 from talr.checkpoint_io import lm_state_from_checkpoint
+from talr.evaluation import describe_metrics
 from talr.model_card import CardScore, describe_run, write_model_card
 from talr.models import export_pretrained
+from talr.progress import track
 from talr.results import GuardsResults, write_atomic
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -344,9 +346,12 @@ class WeightSpaceSearch(GuardsResults):
             # Lightning moved the module to the CPU on teardown; score on the training device instead.
             pl_module.to(trainer.strategy.root_device)
             self.results = []
-            for point in self.grid():
+            # each mix is a validation, a forgetting pass and maybe a benchmark pass (minutes each on a CPU):
+            # a line per mix, so a log file shows the curve as it is computed
+            for point in track(self.grid(), desc=self.name, unit="mix", enabled=trainer.is_global_zero):
                 lm.load_state_dict(self.build(theta0, theta, point))
                 self.results.append(self._score(trainer, pl_module, point, origin, benchmarks, monitors))
+                rank_zero_info(f"[{self.name}] {self.tag(point)}: {describe_metrics(self.results[-1]['metrics'])}")
             chosen, self.choice = choose_candidate(self.results, self.select, self.margin, self.terms)
             self.chosen = self.point_of(chosen)
             if trainer.is_global_zero:  # every rank has the numbers (evaluate gathers, the others broadcast)

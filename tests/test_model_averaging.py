@@ -2,8 +2,12 @@
 callback on a tiny random Llama (real SmolLM2 tokenizer), each alpha scored on the domain, by
 GeneralBenchmarks (lm-eval, offline ARC-Easy) and by ForgettingMonitor."""
 
+import contextlib
+import io
 import json
+import logging
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -190,10 +194,18 @@ def fitted(tiny_model_dir, tmp_path_factory):
     ties) differs from the final weights (step 2). quickstart.yaml brings ForgettingMonitor;
     GeneralBenchmarks runs 8 ARC-Easy documents per event."""
     out = tmp_path_factory.mktemp("wiseft")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(out)  # lm-eval records `git describe` of the working directory; keep it out of the repo
-        cli = fit_with_wiseft(tiny_model_dir, out)
+    stdout = io.StringIO()  # not a terminal: plain progress lines, as in a log file
+    info = logging.StreamHandler(stdout)  # and Lightning's info lines, which go to stderr
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(info)
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+            mp.chdir(out)  # lm-eval records `git describe` of the working directory; keep it out of the repo
+            cli = fit_with_wiseft(tiny_model_dir, out)
+    finally:
+        logger.removeHandler(info)
     log_dir = Path(cli.trainer.log_dir)
+    (out / "stdout.log").write_text(stdout.getvalue())
     return cli, log_dir, json.loads((log_dir / "wiseft.json").read_text())["results"]
 
 
@@ -218,6 +230,17 @@ def fit_with_wiseft(tiny_model_dir, out):
         "--trainer.callbacks.alphas=[0.0,0.5,1.0]",
         "--trainer.callbacks+=test_model_averaging.FinalWeights",
     ])
+
+
+def test_each_mix_is_a_progress_line_in_a_log_file(fitted):
+    cli, _, results = fitted
+    lines = (Path(cli.trainer.default_root_dir) / "stdout.log").read_text().splitlines()
+    assert "[wiseft] started: 3 mixes" in lines
+    assert any(re.fullmatch(r"\[wiseft\] done: 3 mixes in (\d+h)?(\d+m)?\d+s", line) for line in lines)
+    for result in results:  # one line per mix with its own numbers, in grid order
+        tag = f"wiseft_alpha{result['alpha']:.2f}"
+        line = next(line for line in lines if line.startswith(f"[wiseft] {tag}: "))
+        assert f"target NLL {result['metrics']['loss']:.4f}" in line
 
 
 def by_alpha(results: list[dict]) -> dict[float, dict[str, float]]:
