@@ -80,8 +80,7 @@ def held_out_shares(log_dir: Path) -> pd.DataFrame:
             record["easy_share_change"] = "the rows' target tokens differ between the two validations"
         else:
             before = np.array([first[i]["easy"] for i in items], dtype=float)
-            after = np.array([rows[i]["easy"] for i in items], dtype=float)
-            record["easy_share_change"] = compare_paired([PairedItems(before, after, tokens)])
+            record["easy_share_change"] = compare_paired([PairedItems(before, easy, tokens)])
         classified = [i for i in items if rows[i].get("choice_logprobs") is not None and first[i].get("choice_logprobs") is not None]
         if classified:
             before, after = _class_token_easy(first, classified), _class_token_easy(rows, classified)
