@@ -235,14 +235,19 @@ class ForgettingMonitor(GuardsResults):
         return {**summary_columns(by_step.get(0), "initial"), **summary_columns(by_step.get(best_step), "best"),
                 **summary_columns(self.curve[-1] if self.curve else None, "last")}
 
-    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str | None = None) -> dict[str, Any]:
         """The drift of the module's live weights from the initial answers now, as a curve entry
-        (`step`: the trainer's global step), without adding it to the curve, the logs or the files:
-        for callbacks that score other weights than training's (WiSE-FT's mixes). Every rank calls it."""
+        (`step`: the trainer's global step), without adding it to the curve or the logs: for callbacks
+        that score other weights than training's (WiSE-FT's mixes). With `tag`, each prompt's sums go to
+        `<dirpath>/prompt_scores/<tag>.jsonl`, so `talr report` can pair those weights prompt by prompt
+        with a run's. Every rank calls it."""
         if not self.responses:
             raise ValueError("ForgettingMonitor.measure needs the initial model's answers, sampled at train start; "
                              "call it after training started")
-        return self.curve_entry(trainer, self.current_prompt_sums(pl_module))
+        sums = self.current_prompt_sums(pl_module)
+        if tag is not None and trainer.is_global_zero:
+            write_atomic(prompt_scores_file(self.output_dir(trainer), tag), "".join(json.dumps(p) + "\n" for p in sums))
+        return self.curve_entry(trainer, sums)
 
     # -- the initial answers ----------------------------------------------------------------------
     @torch.no_grad()

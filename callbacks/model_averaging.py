@@ -377,7 +377,7 @@ class WeightSpaceSearch(GuardsResults):
         metrics = pl_module.evaluate("val", tag=tag)
         result: dict[str, Any] = {**point, "metrics": {k: float(v) for k, v in metrics.items()},
                                   "generations": f"generations/{tag}.jsonl",  # relative to the log directory
-                                  "forgetting": [monitor.measure(trainer, pl_module) for monitor in monitors]}
+                                  "forgetting": [monitor.measure(trainer, pl_module, tag) for monitor in monitors]}
         if benchmarks and self.benchmarked(point):
             result["general"] = []
             for benchmark in benchmarks:

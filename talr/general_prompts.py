@@ -121,7 +121,9 @@ def load_prompts(path: str | Path) -> list[GeneralPrompt]:
     return prompts
 
 
-def prompt_scores_file(dirpath: str | Path, step: int) -> Path:
+def prompt_scores_file(dirpath: str | Path, step: int | str) -> Path:
     """Where ForgettingMonitor puts a validation's per-prompt drift sums on these prompts (its `dirpath`,
-    default `<log_dir>/forgetting`); talr.experiments.significance reads them from there."""
-    return Path(dirpath) / "prompt_scores" / f"step{int(step):06d}.jsonl"
+    default `<log_dir>/forgetting`); talr.experiments.significance reads them from there. `step` is a
+    validation's step, or the tag of other weights scored at fit end (a WiSE-FT alpha: `wiseft_alpha0.50`)."""
+    name = step if isinstance(step, str) else f"step{int(step):06d}"
+    return Path(dirpath) / "prompt_scores" / f"{name}.jsonl"

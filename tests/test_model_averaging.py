@@ -381,6 +381,31 @@ def test_forgetting_at_alpha_0_is_the_initial_models_and_at_alpha_1_the_best_ste
     assert [e["step"] for e in json.loads((log_dir / "forgetting" / "curve.json").read_text())] == [0, 1, 2]
 
 
+def test_each_alphas_drift_is_kept_prompt_by_prompt(fitted):
+    cli, log_dir, results = fitted
+    best_step = torch.load(cli.trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=True)["global_step"]
+
+    def read(name):
+        lines = (log_dir / "forgetting" / "prompt_scores" / f"{name}.jsonl").read_text().splitlines()
+        return {p["prompt_index"]: p for p in map(json.loads, lines)}
+
+    at_best, initial = read(f"step{best_step:06d}"), read("wiseft_alpha0.00")
+    # alpha 1 holds the best checkpoint's weights: the monitor's own prompt sums at that step, prompt by prompt
+    for index, prompt in read("wiseft_alpha1.00").items():
+        for key in ("tokens", "agreement", "nll", "kl", "entropy"):
+            assert prompt[key] == pytest.approx(at_best[index][key], abs=1e-6), (index, key)
+    # alpha 0 is the initial model: on its own answers it agrees on every token and its KL to itself is 0
+    assert set(initial) == set(at_best) == set(read("wiseft_alpha0.50"))
+    for prompt in initial.values():
+        assert prompt["agreement"] == prompt["tokens"] and prompt["kl"] == pytest.approx(0.0, abs=1e-6)
+    # the tokens-weighted means of a mix's file are the numbers WiSE-FT reported for it
+    half = read("wiseft_alpha0.50").values()
+    reported = next(r["forgetting"][0] for r in results if r["alpha"] == 0.5)
+    tokens = sum(p["tokens"] for p in half)
+    assert sum(p["agreement"] for p in half) / tokens == pytest.approx(reported["agreement"])
+    assert sum(p["kl"] for p in half) / tokens == pytest.approx(reported["kl"])
+
+
 def test_every_alpha_is_a_row_of_the_run_summary(fitted):
     cli, log_dir, results = fitted
     summary = json.loads((log_dir / "summary.json").read_text())

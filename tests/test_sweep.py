@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import SHARED, tiny_fit_config
 from talr.experiments.report import initial_point, pareto_front, plot, trade_off_table, wiseft_table
 from talr.experiments.report import main as report_main
-from talr.experiments.significance import between_learning_rates, between_strategies
+from talr.experiments.significance import between_learning_rates, between_strategies, points_against_runs
 from talr.experiments.sweep import Sweep, collect, run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,6 +260,49 @@ def test_report_draws_the_wiseft_alphas_as_a_curve(wiseft_sweep):
     assert list(curve.get_ydata()) == pytest.approx(list(alphas["general_best"]))
     assert (curve.get_xdata()[0], curve.get_ydata()[0]) == pytest.approx((run["domain_initial"], run["general_initial"]))
     assert (curve.get_xdata()[-1], curve.get_ydata()[-1]) == pytest.approx((run["domain_best"], run["general_best"]))
+
+
+def test_report_pairs_each_alpha_with_its_runs_fine_tuned_model(wiseft_sweep):
+    out = wiseft_sweep
+    table = pd.read_csv(out / "results.csv")
+    run = table[table["alpha"].isna()].iloc[0]
+    points = points_against_runs(table).set_index("b")
+    assert list(points.index) == [f"alpha={a:.2f}" for a in ALPHAS] and set(points["run"]) == {run["run"]}
+    run_dir = out / run["run"]
+
+    def correct(name):  # row -> 0/1, from the generations files
+        lines = next(run_dir.rglob(f"generations/{name}.jsonl")).read_text().splitlines()
+        return {r["row_index"]: int(r["correct"]) for r in map(json.loads, lines)}
+
+    def documents(path):  # (task, document) -> score, from a GeneralBenchmarks record
+        record = json.loads(Path(path).read_text())
+        return {(t, d): v for t, per in record["per_document"].items() for d, v in zip(per["doc_ids"], per["values"])}
+
+    def prompts(name):
+        lines = next(run_dir.rglob(f"forgetting/prompt_scores/{name}.jsonl")).read_text().splitlines()
+        return {p["prompt_index"]: p for p in map(json.loads, lines)}
+
+    best = f"{int(run['best_step']):06d}"
+    fine_tuned_rows, fine_tuned_docs, fine_tuned_prompts = (correct(f"val_step{best}"), documents(run["general_file_best"]),
+                                                            prompts(f"step{best}"))
+    for alpha in ALPHAS:
+        tag, pair = f"wiseft_alpha{alpha:.2f}", points.loc[f"alpha={alpha:.2f}"]
+        rows = correct(tag)  # the domain (accuracy here): McNemar by hand on the same rows
+        b, c, p = mcnemar_by_hand([fine_tuned_rows[i] for i in sorted(rows)], [rows[i] for i in sorted(rows)])
+        assert (pair["domain"].delta, pair["domain"].p) == pytest.approx(((c - b) / len(rows), p))
+        docs = documents(next(run_dir.rglob(f"general/{tag}.json")))  # the general score, document by document
+        assert pair["general"].delta == pytest.approx(np.mean([docs[k] - fine_tuned_docs[k] for k in docs]))
+        drift = prompts(tag)  # the drift, prompt by prompt over the same initial answers
+        tokens = sum(p["tokens"] for p in drift.values())
+        for name, key in (("agreement", "agreement"), ("kl", "kl")):
+            change = sum(drift[i][key] - fine_tuned_prompts[i][key] for i in drift) / tokens
+            assert pair[name].delta == pytest.approx(change, abs=1e-9), (alpha, name)
+    assert report_main([str(out / "results.csv")]) == 0
+    markdown = (out / "pareto.md").read_text()
+    assert "## WiSE-FT alphas and merge points against their run's fine-tuned model" in markdown
+    (line,) = [line for line in markdown.splitlines() if line.startswith(f"| {run['run']} | fine-tuned (step")
+               and "| alpha=0.00 |" in line and "McNemar" in line]
+    assert f"{points.loc['alpha=0.00', 'domain'].delta:+.4f}" in line
 
 
 def test_sweep_file_errors_and_run_names(tmp_path):

@@ -16,7 +16,8 @@ a column without paired records gets the t-interval of its mean across seeds (no
 `pareto.md` adds a significance table (talr.experiments.significance): each cell against the
 initial model, and every two strategies at the same learning rate, paired over the held-out rows
 and benchmark documents both runs scored; for a classification task (ESCI label only) also the
-balanced accuracy and label AUC, each against the initial model and between strategies.
+balanced accuracy and label AUC, each against the initial model and between strategies. Each WiSE-FT
+alpha and merge point is also paired with its own run's fine-tuned model (`points_markdown`).
 
 Several tables (`talr report stage2/results.csv stage3/results.csv --out all/`) are read as one, the
 stages of one study: a later table's run that repeats an earlier one's strategy, learning rate and
@@ -34,8 +35,8 @@ from pathlib import Path
 import pandas as pd
 
 from talr.experiments.significance import (Outcome, against_initial, between_learning_rates, between_strategies,
-                                          between_tables, combine_seeds, outcome_from_row, replicate_columns,
-                                          seed_values)
+                                          between_tables, combine_seeds, outcome_from_row, points_against_runs,
+                                          replicate_columns, seed_values)
 from talr.stats import ALPHA, PairedComparison, compare_replicates
 
 GROUP = ["loss", "learning_rate"]
@@ -262,6 +263,7 @@ def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
 PAIR_KEYS = {"learning rate": "learning_rate", "a": "a", "b": "b", "seeds": "seeds"}
 CELL_KEYS = {"loss": "loss", "learning rate": "learning_rate", "runs": "runs"}
 RATE_KEYS = {"loss": "loss", "a": "a", "b": "b", "seeds": "seeds"}
+POINT_KEYS = {"run": "run", "a": "a", "b": "b"}
 # the classification tables (talr.experiments.significance.CLASSIFICATION): header -> column, and their tests
 CLASSIFICATION_TITLES = {"balanced accuracy": "balanced_accuracy", "label AUC": "label_auc",
                          "label AUC, weighted": "label_auc_weighted"}
@@ -348,6 +350,24 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
               "t-test across seeds = the seeds' paired differences. " + (CLASSIFICATION_TESTS if classification or classified_pairs else "")
               + "p-values are not corrected for the number of comparisons: among k comparisons without any real "
               "difference, about k x alpha come out significant."]
+    if notes:
+        lines += ["", "Not compared:"] + [f"({i}) {note}" for i, note in enumerate(notes, 1)]
+    return "\n".join(lines) + "\n"
+
+
+def points_markdown(results: pd.DataFrame, runs: pd.DataFrame | None = None, alpha: float = ALPHA) -> str:
+    """The WiSE-FT alphas and merge points against their own run's fine-tuned model
+    (talr.experiments.significance.points_against_runs), in the tables of the significance section;
+    empty where the table has no points."""
+    points = points_against_runs(results, runs)
+    if points.empty:
+        return ""
+    notes: list[str] = []
+    tables, _ = _between_markdown(points, POINT_KEYS, "", alpha, notes)
+    lines = ["## WiSE-FT alphas and merge points against their run's fine-tuned model", "",
+             "Each point (b) minus its own run at the run's best step (a), paired over the held-out rows, the benchmark "
+             "documents (where the point was benchmarked) and the general prompts; one training run, so the intervals "
+             "hold the rows', documents' and prompts' spread, not a seed's:", *tables[2:]]
     if notes:
         lines += ["", "Not compared:"] + [f"({i}) {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"
@@ -440,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     png = write_atomic(out / "pareto.png", buffer.getvalue())
     text = "\n".join(part for part in (markdown(table, initial, args.x, args.y), wiseft_markdown(curves, args.x, args.y),
                                         merge_markdown(merge_table(results, args.x, args.y), args.x, args.y),
-                                        significance_markdown(results, args.alpha)) if part)
+                                        significance_markdown(results, args.alpha),
+                                        points_markdown(results, pd.concat([pd.read_csv(p) for p in paths]), args.alpha))
+                    if part)
     if args.versus:
         other = Path(args.versus)
         if not other.is_file():

@@ -270,11 +270,13 @@ def run_columns(summary: dict[str, Any]) -> dict[str, Any]:
         name = summary.get(f"general_file_{when}")
         if name and log_dir is not None:
             out[f"general_file_{when}"] = str(log_dir / name)
-    if log_dir is not None and summary.get("best_step") is not None and not summary.get("domain_generations_file"):
-        scores = row_scores_file(log_dir, summary["best_step"])
+    if log_dir is not None and summary.get("best_step") is not None:
+        named = summary.get("domain_generations_file")  # a WiSE-FT alpha's or a merge point's, named by its tag
+        scores = log_dir / "row_scores" / Path(named).name if named else row_scores_file(log_dir, summary["best_step"])
         if scores.is_file():  # written by talr since the row scores were kept
             out["row_scores_best"] = str(scores)
-        drift = prompt_scores_file(log_dir / "forgetting", summary["best_step"])  # ForgettingMonitor's default dirpath
+        # ForgettingMonitor's default dirpath; a point's scores since the points' drift was kept per prompt
+        drift = prompt_scores_file(log_dir / "forgetting", Path(named).stem if named else summary["best_step"])
         if drift.is_file():
             out["prompt_scores_best"] = str(drift)
     classification = classification_columns(summary, log_dir)
@@ -477,6 +479,43 @@ def paired_cells(results: pd.DataFrame, within: str, across: str) -> pd.DataFram
                 entry[name] = combine_seeds([o[name] for o in per_seed]) if shared else "no seed in common"
             pairs.append(entry)
     return pd.DataFrame(pairs, columns=[within, "a", "b", "seeds", *SIDES, *TEACHER_FORCED, *DRIFT, *class_metrics])
+
+
+# a point's row names its run in this column (talr.experiments.sweep.POINT_ROWS)
+POINT_RUN_COLUMNS = ("wiseft_of", "merge_of")
+
+
+def points_against_runs(results: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each WiSE-FT alpha and task-vector merge point against its own run's fine-tuned model: `a` is the
+    run at its best step, `b` the point (`<run>@alpha=0.50` -> `alpha=0.50`), compared as
+    `between_strategies` compares two runs, on the same held-out rows, benchmark documents (where the
+    point was benchmarked) and general prompts. The point shares the run's training, so the intervals
+    are over rows, documents and prompts only. `runs`: where to find the points' runs (default:
+    `results`; a combined report passes every table's rows, since `read_tables` may leave out a
+    point's run as a repeat of an earlier table's)."""
+    runs = results if runs is None else runs
+    by_name = {row["run"]: row for _, row in runs[runs["status"] == "done"].iterrows()}
+    class_metrics = classified(results)
+    names = (*SIDES, *TEACHER_FORCED, *DRIFT, *class_metrics)
+    entries = []
+    for column in POINT_RUN_COLUMNS:
+        if column not in results:
+            continue
+        for _, point in results[results[column].notna() & (results["status"] == "done")].iterrows():
+            run = by_name.get(point[column])
+            entry: dict[str, Any] = {"run": point[column], "a": "fine-tuned", "b": str(point["run"]).partition("@")[2]}
+            if run is None:
+                entries.append({**entry, **dict.fromkeys(names, f"{point[column]}: the run's own row is not in the table")})
+                continue
+            entry["a"] = f"fine-tuned (step {int(run['best_step'])})" if pd.notna(run.get("best_step")) else "fine-tuned"
+            entry.update({side: PAIRS[side](run, point) for side in SIDES})
+            unscored = point.get("general_test")
+            if pd.isna(point.get("general_file_best")) and isinstance(unscored, str) and unscored.startswith("none: "):
+                entry["general"] = unscored.removeprefix("none: ")  # says which option leaves the point out
+            entry.update({**_teacher_forced(run, point), **_drift(run, point),
+                          **(_classification(run, point) if class_metrics else {})})
+            entries.append(entry)
+    return pd.DataFrame(entries, columns=["run", "a", "b", *names])
 
 
 def between_tables(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
