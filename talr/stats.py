@@ -367,16 +367,20 @@ def compare_auc(before_scores: Any, after_scores: Any, labels: Any, confidence: 
     if math.isnan(start):
         one_vs_rest_auc(before_scores, labels)  # raises: no class with positives and negatives
     low, high = bootstrap_interval(
-        lambda picks: auc(after[:, picks], labels_[picks]) - auc(before[:, picks], labels_[picks]),
-        rows, confidence, resamples, seed, values_per_item=4 * classes)  # two scorings, their ranks
+        lambda picks: _picked_ovr_auc(after, labels_, picks, average) - _picked_ovr_auc(before, labels_, picks, average),
+        rows, confidence, resamples, seed, values_per_item=4 * classes)  # two scorings, their counts
     # The swap test mixes the two scorings' rows in one ranking, so each class's scores enter as their
     # ranks within their own scoring (an AUC depends on nothing else): a sharper model's wider spread of
     # log-probabilities would otherwise make every mixed ranking worse and the test blind (Venkatraman &
     # Begg 1996 swap ranks, not raw scores, for the same reason).
     stacked = np.concatenate([stats.rankdata(before, axis=1), stats.rankdata(after, axis=1)], axis=1) / rows
+    stacked_labels = np.concatenate([labels_, labels_])
 
     def change(first: np.ndarray, second: np.ndarray, axis: int) -> np.ndarray:  # (..., rows) indices into stacked
-        return auc(stacked[:, second.astype(int)], labels_) - auc(stacked[:, first.astype(int)], labels_)
+        def of(picks: np.ndarray) -> np.ndarray:
+            flat = picks.astype(int).reshape(-1, rows)
+            return _picked_ovr_auc(stacked, stacked_labels, flat, average).reshape(picks.shape[:-1])
+        return of(second) - of(first)
 
     if np.array_equal(before, after):
         p = 1.0  # every swap gives the observed change of zero
@@ -464,6 +468,44 @@ def _ovr_auc(centred: np.ndarray, labels: np.ndarray, average: AucAverage = "mac
     weight = valid * (positives if average == "weighted" else 1)
     with np.errstate(invalid="ignore"):  # no valid class: 0 / 0, NaN
         return (np.where(valid, auc, 0.0) * weight).sum(axis=0) / weight.sum(axis=0)
+
+
+def _picked_ovr_auc(centred: np.ndarray, labels: np.ndarray, picks: np.ndarray, average: AucAverage = "macro") -> np.ndarray:
+    """`_ovr_auc(centred[:, picks], labels[picks])` for each row of `picks` (resamples, n), column indices
+    that may repeat (a bootstrap resample) or not (a swap of two scorings), without ranking each resample:
+    a resample is a multiset of the columns, so each class's AUC is the Mann-Whitney count over its
+    positive and negative picks, U = sum over positives of (negatives below + half the negatives tied),
+    read from the columns' order by score, sorted once per class. O(resamples x columns) per class
+    against the ranking's O(resamples x columns x log columns), with a smaller constant: the report's
+    AUC intervals and swap tests spend their time here."""
+    if average not in ("macro", "weighted"):
+        raise ValueError(f"average must be 'macro' or 'weighted', got {average!r}")
+    classes, columns = centred.shape
+    resamples = picks.shape[0]
+    offsets = columns * np.arange(resamples)[:, None]
+    counts = np.bincount((picks + offsets).ravel(), minlength=resamples * columns).reshape(resamples, columns)
+    total = np.zeros(resamples)
+    weights = np.zeros(resamples)
+    for c in range(classes):
+        order = np.argsort(centred[c], kind="stable")
+        ordered = centred[c][order]
+        positive = labels[order] == c
+        taken = counts[:, order]
+        positives, negatives = taken * positive, taken * ~positive
+        below_or_tied = np.cumsum(negatives, axis=1)
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # each tie group's first column
+        group = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1
+        ends = np.r_[starts[1:], columns] - 1
+        below = below_or_tied[:, starts[group]] - negatives[:, starts[group]]
+        tied = below_or_tied[:, ends[group]] - below
+        u = (positives * (below + 0.5 * tied)).sum(axis=1)
+        p, n = positives.sum(axis=1), negatives.sum(axis=1)
+        valid = (p > 0) & (n > 0)
+        weight = valid * (p if average == "weighted" else 1)
+        total += np.where(valid, u / np.maximum(p * n, 1), 0.0) * weight
+        weights += weight
+    with np.errstate(invalid="ignore"):  # no valid class: 0 / 0, NaN
+        return total / weights
 
 
 def _pair(before: Sequence[float], after: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

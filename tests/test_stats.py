@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from talr.stats import (PairedComparison, PairedItems, compare_auc, compare_balanced_accuracy, compare_binary,
+from talr.stats import (PairedComparison, PairedItems, _picked_ovr_auc, compare_auc, compare_balanced_accuracy, compare_binary,
                         compare_paired, compare_replicates, mcnemar_exact_p, mean_score, one_vs_rest_auc, pair_by_id,
                         paired_bootstrap_interval, sign_flip_p, tango_interval)
 
@@ -348,6 +348,33 @@ def test_one_vs_rest_auc_cannot_be_moved_by_a_temperature_or_a_class_prior():
     assert one_vs_rest_auc(elsewhere, labels) == pytest.approx(plain, abs=1e-12)
     uncentred = np.mean([roc_auc_score(labels == c, elsewhere[:, c]) for c in range(4)])
     assert abs(uncentred - 0.5) < abs(plain - 0.5) / 2
+
+
+def test_auc_of_resampled_rows_counts_pairs_with_repeats_and_ties():
+    """`_picked_ovr_auc` (the bootstrap's and the swap test's AUC, by counting) against the definition on
+    each resample's rows written out: every (positive, negative) pair of picks, ties 1/2, for the macro
+    mean and the mean weighted by the resample's positives."""
+    rng = np.random.default_rng(5)
+    scores, labels = class_scores(30, 3, 0.8, seed=4)
+    scores = np.round(scores, 1)  # ties within a class's scores
+    centred = scores - scores.mean(axis=1, keepdims=True)
+    picks = rng.integers(0, 30, size=(40, 30))
+    picks[0] = np.arange(30)  # a resample without repeats
+    first_of = [int(np.argmax(labels == c)) for c in range(2)]
+    picks[1] = np.where(np.arange(30) % 3 == 0, first_of[0], first_of[1])  # two rows, repeated
+    picks[2] = first_of[0]  # one class only: no class has a negative, no AUC
+    for average in ("macro", "weighted"):
+        counted = _picked_ovr_auc(np.ascontiguousarray(centred.T), labels, picks, average)
+        assert np.isnan(counted[2])
+        for resample, value in zip(np.delete(picks, 2, axis=0), np.delete(counted, 2)):
+            rows, classes_of_rows = centred[resample], labels[resample]
+            aucs, weights = [], []
+            for c in range(3):
+                positives, negatives = rows[classes_of_rows == c, c], rows[classes_of_rows != c, c]
+                if len(positives) and len(negatives):
+                    aucs.append(np.mean(0.5 + 0.5 * np.sign(positives[:, None] - negatives[None, :])))
+                    weights.append(len(positives) if average == "weighted" else 1)
+            assert value == pytest.approx(np.average(aucs, weights=weights), abs=1e-12), (average, resample)
 
 
 def test_compare_auc_by_its_definition():

@@ -193,6 +193,7 @@ def _same_classified_rows(path_a: Path, path_b: Path) -> tuple[list[int], np.nda
 
 
 @lru_cache(maxsize=256)  # a classification run's domain pair is also one of its class tables' pairs: bootstrapped once
+@lru_cache(maxsize=256)  # a report asks for a pair's macro AUC twice: as the monitored domain metric and as a class metric
 def label_auc_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES, average: AucAverage = "macro") -> Outcome:
     """Two scorings of the same held-out rows (row-scores files): the change (b minus a) of the label
     AUC, the one-vs-rest ROC AUC of the row-centred class log-probabilities, averaged over the classes
@@ -405,7 +406,7 @@ def classified(results: pd.DataFrame) -> tuple[str, ...]:
 def _domain_pair(a: pd.Series, b: pd.Series) -> Outcome:
     monitored = str(a.get("monitor", "")).removeprefix("val/")
     if monitored in CLASSIFICATION and b.get("monitor") == a.get("monitor"):  # as in run_columns: the monitored metric
-        return _row_scores_pair(a, b, [monitored], lambda x, y: {monitored: CLASSIFICATION_PAIRS[monitored](x, y)})[monitored]
+        return _row_scores_pair(a, b, [monitored], lambda x, y: {monitored: CLASSIFICATION_PAIRS[monitored](x, y, RESAMPLES)})[monitored]
     files = [row.get("domain_generations_best") for row in (a, b)]
     if not all(isinstance(f, str) and Path(f).is_file() for f in files):
         return "no scored generations of the best step (the domain metric is not accuracy, or files moved)"
