@@ -60,6 +60,13 @@ class RunSummary(Callback):
             self.mode = checkpoint.mode if followed == self.monitor else ("min" if "loss" in self.monitor else "max")
         if self.record is not None:
             self.record = [name for name in self.record if name != self.monitor]
+        validates_every_step = isinstance(trainer.val_check_interval, int) and trainer.val_check_interval == 1
+        for callback in trainer.checkpoint_callbacks:
+            if validates_every_step and callback.monitor and getattr(callback, "_save_on_train_epoch_end", False) is None:
+                # Lightning reads an int 1 (validate every step) as 1.0 (once an epoch) and would then keep
+                # only the epoch end's checkpoint: the best checkpoint that HFExport and WiSE-FT read would
+                # not be this summary's best step. Save at each validation, as for any other interval.
+                callback._save_on_train_epoch_end = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

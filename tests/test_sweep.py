@@ -297,6 +297,13 @@ def test_report_pairs_each_alpha_with_its_runs_fine_tuned_model(wiseft_sweep):
         for name, key in (("agreement", "agreement"), ("kl", "kl")):
             change = sum(drift[i][key] - fine_tuned_prompts[i][key] for i in drift) / tokens
             assert pair[name].delta == pytest.approx(change, abs=1e-9), (alpha, name)
+    # alpha 1 is the best checkpoint, the run's best step even when validating every step (val_check_interval 1,
+    # which Lightning alone would checkpoint at the epoch's end only): no change anywhere
+    theta = json.loads(next(run_dir.rglob("wiseft.json")).read_text())["theta"]
+    assert f"step={int(run['best_step'])}.ckpt" in theta
+    same = points.loc["alpha=1.00"]
+    for name in ("domain", "general", "agreement", "kl", "token_accuracy", "nll"):
+        assert same[name].delta == pytest.approx(0.0, abs=1e-6), name
     assert report_main([str(out / "results.csv")]) == 0
     markdown = (out / "pareto.md").read_text()
     assert "## WiSE-FT alphas and merge points against their run's fine-tuned model" in markdown
