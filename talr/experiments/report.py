@@ -147,7 +147,8 @@ def initial_point(results: pd.DataFrame, x: str = "domain_initial", y: str = "ge
 def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, ylabel: str,
          x_lower_better: bool = False, y_lower_better: bool = False, y_log: bool = False,
          curves: pd.DataFrame | None = None):
-    """The Pareto figure: one marker per strategy, learning rates as labels, the frontier as a line.
+    """The Pareto figure: one marker per strategy, learning rates as labels (of strategies run at more than
+    one), the frontier as a line.
     `curves` (`wiseft_table`): each run's WiSE-FT alphas as one connected line, labelled
     `WiSE-FT <loss> <learning rate>`, from alpha 0 (the initial model) to alpha 1 (the fine-tuned
     one). An axis whose column is a loss is reversed, so better is always to the right and up. `y_log`
@@ -162,9 +163,10 @@ def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, 
         bars = ax.errorbar(rows["domain"], rows["general"], xerr=_extent(rows, "domain"), yerr=_extent(rows, "general"),
                            fmt=markers[loss], capsize=3, label=str(loss), linestyle="none")
         colors[loss] = bars.lines[0].get_color()
-        for _, row in rows.iterrows():
-            ax.annotate(f"{row['learning_rate']:g}", (row["domain"], row["general"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+        if rows["learning_rate"].nunique() > 1:  # one rate says nothing the legend does not, and crowds the plot
+            for _, row in rows.iterrows():
+                ax.annotate(f"{row['learning_rate']:g}", (row["domain"], row["general"]), textcoords="offset points",
+                            xytext=(5, 4), fontsize=8)
     for (loss, rate), rows in (curves if curves is not None else pd.DataFrame(columns=GROUP)).groupby(GROUP, sort=True):
         points = rows.sort_values("alpha").dropna(subset=["domain", "general"])
         if points.empty:
