@@ -482,7 +482,7 @@ def paired_cells(results: pd.DataFrame, within: str, across: str) -> pd.DataFram
     return pd.DataFrame(pairs, columns=[within, "a", "b", "seeds", *SIDES, *TEACHER_FORCED, *DRIFT, *class_metrics])
 
 
-# a point's row names its run in this column (talr.experiments.sweep.POINT_ROWS)
+# the column in which a point's row names its run (talr.experiments.sweep.WEIGHT_SPACE_ROWS)
 POINT_RUN_COLUMNS = ("wiseft_of", "merge_of")
 
 
