@@ -222,7 +222,7 @@ class ForgettingMonitor(GuardsResults):
         self.log_entry(trainer, entry)
         if trainer.is_global_zero:
             write_atomic(out / CURVE_FILE, json.dumps(self.curve, indent=1))
-            write_atomic(prompt_scores_file(out, entry["step"]), "".join(json.dumps(p) + "\n" for p in sums))
+            write_prompt_sums(out, entry["step"], sums)
         rank_zero_info(f"[forgetting] step {entry['step']}: NLL increase {entry['nll_increase']:+.4f} nats/token, "
                        f"KL {entry['kl']:.4f} (at the best temperature {entry['temperature']:.3g}: "
                        f"{entry['kl_calibrated']:.4f}), top-1 agreement {entry['agreement']:.3f}, "
@@ -245,8 +245,10 @@ class ForgettingMonitor(GuardsResults):
             raise ValueError("ForgettingMonitor.measure needs the initial model's answers, sampled at train start; "
                              "call it after training started")
         sums = self.current_prompt_sums(pl_module)
-        if tag is not None and trainer.is_global_zero:
-            write_atomic(prompt_scores_file(self.output_dir(trainer), tag), "".join(json.dumps(p) + "\n" for p in sums))
+        if tag is not None:
+            out = self.output_dir(trainer)  # on every rank: it broadcasts
+            if trainer.is_global_zero:
+                write_prompt_sums(out, tag, sums)
         return self.curve_entry(trainer, sums)
 
     # -- the initial answers ----------------------------------------------------------------------
@@ -335,6 +337,12 @@ def k3_terms(initial_nll: torch.Tensor, current_nll: torch.Tensor) -> torch.Tens
     """Per token (r - 1) - log r, r = p / p0 (the k3 KL estimator's terms): [N] -> [N], [N, K] -> [N, K]."""
     log_ratio = initial_nll.view(-1, *[1] * (current_nll.dim() - 1)) - current_nll  # log p - log p0
     return torch.expm1(log_ratio) - log_ratio
+
+
+def write_prompt_sums(dirpath: Path, step_or_tag: int | str, sums: list[dict[str, Any]]) -> None:
+    """Each prompt's sums (`prompt_sums`), one JSON line each, where `talr report` pairs them
+    (talr.general_prompts.prompt_scores_file)."""
+    write_atomic(prompt_scores_file(dirpath, step_or_tag), "".join(json.dumps(p) + "\n" for p in sums))
 
 
 def prompt_sums(pairs: list[tuple[dict[str, Any], TokenScores]]) -> list[dict[str, Any]]:

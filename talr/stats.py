@@ -360,10 +360,7 @@ def compare_auc(before_scores: Any, after_scores: Any, labels: Any, confidence: 
     if before.shape != after.shape:
         raise ValueError(f"paired class scores need the same shape, got {before.T.shape} and {after.T.shape}")
     classes, rows = before.shape
-    def auc(centred: np.ndarray, classes_of_rows: np.ndarray) -> np.ndarray:
-        return _ovr_auc(centred, classes_of_rows, average)
-
-    start, end = float(auc(before, labels_)), float(auc(after, labels_))
+    start, end = float(_ovr_auc(before, labels_, average)), float(_ovr_auc(after, labels_, average))
     if math.isnan(start):
         one_vs_rest_auc(before_scores, labels)  # raises: no class with positives and negatives
     low, high = bootstrap_interval(
@@ -451,33 +448,20 @@ def _class_scores(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray((values - values.mean(axis=1, keepdims=True)).T), labels_.astype(int)
 
 
-def _ovr_auc(centred: np.ndarray, labels: np.ndarray, average: AucAverage = "macro") -> np.ndarray:
-    """One-vs-rest AUC of centred scores laid out (classes, ..., rows), labels (..., rows) or (rows,):
-    the mean over the classes with positives and negatives, plain or weighted by their positives
-    (NaN where there is none).
-    AUC_c = (sum of the positives' ranks - P (P + 1) / 2) / (P N), average ranks along the rows."""
-    ranks = stats.rankdata(centred, axis=-1)
-    positive = labels == np.arange(len(centred)).reshape(-1, *[1] * (centred.ndim - 1))
-    positives = positive.sum(axis=-1)
-    negatives = centred.shape[-1] - positives
-    valid = (positives > 0) & (negatives > 0)
-    rank_sums = (ranks * positive).sum(axis=-1)
-    auc = (rank_sums - positives * (positives + 1) / 2) / np.maximum(positives * negatives, 1)
-    if average not in ("macro", "weighted"):
-        raise ValueError(f"average must be 'macro' or 'weighted', got {average!r}")
-    weight = valid * (positives if average == "weighted" else 1)
-    with np.errstate(invalid="ignore"):  # no valid class: 0 / 0, NaN
-        return (np.where(valid, auc, 0.0) * weight).sum(axis=0) / weight.sum(axis=0)
+def _ovr_auc(centred: np.ndarray, labels: np.ndarray, average: AucAverage = "macro") -> float:
+    """One-vs-rest AUC of centred scores laid out (classes, rows) with one label per row: the mean over
+    the classes with positives and negatives, plain or weighted by their positives (NaN where there is none)."""
+    return float(_picked_ovr_auc(centred, labels, np.arange(centred.shape[1])[None], average)[0])
 
 
 def _picked_ovr_auc(centred: np.ndarray, labels: np.ndarray, picks: np.ndarray, average: AucAverage = "macro") -> np.ndarray:
-    """`_ovr_auc(centred[:, picks], labels[picks])` for each row of `picks` (resamples, n), column indices
-    that may repeat (a bootstrap resample) or not (a swap of two scorings), without ranking each resample:
-    a resample is a multiset of the columns, so each class's AUC is the Mann-Whitney count over its
-    positive and negative picks, U = sum over positives of (negatives below + half the negatives tied),
-    read from the columns' order by score, sorted once per class. O(resamples x columns) per class
-    against the ranking's O(resamples x columns x log columns), with a smaller constant: the report's
-    AUC intervals and swap tests spend their time here."""
+    """`_ovr_auc` of `centred[:, picks]` with `labels[picks]` for each row of `picks` (resamples, n): column
+    indices that may repeat (a bootstrap resample) or not (a swap of two scorings). A resample is a
+    multiset of the columns, so each class's AUC is the Mann-Whitney count over its positive and negative
+    picks, U = sum over positives of (negatives below + half the negatives tied), read from the columns'
+    order by score, sorted once per class: O(resamples x columns) per class, where ranking every resample
+    would cost O(resamples x columns x log columns). The report's AUC intervals and swap tests spend
+    their time here."""
     if average not in ("macro", "weighted"):
         raise ValueError(f"average must be 'macro' or 'weighted', got {average!r}")
     classes, columns = centred.shape

@@ -193,7 +193,6 @@ def _same_classified_rows(path_a: Path, path_b: Path) -> tuple[list[int], np.nda
 
 
 @lru_cache(maxsize=256)  # a classification run's domain pair is also one of its class tables' pairs: bootstrapped once
-@lru_cache(maxsize=256)  # a report asks for a pair's macro AUC twice: as the monitored domain metric and as a class metric
 def label_auc_pair(path_a: Path, path_b: Path, resamples: int = RESAMPLES, average: AucAverage = "macro") -> Outcome:
     """Two scorings of the same held-out rows (row-scores files): the change (b minus a) of the label
     AUC, the one-vs-rest ROC AUC of the row-centred class log-probabilities, averaged over the classes
@@ -421,6 +420,9 @@ def _general_documents(row: pd.Series) -> dict[str, dict[Any, Any]] | str:
     score includes; or why there is none."""
     file = row.get("general_file_best")
     if not (isinstance(file, str) and Path(file).is_file()):
+        unscored = row.get("general_test")  # a WiSE-FT alpha or merge point says which option left it out
+        if isinstance(unscored, str) and unscored.startswith("none: "):
+            return unscored.removeprefix("none: ")
         return "no GeneralBenchmarks fit-end record"
     record = _general_record(Path(file))
     per_document = record.get("per_document", {})
@@ -510,9 +512,6 @@ def points_against_runs(results: pd.DataFrame, runs: pd.DataFrame | None = None)
                 continue
             entry["a"] = f"fine-tuned (step {int(run['best_step'])})" if pd.notna(run.get("best_step")) else "fine-tuned"
             entry.update({side: PAIRS[side](run, point) for side in SIDES})
-            unscored = point.get("general_test")
-            if pd.isna(point.get("general_file_best")) and isinstance(unscored, str) and unscored.startswith("none: "):
-                entry["general"] = unscored.removeprefix("none: ")  # says which option leaves the point out
             entry.update({**_teacher_forced(run, point), **_drift(run, point),
                           **(_classification(run, point) if class_metrics else {})})
             entries.append(entry)
