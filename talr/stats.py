@@ -16,7 +16,8 @@ Which method, when:
 - **a mean over tasks** (the general score): the sign-flip test over all tasks' items, and the
   tasks' own intervals combined by MOVER (`compare_paired` with several tasks).
 - **several replicates** (seeds) of the same comparison: a t-interval and t-test across the
-  replicates' differences (`compare_replicates`).
+  replicates' differences (`compare_replicates`), widened to at least the replicates' own paired
+  intervals where each has one (`combine_replicates`).
 - **classification metrics that are not a plain mean over rows**: balanced accuracy
   (`compare_balanced_accuracy`) and the macro one-vs-rest ROC AUC of the classes' scores
   (`one_vs_rest_auc`, `compare_auc`): a paired bootstrap that recomputes the metric on each resample
@@ -314,6 +315,35 @@ def compare_replicates(deltas: Sequence[float], confidence: float = CONFIDENCE, 
         p = float(test.pvalue)
     return PairedComparison(n=items, before=before, after=before + mean, delta=mean, low=low, high=high, p=p,
                             test=f"t-test across {len(values)} seeds", confidence=confidence)
+
+
+def combine_replicates(comparisons: Sequence[PairedComparison], confidence: float = CONFIDENCE,
+                       before: float = math.nan) -> PairedComparison:
+    """Replicates (seeds) of one paired comparison, each with its own interval over the items: the
+    mean of their differences, with an interval that holds both the seeds' spread and the items' noise.
+
+    Why both: the t-interval across seeds (`compare_replicates`) holds the training randomness, but
+    not the sampling noise of items that every seed shares (the same benchmark documents, the same
+    general prompts): two seeds that land on the same difference would get an interval of zero width,
+    and two that land close together one narrower than either run's own. The items' part is the mean of
+    the seeds' own interval offsets around their differences: the interval of the seeds' mean if their
+    item noise were perfectly correlated, the widest it can be (the standard deviation of a mean is at
+    most the mean of the standard deviations). The interval reported spans both; p is the larger of the
+    t-test's and the items' part's (a normal approximation from that part's width)."""
+    if len(comparisons) < 2:
+        raise ValueError(f"combine_replicates needs at least 2 replicates, got {len(comparisons)}")
+    deltas = [c.delta for c in comparisons]
+    across = compare_replicates(deltas, confidence, before, items=round(sum(c.n for c in comparisons) / len(comparisons)))
+    mean = across.delta
+    low = mean + float(np.mean([c.low - c.delta for c in comparisons]))
+    high = mean + float(np.mean([c.high - c.delta for c in comparisons]))
+    se = (high - low) / (2 * stats.norm.ppf(0.5 + confidence / 2))
+    p_items = float(2 * stats.norm.sf(abs(mean) / se)) if se > 0 else float(mean == 0)
+    p = p_items if math.isnan(across.p) else max(across.p, p_items)
+    return PairedComparison(n=across.n, before=across.before, after=across.after, delta=mean,
+                            low=min(low, across.low), high=max(high, across.high), p=p,
+                            test=f"t-test across {len(deltas)} seeds, at least their own intervals",
+                            confidence=confidence)
 
 
 # -- classification: balanced accuracy and the one-vs-rest ROC AUC of the classes' scores ---------------

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from talr.stats import (PairedComparison, PairedItems, _picked_ovr_auc, compare_auc, compare_balanced_accuracy, compare_binary,
-                        compare_paired, compare_replicates, mcnemar_exact_p, mean_score, one_vs_rest_auc, pair_by_id,
+                        combine_replicates, compare_paired, compare_replicates, mcnemar_exact_p, mean_score, one_vs_rest_auc, pair_by_id,
                         paired_bootstrap_interval, sign_flip_p, tango_interval)
 
 Z95 = scipy_stats.norm.ppf(0.975)
@@ -220,6 +220,33 @@ def test_replicates_t_interval_by_formula():
     assert result.after == pytest.approx(0.4 + mean) and result.test == "t-test across 4 seeds"
     with pytest.raises(ValueError, match="at least 2 replicates"):
         compare_replicates([0.1])
+
+
+def paired(delta: float, low: float, high: float, n: int = 100) -> PairedComparison:
+    return PairedComparison(n=n, before=0.5, after=0.5 + delta, delta=delta, low=low, high=high, p=0.5, test="own")
+
+
+def test_seeds_on_the_same_difference_keep_their_own_intervals_not_a_zero_width_one():
+    """Two seeds at +0.010 with own intervals [0.000, 0.020] and [-0.002, 0.022]: no spread, so the
+    interval is the mean of their offsets, [0.010 - 0.011, 0.010 + 0.011], and p the normal test of
+    0.010 against the standard error that interval implies: erfc(|z| / sqrt 2)."""
+    result = combine_replicates([paired(0.010, 0.000, 0.020), paired(0.010, -0.002, 0.022)])
+    se = 0.022 / (2 * 1.959963984540054)
+    assert (result.delta, result.low, result.high) == pytest.approx((0.010, -0.001, 0.021))
+    assert result.p == pytest.approx(math.erfc(0.010 / se / math.sqrt(2)))
+    assert result.test == "t-test across 2 seeds, at least their own intervals" and result.n == 100
+
+
+def test_seeds_far_apart_keep_the_t_interval_across_them():
+    """Seeds at +0.10 and +0.30 with tight own intervals: the t-interval across two seeds (t with one
+    degree of freedom is Cauchy: quantile tan(pi (q - 1/2)), two-sided p = 1 - 2 atan(|t|) / pi) is
+    the wider, mean 0.2 +- 12.706 x 0.1, p 0.295."""
+    result = combine_replicates([paired(0.10, 0.09, 0.11), paired(0.30, 0.29, 0.31)])
+    half = math.tan(math.pi * 0.475) * 0.1  # sd of the two = 0.1414, its standard error 0.1414 / sqrt 2
+    assert (result.delta, result.low, result.high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    assert result.p == pytest.approx(1 - 2 * math.atan(2.0) / math.pi)
+    with pytest.raises(ValueError, match="at least 2 replicates"):
+        combine_replicates([paired(0.1, 0.0, 0.2)])
 
 
 def test_pairing_by_id_and_the_instruction_level_mean():

@@ -28,8 +28,10 @@ in both scorings.
 Seeds: runs of one cell (loss, learning rate) that differ only in a seed column are replicates.
 A cell with one run reports the paired test of that run (exact McNemar and Tango's interval for
 accuracy). A cell with several seeds reports the mean of the per-seed paired differences with a
-t-interval and t-test across seeds (`talr.stats.compare_replicates`): the seed-to-seed spread holds
-the training randomness, which pooling the documents of all seeds would hide. Between two cells,
+t-interval and t-test across seeds, widened to at least the seeds' own intervals
+(`talr.stats.combine_replicates`): the seed-to-seed spread holds the training randomness, which
+pooling the documents of all seeds would hide, and the seeds' own intervals hold the noise of the
+documents and prompts they all share, which their spread does not show. Between two cells,
 seeds are matched by their seed values and each matched pair gives one paired difference.
 """
 
@@ -48,7 +50,7 @@ import yaml
 
 from talr.general_prompts import prompt_scores_file
 from talr.stats import (RESAMPLES, AucAverage, PairedComparison, PairedItems, compare_auc, compare_balanced_accuracy, compare_paired,
-                        compare_replicates, pair_by_id)
+                        combine_replicates, pair_by_id)
 
 SIDES = ("domain", "general")
 Outcome = Union[PairedComparison, str]  # a comparison, or why there is none
@@ -373,14 +375,15 @@ def outcome_from_row(row: pd.Series, side: str) -> Outcome:
 
 
 def combine_seeds(outcomes: list[Outcome], before: float = math.nan) -> Outcome:
-    """One outcome for a cell or a pair of cells: the paired comparison of a single seed, or the
-    t-interval across several seeds' paired differences (seeds without a comparison are left out)."""
+    """One outcome for a cell or a pair of cells: the paired comparison of a single seed, or several
+    seeds' paired differences combined (`talr.stats.combine_replicates`; seeds without a comparison
+    are left out)."""
     found = [o for o in outcomes if isinstance(o, PairedComparison)]
     if not found:
         return outcomes[0] if outcomes else "no run"
     if len(found) == 1:
         return found[0]
-    return compare_replicates([o.delta for o in found], before=before, items=round(sum(o.n for o in found) / len(found)))
+    return combine_replicates(found, before=before)
 
 
 def against_initial(results: pd.DataFrame) -> pd.DataFrame:
