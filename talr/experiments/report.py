@@ -349,7 +349,8 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
     lines += ["", "Tests: McNemar = exact McNemar test with Tango's score interval (accuracy of one task); sign-flip = "
               "paired permutation test, interval from the tasks' own intervals (general score over several tasks; "
               "teacher-forced and drift: rows or prompts resampled, a paired bootstrap); "
-              "t-test across seeds = the seeds' paired differences. " + (CLASSIFICATION_TESTS if classification or classified_pairs else "")
+              "t-test across seeds = the mean of the seeds' paired differences, its t-interval widened where "
+              "needed to the seeds' own intervals (the items they share). " + (CLASSIFICATION_TESTS if classification or classified_pairs else "")
               + "p-values are not corrected for the number of comparisons: among k comparisons without any real "
               "difference, about k x alpha come out significant."]
     if notes:
