@@ -507,11 +507,12 @@ def _picked_ovr_auc(centred: np.ndarray, labels: np.ndarray, picks: np.ndarray, 
         taken = counts[:, order]
         positives, negatives = taken * positive, taken * ~positive
         below_or_tied = np.cumsum(negatives, axis=1)
-        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # each tie group's first column
-        group = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1
-        ends = np.r_[starts[1:], columns] - 1
-        below = below_or_tied[:, starts[group]] - negatives[:, starts[group]]
-        tied = below_or_tied[:, ends[group]] - below
+        opens_group = np.r_[True, ordered[1:] != ordered[:-1]]  # a column that starts a group of tied scores
+        starts = np.flatnonzero(opens_group)
+        group = np.cumsum(opens_group) - 1
+        first, last = starts[group], (np.r_[starts[1:], columns] - 1)[group]  # each column's group's ends
+        below = below_or_tied[:, first] - negatives[:, first]
+        tied = below_or_tied[:, last] - below
         u = (positives * (below + 0.5 * tied)).sum(axis=1)
         p, n = positives.sum(axis=1), negatives.sum(axis=1)
         valid = (p > 0) & (n > 0)
