@@ -20,7 +20,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SHARED, tiny_fit_config
-from talr.experiments.report import initial_point, pareto_front, plot, trade_off_table, wiseft_table
+from talr.experiments.report import initial_point, pareto_front, plot, rate_label, trade_off_table, wiseft_table
 from talr.experiments.report import main as report_main
 from talr.experiments.significance import between_learning_rates, between_strategies, points_against_runs
 from talr.experiments.sweep import Sweep, collect, run_name
@@ -333,6 +333,51 @@ def test_pareto_front_by_brute_force():
     # (0.2, 0.8) appears twice: neither beats the other, both stay
     assert pareto_front(xs, ys) == [True, True, True, True, True]
     assert pareto_front([0.1, 0.2], [0.5, 0.6]) == [False, True]
+
+
+def test_learning_rates_are_labelled_short():
+    assert [rate_label(r) for r in (1e-4, 3e-05, 2.5e-5, 1e-06, 0.03, 0.5, 0.0)] == \
+        ["1e-4", "3e-5", "2.5e-5", "1e-6", "0.03", "0.5", "0"]
+
+
+def _cell_table(points: dict[tuple[str, float], tuple[float, float]]) -> pd.DataFrame:
+    rows = [{"loss": loss, "learning_rate": rate, "domain": x, "general": y, "runs": 1, "pareto": False,
+             "domain_low": math.nan, "domain_high": math.nan, "general_low": math.nan, "general_high": math.nan}
+            for (loss, rate), (x, y) in points.items()]
+    return pd.DataFrame(rows)
+
+
+def test_pareto_plot_keeps_each_strategys_colour_and_writes_rate_labels_apart():
+    from matplotlib.colors import to_hex
+
+    # a crowded study: ce and talr at three rates packed together, three strategies at one rate among them
+    crowded = _cell_table({("ce", 1e-5): (0.583, 0.967), ("ce", 3e-5): (0.556, 0.932), ("ce", 1e-4): (0.566, 0.823),
+                           ("talr", 1e-5): (0.542, 0.948), ("talr", 3e-5): (0.519, 0.890), ("talr", 1e-4): (0.505, 0.768),
+                           ("flow", 3e-5): (0.548, 0.934), ("l2", 3e-5): (0.567, 0.931), ("kl", 3e-5): (0.552, 0.930)})
+    alone = _cell_table({("talr", 1e-5): (0.5, 0.9), ("talr", 1e-4): (0.6, 0.8), ("dft", 1e-5): (0.55, 0.85)})
+    figures = [plot(table, (0.489, 1.0), "x", "y") for table in (crowded, alone)]
+    colours = [{c.get_label(): to_hex(c.lines[0].get_color()) for c in f.axes[0].containers} for f in figures]
+    assert len(set(colours[0].values())) == len(colours[0])  # every strategy its own colour
+    assert colours[1]["talr"] == colours[0]["talr"]  # and the same one in another study's figure
+    assert to_hex("black") not in colours[0].values()  # black is the initial model's
+
+    axes = figures[0].axes[0]
+    renderer = figures[0].canvas.get_renderer()
+    texts = [t for t in axes.texts]
+    assert sorted(t.get_text() for t in texts) == sorted(["1e-5", "3e-5", "1e-4"] * 2)  # one-rate strategies unlabelled
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    frame = axes.get_window_extent(renderer)
+    # every marker as drawn: its centre in pixels and half its size (markersize is in points)
+    radius = max(c.lines[0].get_markersize() for c in axes.containers) / 2 * figures[0].dpi / 72
+    markers = [(*axes.transData.transform((x, y)), radius) for x, y in zip(crowded["domain"], crowded["general"])]
+    star = axes.collections[-1]  # the initial model: its size is an area in points squared
+    markers.append((*axes.transData.transform((0.489, 1.0)), math.sqrt(star.get_sizes()[0]) / 2 * figures[0].dpi / 72))
+    for i, box in enumerate(boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        for other in boxes[i + 1:]:
+            assert box.x1 <= other.x0 or other.x1 <= box.x0 or box.y1 <= other.y0 or other.y1 <= box.y0
+        for cx, cy, radius in markers:  # no label covers a marker
+            assert box.x1 <= cx - radius or cx + radius <= box.x0 or box.y1 <= cy - radius or cy + radius <= box.y0
 
 
 def test_run_summary_names_a_recorded_metric_that_was_never_logged(tiny_model_dir, tmp_path):

@@ -31,6 +31,7 @@ import argparse
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -144,11 +145,43 @@ def initial_point(results: pd.DataFrame, x: str = "domain_initial", y: str = "ge
     return float(done[x].mean()), float(done[y].mean())
 
 
+# one colour and marker per strategy in every figure, so that two reports of one study read alike;
+# grey is left to the frontier and black to the initial model
+STRATEGY_STYLES = {
+    "ce": ("tab:blue", "o"), "talr": ("tab:orange", "s"), "dft": ("tab:green", "D"), "flow": ("tab:red", "^"),
+    "l2": ("tab:purple", "v"), "kl": ("tab:brown", "P"), "lora": ("tab:pink", "X"), "gate": ("tab:olive", "<"),
+    "eaft": ("tab:cyan", ">"), "stm": ("navy", "h"), "rho1": ("darkgoldenrod", "p"), "kl+dft": ("teal", "d"),  # kl+dft: ASFT
+}
+_SPARE_STYLES = [("indigo", "o"), ("maroon", "s"), ("darkolivegreen", "D"), ("crimson", "^"), ("slateblue", "v")]
+
+
+INITIAL_STAR_AREA = 220  # the initial model's star, in points squared
+_LABEL_BOX = dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.75)  # legible over bars
+
+
+def strategy_style(loss: str, others: list[str]) -> tuple[str, str]:
+    """The colour and marker of a strategy: its own for the known ones; an unknown one takes the next spare
+    style in the sorted order of the unknown names in the figure (`others`)."""
+    if loss in STRATEGY_STYLES:
+        return STRATEGY_STYLES[loss]
+    unknown = sorted(name for name in others if name not in STRATEGY_STYLES)
+    return _SPARE_STYLES[unknown.index(loss) % len(_SPARE_STYLES)]
+
+
+def rate_label(rate: float) -> str:
+    """A learning rate as a short label: 0.0001 -> 1e-4, 2.5e-05 -> 2.5e-5, 0.5 -> 0.5."""
+    if rate == 0 or abs(rate) >= 1e-2:
+        return f"{rate:g}"
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, ylabel: str,
          x_lower_better: bool = False, y_lower_better: bool = False, y_log: bool = False,
          curves: pd.DataFrame | None = None):
-    """The Pareto figure: one marker per strategy, learning rates as labels (of strategies run at more than
-    one), the frontier as a line.
+    """The Pareto figure: one marker per strategy (the same colour and marker in every report,
+    `STRATEGY_STYLES`), learning rates as labels (of strategies run at more than one) placed apart from
+    each other and from the points (adjustText), the frontier as a line, the legend beside the axes.
     `curves` (`wiseft_table`): each run's WiSE-FT alphas as one connected line, labelled
     `WiSE-FT <loss> <learning rate>`, from alpha 0 (the initial model) to alpha 1 (the fine-tuned
     one). An axis whose column is a loss is reversed, so better is always to the right and up. `y_log`
@@ -156,32 +189,32 @@ def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, 
     spans orders of magnitude stays readable and the initial model's zero stays on the plot."""
     import matplotlib.pyplot as plt  # headless machines get the Agg backend by default
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    markers = dict(zip(sorted(table["loss"].unique()), "osD^vP*X"))
-    colors = {}
+    fig, ax = plt.subplots(figsize=(8.4, 4.8))
+    names = sorted(table["loss"].unique())
+    labels = []
     for loss, rows in table.groupby("loss"):
-        bars = ax.errorbar(rows["domain"], rows["general"], xerr=_extent(rows, "domain"), yerr=_extent(rows, "general"),
-                           fmt=markers[loss], capsize=3, label=str(loss), linestyle="none")
-        colors[loss] = bars.lines[0].get_color()
+        color, marker = strategy_style(str(loss), names)
+        ax.errorbar(rows["domain"], rows["general"], xerr=_extent(rows, "domain"), yerr=_extent(rows, "general"),
+                    fmt=marker, color=color, capsize=3, label=str(loss), linestyle="none", zorder=3,
+                    elinewidth=1, alpha=0.85)
         if rows["learning_rate"].nunique() > 1:  # one rate says nothing the legend does not, and crowds the plot
-            for _, row in rows.iterrows():
-                ax.annotate(f"{row['learning_rate']:g}", (row["domain"], row["general"]), textcoords="offset points",
-                            xytext=(5, 4), fontsize=8)
+            labels += [(row["domain"], row["general"], rate_label(row["learning_rate"]), color, 8)
+                       for _, row in rows.iterrows()]
     for (loss, rate), rows in (curves if curves is not None else pd.DataFrame(columns=GROUP)).groupby(GROUP, sort=True):
         points = rows.sort_values("alpha").dropna(subset=["domain", "general"])
         if points.empty:
             continue
-        ax.plot(points["domain"], points["general"], marker=".", linewidth=1, alpha=0.8, color=colors.get(loss),
-                label=f"WiSE-FT {loss} {rate:g}")
+        color = strategy_style(str(loss), names)[0]
+        ax.plot(points["domain"], points["general"], marker=".", linewidth=1, alpha=0.8, color=color,
+                label=f"WiSE-FT {loss} {rate_label(rate)}")
         chosen = points[points["chosen"] > 0]  # the alpha WiSE-FT exported (in at least one seed)
-        ax.scatter(chosen["domain"], chosen["general"], s=80, facecolors="none", edgecolors=colors.get(loss), zorder=4)
-        for _, end in points.iloc[[0, -1]].iterrows():
-            ax.annotate(f"alpha {end['alpha']:g}", (end["domain"], end["general"]), textcoords="offset points",
-                        xytext=(5, -10), fontsize=7)
+        ax.scatter(chosen["domain"], chosen["general"], s=80, facecolors="none", edgecolors=color, zorder=4)
+        labels += [(end["domain"], end["general"], f"alpha {end['alpha']:g}", color, 7)
+                   for _, end in points.iloc[sorted({0, len(points) - 1})].iterrows()]
     front = table[table["pareto"]].sort_values("domain")
-    ax.plot(front["domain"], front["general"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
+    ax.plot(front["domain"], front["general"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
     if initial is not None:
-        ax.scatter([initial[0]], [initial[1]], marker="*", s=220, color="black", zorder=5, label="initial model")
+        ax.scatter([initial[0]], [initial[1]], marker="*", s=INITIAL_STAR_AREA, color="black", zorder=5, label="initial model")
     if y_log:
         values = pd.concat([table["general"], pd.Series([initial[1]] if initial else [], dtype=float),
                             *([curves["general"].astype(float)] if curves is not None else [])]).abs()
@@ -195,9 +228,65 @@ def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, 
     ax.set_ylabel(ylabel + (" (lower is better, axis reversed)" if y_lower_better else ""))
     ax.set_title("Domain vs general performance (labels: learning rate; bars: 95% intervals)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
+    to_px = fig.dpi / 72  # marker sizes are in points: a marker's half-width in pixels, the star's from its area
+    markers = [(x, y, plt.rcParams["lines.markersize"] / 2 * to_px) for x, y in zip(table["domain"], table["general"])]
+    if initial is not None:
+        markers.append((*initial, math.sqrt(INITIAL_STAR_AREA) / 2 * to_px))
+    place_labels(ax, labels, markers)
     return fig
+
+
+# where a label may sit around its point, in typographic points, nearest first: (dx, dy, ha, va)
+_LABEL_SPOTS = [(6, 3, "left", "bottom"), (6, -3, "left", "top"), (-6, 3, "right", "bottom"), (-6, -3, "right", "top"),
+                (0, 8, "center", "bottom"), (0, -8, "center", "top")]
+
+
+def place_labels(ax: Any, labels: list[tuple[float, float, str, str, int]],
+                 markers: list[tuple[float, float, float]]) -> list[Any]:
+    """Write each label (x, y, text, colour, font size) beside its point at the first spot, nearest first
+    and then farther with a leader line, where it covers no other label, no marker (x, y and its
+    half-width in pixels) and stays inside the axes; where none is free, at the spot that covers least.
+    Call it last: the spots are measured against the final axes limits."""
+    from matplotlib.transforms import Bbox
+
+    if not labels:
+        return []
+    figure = ax.figure
+    renderer = figure.canvas.get_renderer()
+    to_pixels = ax.transData.transform
+    taken = [Bbox.from_extents(px - r, py - r, px + r, py + r)
+             for (px, py), r in ((to_pixels((x, y)), r) for x, y, r in markers if not (math.isnan(x) or math.isnan(y)))]
+    frame = ax.get_window_extent(renderer)
+    spots = [(dx, dy, ha, va, False) for dx, dy, ha, va in _LABEL_SPOTS]
+    spots += [(2.5 * dx, 2.5 * dy, ha, va, True) for dx, dy, ha, va in _LABEL_SPOTS]
+    placed = []
+    for x, y, text, color, size in labels:
+        best = None
+        for dx, dy, ha, va, far in spots:
+            note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=size,
+                               color=color, bbox=_LABEL_BOX, zorder=6,
+                               arrowprops=dict(arrowstyle="-", color=color, lw=0.6) if far else None)
+            box = note.get_window_extent(renderer)
+            covered = sum(_overlap(box, other) for other in taken) + (0.0 if frame.contains(box.x0, box.y0)
+                                                                       and frame.contains(box.x1, box.y1) else box.width * box.height)
+            if best is None or covered < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (covered, note, box)
+            else:
+                note.remove()
+            if covered == 0:
+                break
+        taken.append(best[2])
+        placed.append(best[1])
+    return placed
+
+
+def _overlap(a: Any, b: Any) -> float:
+    """The area two display boxes share (0 when apart)."""
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
 
 
 def _extent(rows: pd.DataFrame, axis: str) -> list[list[float]]:
