@@ -1,5 +1,5 @@
 """configs/sweeps/esci_cpu_strategies.yaml and esci_cpu_newer.yaml (docs/study_plan.md, stages 3 and 3b):
-one overlay per strategy on configs/esci/cpu.yaml; and medcalc_cpu_finding2.yaml, the MedCalc half of the
+one overlay per strategy on configs/esci/cpu.yaml, the paper's baselines on two data seeds; and medcalc_cpu_finding2.yaml, the MedCalc half of the
 paper's Finding 2. Only the commands are printed and parsed (print_config builds nothing): no run."""
 
 import contextlib
@@ -43,10 +43,25 @@ BASE_CALLBACKS = ["lightning.pytorch.callbacks.ModelCheckpoint", "lightning.pyto
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
+NEWER = {"eaft", "stm", "rho1", "asft"}  # stage 3b: one seed so far; the paper's baselines have two
+
+
 @pytest.fixture(scope="module")
-def commands(tmp_path_factory):
-    """Both sweeps' `talr fit` commands by strategy, printed in-process with a scratch --out."""
-    return {Path(argv[5]).stem: argv for sweep in SWEEPS for argv in printed_commands(sweep, tmp_path_factory.mktemp("out"))}
+def all_commands(tmp_path_factory):
+    """Both sweeps' `talr fit` commands by strategy and data seed, printed in-process with a scratch --out."""
+    return {(Path(argv[5]).stem, seed_of(argv)): argv
+            for sweep in SWEEPS for argv in printed_commands(sweep, tmp_path_factory.mktemp("out"))}
+
+
+@pytest.fixture(scope="module")
+def commands(all_commands):
+    """Each strategy's seed-0 command."""
+    return {name: argv for (name, seed), argv in all_commands.items() if seed == 0}
+
+
+def seed_of(argv: list[str]) -> int:
+    (seed,) = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--data.seed=")]
+    return seed
 
 
 def printed_commands(sweep: str, out: Path) -> list[list[str]]:
@@ -57,8 +72,15 @@ def printed_commands(sweep: str, out: Path) -> list[list[str]]:
     return [shlex.split(line) for line in printed.getvalue().splitlines() if line.startswith("talr fit ")]
 
 
-def test_the_sweep_prints_one_command_per_strategy_on_the_study_config(commands):
+def test_the_sweep_prints_one_command_per_strategy_and_seed_on_the_study_config(all_commands, commands):
     assert sorted(commands) == sorted(EXPECTED_LOSS)
+    assert sorted(all_commands) == sorted([(name, 0) for name in EXPECTED_LOSS] + [(name, 1) for name in EXPECTED_LOSS
+                                                                                  if name not in NEWER])
+    for (name, seed), argv in all_commands.items():
+        if seed == 1:  # the same command on another data seed, written to its own run folder
+            same = [a for a in commands[name] if "--data.seed" not in a and "_seed=0" not in a]
+            assert [a for a in argv if "--data.seed" not in a and "_seed=1" not in a] == same
+            assert "--data.seed=1" in argv
     for name, argv in commands.items():
         assert argv[:6] == ["talr", "fit", "--config", "configs/esci/cpu.yaml",
                             "--config", f"configs/esci/strategies/{name}.yaml"]
