@@ -346,6 +346,19 @@ def combine_replicates(comparisons: Sequence[PairedComparison], confidence: floa
                             confidence=confidence)
 
 
+def false_discovery_threshold(p_values: Sequence[float], alpha: float = ALPHA) -> float:
+    """The largest p-value that survives Benjamini-Hochberg control of the false discovery rate at `alpha`
+    over the family `p_values` (NaNs are no test and not counted): a comparison with p at most the
+    threshold is a discovery, and among the discoveries the expected share of null differences is at
+    most `alpha`. -inf when none survives."""
+    tested = np.asarray([p for p in p_values if not math.isnan(p)], dtype=float)
+    if tested.size == 0:
+        return -math.inf
+    adjusted = stats.false_discovery_control(tested, method="bh")
+    survivors = tested[adjusted <= alpha]
+    return float(survivors.max()) if survivors.size else -math.inf
+
+
 # -- classification: balanced accuracy and the one-vs-rest ROC AUC of the classes' scores ---------------
 
 def one_vs_rest_auc(scores: Any, labels: Any, average: AucAverage = "macro") -> float:

@@ -13,6 +13,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from talr.stats import (PairedComparison, PairedItems, _picked_ovr_auc, compare_auc, compare_balanced_accuracy, compare_binary,
+                        false_discovery_threshold,
                         combine_replicates, compare_paired, compare_replicates, mcnemar_exact_p, mean_score, one_vs_rest_auc, pair_by_id,
                         paired_bootstrap_interval, sign_flip_p, tango_interval)
 
@@ -511,3 +512,16 @@ def test_compare_balanced_accuracy_by_sklearn():
         compare_balanced_accuracy(before, after, classes[:-1])
     with pytest.raises(ValueError, match="0/1 correctness"):
         compare_balanced_accuracy(before * 0.5, after, classes)
+
+
+def test_false_discovery_threshold_by_the_step_up_rule():
+    # Benjamini-Hochberg by hand: sorted p_(k) against k/m x alpha, m = 10, alpha 0.05: thresholds 0.005, 0.010,
+    # 0.015, ...; p_(1) = 0.001 and p_(2) = 0.008 pass, every later one fails its own, so the largest k is 2
+    family = [0.216, 0.039, 0.001, 0.041, 0.205, 0.042, 0.06, 0.008, 0.074, 0.212]
+    assert false_discovery_threshold(family) == 0.008
+    # step-up: a later p that passes its own threshold takes the earlier failing ones with it
+    # (m = 4: thresholds 0.0125, 0.025, 0.0375, 0.05; p_(4) = 0.05 passes, so all four are discoveries)
+    assert false_discovery_threshold([0.02, 0.03, 0.04, 0.05]) == 0.05
+    assert false_discovery_threshold([0.2, 0.5, float("nan")]) == -math.inf  # nothing survives; NaN is no test
+    assert false_discovery_threshold([0.01, float("nan")]) == 0.01  # a NaN is not counted in m
+    assert false_discovery_threshold([]) == -math.inf

@@ -665,9 +665,9 @@ def test_report_says_which_differences_are_significant(synthetic_sweep):
     assert "95% CI" in text and "## Significance" in text
     lines = text.splitlines()
 
-    def row(prefix: str) -> list[str]:
+    def row(prefix: str) -> list[str]:  # the cells, without bold and the false-discovery dagger
         (line,) = [line for line in lines if line.startswith(prefix)]
-        return [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+        return [cell.strip().strip("*").removesuffix("†") for cell in line.strip("|").split("|")]
 
     # one seed at 1e-4: the exact McNemar test of that run, against the initial model ...
     cells = row("| talr | 0.0001 | 1 |")  # the significance table's line (the Pareto table's has no run count there)
@@ -704,6 +704,22 @@ def test_report_says_which_differences_are_significant(synthetic_sweep):
     assert cells[9] == "t-test across 2 seeds, at least their own intervals"
     # the large domain gains are significant (bold)
     assert any(line.startswith("| ce | 0.0001 | 1 | **+") for line in lines)
+
+    # the daggers: Benjamini-Hochberg by hand over every p the section prints (the cell after each interval)
+    section = text[text.index("## Significance"):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    printed = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        printed += [(after.removesuffix("†"), after.endswith("†")) for before, after in zip(cells, cells[1:])
+                    if re.match(r"^\**[+-]\d.* \[.*\]$", before) and after not in ("", "-")]  # a row's interval
+    ps = sorted(float(p) for p, _ in printed)
+    m = len(ps)
+    assert f"over the section's {m} tests" in section
+    passing = [k for k in range(1, m + 1) if ps[k - 1] <= k / m * 0.05]  # step-up: the largest k whose p_(k) passes
+    threshold = ps[max(passing) - 1] if passing else -1.0
+    assert passing, "the synthetic sweep's large domain gains survive"
+    assert [marked for _, marked in printed] == [float(p) <= threshold for p, _ in printed]
 
 
 def test_runs_with_different_held_out_rows_are_not_paired(synthetic_sweep):

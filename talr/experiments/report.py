@@ -38,7 +38,7 @@ import pandas as pd
 from talr.experiments.significance import (Outcome, against_initial, between_learning_rates, between_strategies,
                                           between_tables, combine_seeds, outcome_from_row, points_against_runs,
                                           replicate_columns, seed_values)
-from talr.stats import ALPHA, PairedComparison, compare_replicates
+from talr.stats import ALPHA, PairedComparison, compare_replicates, false_discovery_threshold
 
 GROUP = ["loss", "learning_rate"]
 
@@ -339,13 +339,14 @@ def _points_markdown(title: str, keys: dict[str, str], points: pd.DataFrame, x: 
     return "\n".join(lines) + "\n"
 
 
-def _change(outcome: Outcome, alpha: float, notes: list[str]) -> str:
-    """`change [low, high] | p | test` cells; a missing comparison gets a numbered note."""
+def _change(outcome: Outcome, alpha: float, notes: list[str], discovery_p: float = -math.inf) -> str:
+    """`change [low, high] | p | test` cells; a missing comparison gets a numbered note; a p at most
+    `discovery_p` (the report's false-discovery threshold) is marked with a dagger."""
     if isinstance(outcome, str):
         if outcome not in notes:
             notes.append(outcome)
         return f"- ({notes.index(outcome) + 1}) | | "
-    p = "-" if math.isnan(outcome.p) else f"{outcome.p:.3g}"
+    p = "-" if math.isnan(outcome.p) else f"{outcome.p:.3g}" + ("†" if outcome.p <= discovery_p else "")
     mark = "**" if outcome.significant(alpha) else ""
     return f"{mark}{outcome.delta:+.4f}{mark} [{outcome.low:+.4f}, {outcome.high:+.4f}] | {p} | {outcome.test}"
 
@@ -358,12 +359,17 @@ POINT_KEYS = {"run": "run", "a": "a", "b": "b"}
 # the classification tables (talr.experiments.significance.CLASSIFICATION): header -> column, and their tests
 CLASSIFICATION_TITLES = {"balanced accuracy": "balanced_accuracy", "label AUC": "label_auc",
                          "label AUC, weighted": "label_auc_weighted"}
+# the tables of `_between_markdown`, header -> column: the paper's two axes, teacher-forced, drift
+BETWEEN_TABLES = ({"domain": "domain", "general": "general"},
+                  {"token accuracy": "token_accuracy", "calibrated NLL": "calibrated_nll", "NLL": "nll"},
+                  {"agreement": "agreement", "calibrated KL": "kl_calibrated", "KL": "kl", "entropy": "entropy"})
 CLASSIFICATION_TESTS = ("paired bootstrap / sign-flip (balanced accuracy) and paired bootstrap / swap (label AUC) = "
                         "the metric recomputed on each resample of the rows, p from swapping each row's two scorings. ")
 
 
 def _outcome_table(frame: pd.DataFrame, columns: dict[str, str], intro: str, alpha: float, notes: list[str],
-                   keys: dict[str, str] = PAIR_KEYS, change: str = "b - a", always: bool = False) -> list[str]:
+                   keys: dict[str, str] = PAIR_KEYS, change: str = "b - a", always: bool = False,
+                   discovery_p: float = -math.inf) -> list[str]:
     """A table of outcomes (header -> column) per row of `frame` (`between_strategies` pairs by default;
     `keys`: its leading columns), or nothing when no row has one (unless `always`: then each row says why)."""
     if (frame.empty or not all(name in frame for name in columns.values())
@@ -373,12 +379,12 @@ def _outcome_table(frame: pd.DataFrame, columns: dict[str, str], intro: str, alp
     lines = ["", intro, "", f"| {' | '.join(keys)} |{header}", "|---" * (len(keys) + 3 * len(columns)) + "|"]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in keys.values())
-                     + " | " + " | ".join(_change(row[name], alpha, notes) for name in columns.values()) + " |")
+                     + " | " + " | ".join(_change(row[name], alpha, notes, discovery_p) for name in columns.values()) + " |")
     return lines
 
 
 def _between_markdown(pairs: pd.DataFrame, keys: dict[str, str], title: str, alpha: float,
-                      notes: list[str]) -> tuple[list[str], bool]:
+                      notes: list[str], discovery_p: float = -math.inf) -> tuple[list[str], bool]:
     """The tables of `between_strategies` or `between_learning_rates` pairs (`keys`: their leading
     columns): domain and general, then teacher-forced, drift and classification where the pairs have them;
     and whether a classification table was printed."""
@@ -387,19 +393,20 @@ def _between_markdown(pairs: pd.DataFrame, keys: dict[str, str], title: str, alp
         lines += [f"| {' | '.join(keys)} | domain b - a [95% CI] | p | test | general b - a [95% CI] | p | test |",
                   "|---" * (len(keys) + 6) + "|", "| (nothing to compare) |" + " |" * (len(keys) + 5)]
     else:  # the table's header and rows under this section's intro
-        lines += _outcome_table(pairs, {"domain": "domain", "general": "general"}, "", alpha, notes, keys=keys, always=True)[3:]
-    lines += _outcome_table(pairs, {"token accuracy": "token_accuracy", "calibrated NLL": "calibrated_nll", "NLL": "nll"},
+        lines += _outcome_table(pairs, BETWEEN_TABLES[0], "", alpha, notes, keys=keys, always=True, discovery_p=discovery_p)[3:]
+    lines += _outcome_table(pairs, BETWEEN_TABLES[1],
                             "The same pairs on the held-out rows, teacher-forced over all their target tokens (b minus a): "
                             "top-1 token accuracy and NLL at each run's best temperature, which a temperature cannot move, "
-                            "beside plain NLL, which it can:", alpha, notes, keys=keys)
-    lines += _outcome_table(pairs, {"agreement": "agreement", "calibrated KL": "kl_calibrated", "KL": "kl", "entropy": "entropy"},
+                            "beside plain NLL, which it can:", alpha, notes, keys=keys, discovery_p=discovery_p)
+    lines += _outcome_table(pairs, BETWEEN_TABLES[2],
                             "The same pairs on the general prompts (b minus a), prompt by prompt over the initial model's "
                             "answers (ForgettingMonitor at the best step): top-1 agreement with the initial model and the KL "
                             "left at each run's best temperature, which a temperature cannot move, beside the KL and the "
-                            "entropy, which it can (a sharpened model's entropy falls):", alpha, notes, keys=keys)
+                            "entropy, which it can (a sharpened model's entropy falls):", alpha, notes, keys=keys,
+                            discovery_p=discovery_p)
     classification = _outcome_table(pairs, CLASSIFICATION_TITLES, "The same pairs on the classes of the held-out rows (b "
                                     "minus a): balanced accuracy of the greedy answers and label AUC, on the same rows:",
-                                    alpha, notes, keys=keys)
+                                    alpha, notes, keys=keys, discovery_p=discovery_p)
     return lines + classification, bool(classification)
 
 
@@ -409,30 +416,35 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
     task also balanced accuracy and label AUC, both ways."""
     results = fine_tuned_runs(results)  # a WiSE-FT alpha or a merge point is no seed of its run's cell
     notes: list[str] = []
-    lines = [f"## Significance (95% intervals; two-sided p; **bold**: p < {alpha:g})", "",
+    cells, strategy_pairs, rates = against_initial(results), between_strategies(results), between_learning_rates(results)
+    between_columns = [c for table in (*BETWEEN_TABLES, CLASSIFICATION_TITLES) for c in table.values()]
+    family = _p_values(cells, ["domain", "general", *CLASSIFICATION_TITLES.values()]) + _p_values(
+        strategy_pairs, between_columns) + _p_values(rates, between_columns)
+    discovery_p = false_discovery_threshold(family, alpha)
+    lines = [f"## Significance (95% intervals; two-sided p; **bold**: p < {alpha:g}; †: a discovery at a false discovery "
+             f"rate of {alpha:g} over the section's {len(family)} tests)", "",
              "Change from the initial model, paired on the same held-out rows (domain: accuracy at the best step, or a "
              "classification run's monitored metric) "
              "and benchmark documents (general score at fit end):", "",
              "| loss | learning rate | runs | domain change [95% CI] | p | test | general change [95% CI] | p | test |",
              "|---|---|---|---|---|---|---|---|---|"]
-    cells = against_initial(results)
     for _, cell in cells.iterrows():
         lines.append(f"| {cell['loss']} | {cell['learning_rate']:g} | {cell['runs']} | "
-                     f"{_change(cell['domain'], alpha, notes)} | {_change(cell['general'], alpha, notes)} |")
+                     f"{_change(cell['domain'], alpha, notes, discovery_p)} | "
+                     f"{_change(cell['general'], alpha, notes, discovery_p)} |")
     classification = _outcome_table(
         cells, CLASSIFICATION_TITLES, "Classification: change from the initial model on the same held-out rows at the "
         "best step: balanced accuracy of the greedy answers (the mean of the classes' recalls) and label AUC (one-vs-rest "
         "ROC AUC of the row-centred class log-probabilities, the classes' mean plain and weighted by their rows), which "
         "neither a temperature nor the class "
-        "prior moves:", alpha, notes, keys=CELL_KEYS, change="change")
+        "prior moves:", alpha, notes, keys=CELL_KEYS, change="change", discovery_p=discovery_p)
     lines += classification
     strategies, classified_pairs = _between_markdown(
-        between_strategies(results), PAIR_KEYS, "Between strategies at the same learning rate", alpha, notes)
+        strategy_pairs, PAIR_KEYS, "Between strategies at the same learning rate", alpha, notes, discovery_p)
     lines += strategies
-    rates = between_learning_rates(results)
     if not rates.empty:  # the paper's Finding 1: the same strategy at a smaller and a larger rate
         more, classified_rates = _between_markdown(rates, RATE_KEYS, "Between learning rates of the same strategy (a: "
-                                                   "the smaller rate)", alpha, notes)
+                                                   "the smaller rate)", alpha, notes, discovery_p)
         lines += more
         classified_pairs = classified_pairs or classified_rates
     lines += ["", "Tests: McNemar = exact McNemar test with Tango's score interval (accuracy of one task); sign-flip = "
@@ -441,10 +453,25 @@ def significance_markdown(results: pd.DataFrame, alpha: float = ALPHA) -> str:
               "t-test across seeds = the mean of the seeds' paired differences, its t-interval widened where "
               "needed to the seeds' own intervals (the items they share). " + (CLASSIFICATION_TESTS if classification or classified_pairs else "")
               + "p-values are not corrected for the number of comparisons: among k comparisons without any real "
-              "difference, about k x alpha come out significant."]
+              "difference, about k x alpha come out significant. " + _discoveries_note(discovery_p, family, alpha)]
     if notes:
         lines += ["", "Not compared:"] + [f"({i}) {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"
+
+
+def _discoveries_note(discovery_p: float, family: list[float], alpha: float) -> str:
+    discoveries = sum(p <= discovery_p for p in family)
+    if not discoveries:
+        return (f"No p of this section's {len(family)} tests survives Benjamini-Hochberg control of the false "
+                f"discovery rate at {alpha:g}.")
+    return (f"The daggers: Benjamini-Hochberg over every p of this section, p at most {discovery_p:.3g} ({discoveries} "
+            f"of {len(family)} tests), so that among the daggered differences the expected share of null ones is at "
+            f"most {alpha:g}.")
+
+
+def _p_values(frame: pd.DataFrame, columns: list[str]) -> list[float]:
+    """The p of every comparison the frame's `columns` hold (a string there is a reason for none)."""
+    return [o.p for name in columns if name in frame for o in frame[name] if isinstance(o, PairedComparison)]
 
 
 def points_markdown(results: pd.DataFrame, runs: pd.DataFrame | None = None, alpha: float = ALPHA) -> str:
