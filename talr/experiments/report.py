@@ -247,7 +247,8 @@ def place_labels(ax: Any, labels: list[tuple[float, float, str, str, int]],
                  markers: list[tuple[float, float, float]]) -> list[Any]:
     """Write each label (x, y, text, colour, font size) beside its point at the first spot, nearest first
     and then farther with a leader line, where it covers no other label, no marker (x, y and its
-    half-width in pixels) and stays inside the axes; where none is free, at the spot that covers least.
+    half-width in pixels), stays inside the axes and sits nearer its own point than any other marker (so
+    it cannot be read as another point's); where none is free, at the spot that breaks these least.
     Call it last: the spots are measured against the final axes limits."""
     from matplotlib.transforms import Bbox
 
@@ -256,21 +257,26 @@ def place_labels(ax: Any, labels: list[tuple[float, float, str, str, int]],
     figure = ax.figure
     renderer = figure.canvas.get_renderer()
     to_pixels = ax.transData.transform
+    centres = [to_pixels((x, y)) for x, y, _ in markers if not (math.isnan(x) or math.isnan(y))]
     taken = [Bbox.from_extents(px - r, py - r, px + r, py + r)
-             for (px, py), r in ((to_pixels((x, y)), r) for x, y, r in markers if not (math.isnan(x) or math.isnan(y)))]
+             for (px, py), r in zip(centres, (r for x, y, r in markers if not (math.isnan(x) or math.isnan(y))))]
     frame = ax.get_window_extent(renderer)
     spots = [(dx, dy, ha, va, False) for dx, dy, ha, va in _LABEL_SPOTS]
     spots += [(2.5 * dx, 2.5 * dy, ha, va, True) for dx, dy, ha, va in _LABEL_SPOTS]
     placed = []
     for x, y, text, color, size in labels:
+        own = to_pixels((x, y))
         best = None
         for dx, dy, ha, va, far in spots:
             note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=size,
                                color=color, bbox=_LABEL_BOX, zorder=6,
                                arrowprops=dict(arrowstyle="-", color=color, lw=0.6) if far else None)
             box = note.get_window_extent(renderer)
-            covered = sum(_overlap(box, other) for other in taken) + (0.0 if frame.contains(box.x0, box.y0)
-                                                                       and frame.contains(box.x1, box.y1) else box.width * box.height)
+            area = box.width * box.height
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            middle = ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)
+            mine = math.dist(middle, own) <= min((math.dist(middle, c) for c in centres), default=math.inf) + 1e-6
+            covered = sum(_overlap(box, other) for other in taken) + (0.0 if inside else area) + (0.0 if mine else area)
             if best is None or covered < best[0]:
                 if best is not None:
                     best[1].remove()
