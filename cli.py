@@ -32,7 +32,7 @@ LIGHTNING_COMMANDS = {
 # Plain subcommands beside LightningCLI's fit/validate/test: name -> "module:function", where the
 # function takes the remaining arguments and returns the exit status.
 EXTRA_COMMANDS = {"cot": "talr.experiments.cot:main", "sweep": "talr.experiments.sweep:main", "report": "talr.experiments.report:main",
-                  "curriculum": "talr.experiments.curriculum:main"}
+                  "curriculum": "talr.experiments.curriculum:main", "verdicts": "talr.experiments.verdicts:main"}
 
 
 def build_cli(args: list[str] | None = None) -> TalrCLI:

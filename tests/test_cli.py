@@ -197,7 +197,7 @@ def test_help_and_version_answer_without_torch(args):
     assert seconds < 5, f"talr {args[0]} took {seconds:.1f} s"  # it took 13-15 s with Lightning imported
 
 
-@pytest.mark.parametrize("command", ["report", "curriculum"])
+@pytest.mark.parametrize("command", ["report", "curriculum", "verdicts"])
 def test_the_result_commands_help_loads_no_torch(command):
     done, _, imported = talr_startup(command, "--help")
     assert done.returncode == 0 and f"talr {command}" in done.stdout

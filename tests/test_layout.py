@@ -125,14 +125,14 @@ def test_every_extra_command_module_is_in_experiments():
     tree = ast.parse((REPO / "cli.py").read_text(encoding="utf-8"))
     commands = next(ast.literal_eval(node.value) for node in ast.walk(tree)
                     if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "EXTRA_COMMANDS" for t in node.targets))
-    assert set(commands) == {"cot", "sweep", "report", "curriculum"}
+    assert set(commands) == {"cot", "sweep", "report", "curriculum", "verdicts"}
     for name, target in commands.items():
         module, function = target.split(":")
         assert module == f"talr.experiments.{name}" and function == "main"
         assert (REPO / Path(*module.split("."))).with_suffix(".py").is_file()
 
 
-@pytest.mark.parametrize("command", ["sweep", "report", "cot", "curriculum"])
+@pytest.mark.parametrize("command", ["sweep", "report", "cot", "curriculum", "verdicts"])
 def test_help_imports_no_torch_lightning_or_transformers(command):
     # A fresh interpreter: in this test process torch is already imported by conftest.
     probe = textwrap.dedent(f"""

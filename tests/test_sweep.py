@@ -24,6 +24,7 @@ from talr.experiments.report import initial_point, pareto_front, plot, rate_labe
 from talr.experiments.report import main as report_main
 from talr.experiments.significance import between_learning_rates, between_strategies, points_against_runs
 from talr.experiments.sweep import Sweep, collect, run_name
+from talr.experiments.verdicts import main as verdicts_main
 
 REPO = Path(__file__).resolve().parents[1]
 TALR = str(Path(sys.executable).with_name("talr"))
@@ -723,6 +724,60 @@ def test_report_says_which_differences_are_significant(synthetic_sweep):
     threshold = ps[max(passing) - 1] if passing else -1.0
     assert passing, "the synthetic sweep's large domain gains survive"
     assert [marked for _, marked in printed] == [float(p) <= threshold for p, _ in printed]
+
+
+def test_verdicts_compute_the_named_tests_and_control_the_false_discovery_rate(synthetic_sweep, tmp_path):
+    out, vectors, _ = synthetic_sweep
+    table = str(out / "results.csv")
+    family = {"alpha": 0.05, "families": [{"name": "claims", "tests": [
+        {"claim": "rates", "results": [table], "between": "learning_rates", "loss": "ce", "a": 1e-5, "b": 1e-4,
+         "metric": "general"},
+        {"claim": "strategies", "results": [table], "between": "strategies", "learning_rate": 1e-4, "a": "ce", "b": "talr",
+         "metric": "domain"},
+        {"claim": "reversed", "results": [table], "between": "strategies", "learning_rate": 1e-4, "a": "talr", "b": "ce",
+         "metric": "general"},
+        {"claim": "pending", "results": [table], "between": "strategies", "learning_rate": 3e-4, "a": "ce", "b": "talr",
+         "metric": "general"},
+    ]}]}
+    path = tmp_path / "family.yaml"
+    path.write_text(yaml.safe_dump(family))
+    assert verdicts_main([str(path), "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "verdicts.md").read_text().splitlines()
+
+    def row(claim: str) -> list[str]:
+        (line,) = [line for line in lines if line.startswith(f"| {claim} |")]
+        return [cell.strip().replace("**", "") for cell in line.strip("|").split("|")]
+
+    # each named test by hand: the one seed both rates ran (seed 0), an exact McNemar test on the same items
+    expected = {
+        "rates": mcnemar_by_hand(vectors[("ce", 1e-5, 0)]["general"][1], vectors[("ce", 1e-4, 0)]["general"][1]) + (DOCS,),
+        "strategies": mcnemar_by_hand(vectors[("ce", 1e-4, 0)]["domain"][1], vectors[("talr", 1e-4, 0)]["domain"][1]) + (ROWS,),
+        "reversed": mcnemar_by_hand(vectors[("talr", 1e-4, 0)]["general"][1], vectors[("ce", 1e-4, 0)]["general"][1]) + (DOCS,),
+    }
+    for claim, (b, c, p, n) in expected.items():
+        cells = row(claim)
+        assert cells[3] == "1" and cells[4].startswith(f"{(c - b) / n:+.4f} [") and cells[5] == f"{p:.3g}"
+    # Benjamini-Hochberg by hand over the three p's (m = 3: thresholds 0.05/3, 2 x 0.05/3, 0.05)
+    ps = sorted(p for _, _, p, _ in expected.values())
+    passing = [k for k in range(1, 4) if ps[k - 1] <= k / 3 * 0.05]
+    threshold = ps[max(passing) - 1] if passing else -1.0
+    for claim, (_, _, p, _) in expected.items():
+        assert row(claim)[6] == ("yes" if p <= threshold else "no")
+    assert f"{sum(p <= threshold for p in ps)} of 3 tests are discoveries" in "\n".join(lines)
+    assert row("pending")[4].startswith("- (1)") and any("not in the tables" in line for line in lines)
+
+
+def test_verdicts_name_the_wrong_test_in_a_family_file(tmp_path):
+    path = tmp_path / "family.yaml"
+    path.write_text(yaml.safe_dump({"families": [{"name": "claims", "tests": [
+        {"claim": "x", "results": ["r.csv"], "between": "strategies", "learning_rate": 1e-5, "a": "ce", "b": "talr",
+         "metric": "accuracy"}]}]}))
+    with pytest.raises(ValueError, match="claims, test 1: `metric` must be one of domain, general, .*got 'accuracy'"):
+        verdicts_main([str(path)])
+    path.write_text(yaml.safe_dump({"families": [{"name": "claims", "tests": [
+        {"claim": "x", "results": ["r.csv"], "between": "learning_rates", "a": 1e-5, "b": 1e-4, "metric": "general"}]}]}))
+    with pytest.raises(ValueError, match="claims, test 1: missing loss"):
+        verdicts_main([str(path)])
 
 
 def test_runs_with_different_held_out_rows_are_not_paired(synthetic_sweep):
