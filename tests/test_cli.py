@@ -221,7 +221,7 @@ def test_help_lists_every_command_on_one_line_and_no_predict():
         if line.strip():
             name, summary = line.split(maxsplit=1)
             listed[name] = summary
-    assert list(listed) == ["fit", "validate", "test", "cot", "sweep", "report", "curriculum"]
+    assert list(listed) == ["fit", "validate", "test", "cot", "sweep", "report", "curriculum", "verdicts"]
     assert all(len(summary) > 20 for summary in listed.values())
     assert "grid of `talr fit` runs" in listed["sweep"]  # the first line of talr/sweep.py's docstring
     assert set(TalrCLI.subcommands()) == set(cli.LIGHTNING_COMMANDS) == {"fit", "validate", "test"}

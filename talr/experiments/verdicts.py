@@ -1,7 +1,6 @@
-"""`talr verdicts FAMILY.yaml`: a study's named tests, each from `talr report`'s pairs, read together
-under false-discovery control.
+"""`talr verdicts FAMILY.yaml`: a study's named tests, read under false-discovery control.
 
-A report prints every pair it can form (138 tests for six cells of two seeds), so about one in twenty
+Each test is one of `talr report`'s pairs. A report prints every pair it can form (138 tests for six cells of two seeds), so about one in twenty
 null differences comes out significant. A study's verdicts rest on a few comparisons named before the
 last numbers are in (docs/study_plan.md, "The verdicts' family"); this command computes just those,
 as the report pairs them (seeds combined by talr.stats.combine_replicates), and applies
