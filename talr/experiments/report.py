@@ -181,7 +181,7 @@ def plot(table: pd.DataFrame, initial: tuple[float, float] | None, xlabel: str, 
          curves: pd.DataFrame | None = None):
     """The Pareto figure: one marker per strategy (the same colour and marker in every report,
     `STRATEGY_STYLES`), learning rates as labels (of strategies run at more than one) placed apart from
-    each other and from the points (adjustText), the frontier as a line, the legend beside the axes.
+    each other and from the points (`place_labels`), the frontier as a line, the legend beside the axes.
     `curves` (`wiseft_table`): each run's WiSE-FT alphas as one connected line, labelled
     `WiSE-FT <loss> <learning rate>`, from alpha 0 (the initial model) to alpha 1 (the fine-tuned
     one). An axis whose column is a loss is reversed, so better is always to the right and up. `y_log`
@@ -257,9 +257,9 @@ def place_labels(ax: Any, labels: list[tuple[float, float, str, str, int]],
     figure = ax.figure
     renderer = figure.canvas.get_renderer()
     to_pixels = ax.transData.transform
-    centres = [to_pixels((x, y)) for x, y, _ in markers if not (math.isnan(x) or math.isnan(y))]
-    taken = [Bbox.from_extents(px - r, py - r, px + r, py + r)
-             for (px, py), r in zip(centres, (r for x, y, r in markers if not (math.isnan(x) or math.isnan(y))))]
+    visible = [(to_pixels((x, y)), r) for x, y, r in markers if not (math.isnan(x) or math.isnan(y))]
+    centres = [centre for centre, _ in visible]
+    taken = [Bbox.from_extents(px - r, py - r, px + r, py + r) for (px, py), r in visible]
     frame = ax.get_window_extent(renderer)
     spots = [(dx, dy, ha, va, False) for dx, dy, ha, va in _LABEL_SPOTS]
     spots += [(2.5 * dx, 2.5 * dy, ha, va, True) for dx, dy, ha, va in _LABEL_SPOTS]
