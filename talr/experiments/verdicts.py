@@ -93,9 +93,9 @@ def read_family_file(path: Path) -> tuple[list[Family], float]:
     import yaml
 
     spec = yaml.safe_load(path.read_text()) or {}
-    alpha = float(spec.get("alpha", ALPHA))
-    if not spec.get("families"):
+    if not isinstance(spec, dict) or not spec.get("families"):
         raise ValueError(f"{path}: no `families` (see `talr verdicts --help` for the file's form)")
+    alpha = float(spec.get("alpha", ALPHA))
     families = []
     for f, family in enumerate(spec["families"]):
         name = family.get("name", f"family {f + 1}")
@@ -163,6 +163,8 @@ class Pairs:
         row = pairs[pairs["a"].map(lambda v: _same(v, low)) & pairs["b"].map(lambda v: _same(v, high))]
         if row.empty:
             return f"{test.describe()}: not in the tables (no finished runs of both)", 0
+        if test.metric not in row.columns:  # a classification metric of tables without classes, say
+            return f"{test.describe()}: the tables have no {test.metric}", 0
         outcome = row.iloc[0][test.metric]
         seeds = int(row.iloc[0]["seeds"])
         return (_reversed(outcome) if _same(test.a, high) and not _same(low, high) else outcome), seeds
