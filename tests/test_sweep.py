@@ -402,6 +402,13 @@ def test_run_summary_names_a_recorded_metric_that_was_never_logged(tiny_model_di
 ROWS, DOCS = 40, 50
 
 
+def bh_threshold_by_hand(p_values: list[float], alpha: float = 0.05) -> float:
+    """Benjamini-Hochberg's step-up rule: the largest sorted p_(k) with p_(k) <= k / m x alpha (-1 when none)."""
+    ps, m = sorted(p_values), len(p_values)
+    passing = [k for k in range(1, m + 1) if ps[k - 1] <= k / m * alpha]
+    return ps[max(passing) - 1] if passing else -1.0
+
+
 def mcnemar_by_hand(before: list[int], after: list[int]) -> tuple[int, int, float]:
     """b, c and the exact two-sided McNemar p-value, summed with math.comb."""
     b = sum(x == 1 and y == 0 for x, y in zip(before, after))
@@ -720,9 +727,8 @@ def test_report_says_which_differences_are_significant(synthetic_sweep):
     ps = sorted(float(p) for p, _ in printed)
     m = len(ps)
     assert f"over the section's {m} tests" in section
-    passing = [k for k in range(1, m + 1) if ps[k - 1] <= k / m * 0.05]  # step-up: the largest k whose p_(k) passes
-    threshold = ps[max(passing) - 1] if passing else -1.0
-    assert passing, "the synthetic sweep's large domain gains survive"
+    threshold = bh_threshold_by_hand(ps)
+    assert threshold > 0, "the synthetic sweep's large domain gains survive"
     assert [marked for _, marked in printed] == [float(p) <= threshold for p, _ in printed]
 
 
@@ -759,8 +765,7 @@ def test_verdicts_compute_the_named_tests_and_control_the_false_discovery_rate(s
         assert cells[3] == "1" and cells[4].startswith(f"{(c - b) / n:+.4f} [") and cells[5] == f"{p:.3g}"
     # Benjamini-Hochberg by hand over the three p's (m = 3: thresholds 0.05/3, 2 x 0.05/3, 0.05)
     ps = sorted(p for _, _, p, _ in expected.values())
-    passing = [k for k in range(1, 4) if ps[k - 1] <= k / 3 * 0.05]
-    threshold = ps[max(passing) - 1] if passing else -1.0
+    threshold = bh_threshold_by_hand(ps)
     for claim, (_, _, p, _) in expected.items():
         assert row(claim)[6] == ("yes" if p <= threshold else "no")
     assert f"{sum(p <= threshold for p in ps)} of 3 tests are discoveries" in "\n".join(lines)

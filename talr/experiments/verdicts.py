@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,8 @@ from talr.experiments.significance import (CLASSIFICATION, DRIFT, SIDES, TEACHER
                                           between_strategies, between_tables)
 from talr.stats import ALPHA, PairedComparison, false_discovery_threshold
 
-METRICS = {"strategies": (*SIDES, *TEACHER_FORCED, *DRIFT, *CLASSIFICATION),
-           "learning_rates": (*SIDES, *TEACHER_FORCED, *DRIFT, *CLASSIFICATION),
-           "tables": ("general", *DRIFT)}
+PAIR_METRICS = (*SIDES, *TEACHER_FORCED, *DRIFT, *CLASSIFICATION)  # the columns of a report's pair of cells
+METRICS = {"strategies": PAIR_METRICS, "learning_rates": PAIR_METRICS, "tables": ("general", *DRIFT)}
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class NamedTest:
 @dataclass
 class Family:
     name: str
-    tests: list[NamedTest] = field(default_factory=list)
+    tests: list[NamedTest]
 
 
 def read_family_file(path: Path) -> tuple[list[Family], float]:
@@ -180,7 +179,7 @@ def _rate_cells(table: pd.DataFrame, test: NamedTest) -> pd.DataFrame:
 
 
 def _close(values: pd.Series, rate: float) -> pd.Series:
-    return values.map(lambda v: math.isclose(float(v), rate, rel_tol=1e-9))
+    return values.map(lambda v: _same(v, rate))
 
 
 def _same(value: Any, other: Any) -> bool:
