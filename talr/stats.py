@@ -38,6 +38,9 @@ ALPHA = 0.05
 RESAMPLES = 10_000  # bootstrap resamples and sign-flip permutations
 AucAverage = Literal["macro", "weighted"]  # how one-vs-rest AUCs of the classes are averaged
 SEED = 0  # the resampling is seeded, so the same records give the same interval every time
+# Differences this close are float rounding, not data: two runs that answer every row alike can differ by 1e-17
+# when their recalls are summed in another order, and a t-test across such seeds returns an arbitrary p.
+ROUNDING = 1e-12
 
 
 @dataclass(frozen=True)
@@ -305,8 +308,9 @@ def compare_replicates(deltas: Sequence[float], confidence: float = CONFIDENCE, 
     values = np.asarray([d for d in deltas if not math.isnan(d)], dtype=float)
     if len(values) < 2:
         raise ValueError(f"compare_replicates needs at least 2 replicates with a difference, got {len(values)}")
+    values[np.abs(values) <= ROUNDING] = 0.0
     mean = float(values.mean())
-    if np.all(values == values[0]):  # no spread: the t statistic is undefined
+    if np.ptp(values) <= ROUNDING * max(1.0, float(np.abs(values).max())):  # no spread: no t statistic
         low = high = mean
         p = math.nan
     else:

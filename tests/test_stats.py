@@ -250,6 +250,20 @@ def test_seeds_far_apart_keep_the_t_interval_across_them():
         combine_replicates([paired(0.1, 0.0, 0.2)])
 
 
+def test_seeds_that_differ_only_by_float_rounding_show_no_difference():
+    """Two runs that answer every row alike in each of three seeds: their balanced accuracies differ by
+    float rounding (0.25 against 0.24999999999999994, recalls summed in another order). That is no
+    difference and no spread: delta 0, no t-test (p NaN); with zero-width own intervals, p 1."""
+    deltas = [0.0, 0.24999999999999994 - 0.25, 0.25 - 0.24999999999999997]
+    assert any(d != 0.0 for d in deltas)
+    across = compare_replicates(deltas)
+    assert (across.delta, across.low, across.high) == (0.0, 0.0, 0.0) and math.isnan(across.p)
+    combined = combine_replicates([paired(d, d, d) for d in deltas])
+    assert (combined.delta, combined.low, combined.high, combined.p) == (0.0, 0.0, 0.0, 1.0)
+    constant = compare_replicates([0.1 + 1e-17, 0.1, 0.1 - 2e-17])  # one difference in every seed
+    assert constant.delta == pytest.approx(0.1) and math.isnan(constant.p)
+
+
 def test_pairing_by_id_and_the_instruction_level_mean():
     items = pair_by_id([3, 1, 2], [1, [1, 0], 0], [1, 2, 4], [[1, 1], 1, 0])
     assert items.before.tolist() == [1.0, 0.0] and items.after.tolist() == [2.0, 1.0]
