@@ -119,11 +119,13 @@ def test_each_command_parses_to_its_strategy_and_keeps_the_base_callbacks(name, 
 
 
 def test_the_medcalc_half_of_finding_2_scores_the_esci_runs_benchmark_documents(tmp_path, capsys, monkeypatch):
-    """CE at 1e-5 and 1e-4 on MedCalc, with GeneralBenchmarks on configs/esci/cpu.yaml's 1,000 documents a
-    task (the base MedCalc config scores 100), so the two domains' learning-rate costs pair per document."""
+    """CE at 1e-5 and 1e-4 on MedCalc at ESCI's data seeds 0-2, with GeneralBenchmarks on configs/esci/cpu.yaml's
+    1,000 documents a task (the base MedCalc config scores 100), so the two domains' learning-rate costs pair
+    per document and per seed."""
     argvs = printed_commands("configs/sweeps/medcalc_cpu_finding2.yaml", tmp_path)
-    assert [a for argv in argvs for a in argv if a.startswith("--model.learning_rate=")] == [
-        "--model.learning_rate=1e-05", "--model.learning_rate=0.0001"]
+    value = lambda argv, option: next(a.split("=", 1)[1] for a in argv if a.startswith(f"--{option}="))  # noqa: E731
+    assert [(value(argv, "data.seed"), value(argv, "model.learning_rate")) for argv in argvs] == [
+        (seed, rate) for seed in ("0", "1", "2") for rate in ("1e-05", "0.0001")]
     esci_callbacks = {c["class_path"]: c.get("init_args", {})
                       for c in yaml.safe_load((REPO / "configs/esci/cpu.yaml").read_text())["trainer"]["callbacks"]}
     esci = esci_callbacks["callbacks.general_benchmarks.GeneralBenchmarks"]
@@ -134,7 +136,8 @@ def test_the_medcalc_half_of_finding_2_scores_the_esci_runs_benchmark_documents(
         with pytest.raises(SystemExit):
             build_cli(argv[1:] + ["--print_config"])
         config = yaml.safe_load(capsys.readouterr().out)
-        assert config["model"]["loss"]["class_path"] == "talr.losses.CrossEntropy" and config["data"]["seed"] == 0
+        assert config["model"]["loss"]["class_path"] == "talr.losses.CrossEntropy"
+        assert config["data"]["seed"] == int(value(argv, "data.seed"))
         (benchmarks,) = [c["init_args"] for c in config["trainer"]["callbacks"]
                          if c["class_path"] == "callbacks.general_benchmarks.GeneralBenchmarks"]
         assert benchmarks["limit"] == esci["limit"] == 1000 and benchmarks["tasks"] == esci["tasks"]
