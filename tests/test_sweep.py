@@ -789,6 +789,21 @@ def test_verdicts_name_the_wrong_test_in_a_family_file(tmp_path):
         verdicts_main([str(path)])
 
 
+def test_a_report_keeps_the_seeds_every_stage_ran():
+    """Stage 2 ran data seeds 0-2, stage 3 seed 0: `--seeds 0` keeps the runs whose seed is 0 (a pending
+    run's seed read as 0.0 is 0), so every point averages the same held-out rows."""
+    from talr.experiments.report import keep_seeds
+
+    results = pd.DataFrame({"run": ["ce-0", "ce-1", "ce-2", "dft-0", "flow-0"], "loss": ["ce", "ce", "ce", "dft", "flow"],
+                            "data.seed": [0.0, 1.0, 2.0, 0.0, 0.0], "status": ["done"] * 4 + ["pending"]})
+    assert keep_seeds(results, ["0"])["run"].tolist() == ["ce-0", "dft-0", "flow-0"]
+    assert keep_seeds(results, ["0", "2"])["run"].tolist() == ["ce-0", "ce-2", "dft-0", "flow-0"]
+    with pytest.raises(ValueError, match="--seeds 5: no run has these seeds; the results have 0, 1, 2"):
+        keep_seeds(results, ["5"])
+    with pytest.raises(ValueError, match="no seed column"):
+        keep_seeds(results.drop(columns="data.seed"), ["0"])
+
+
 def test_runs_with_different_held_out_rows_are_not_paired(synthetic_sweep):
     out, _, sweep = synthetic_sweep
     config = next(out.glob("loss=talr_learning_rate=0.0001_seed_everything=0/tb/version_0/config.yaml"))

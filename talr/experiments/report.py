@@ -21,7 +21,8 @@ alpha and merge point is also paired with its own run's fine-tuned model (`point
 
 Several tables (`talr report stage2/results.csv stage3/results.csv --out all/`) are read as one, the
 stages of one study: a later table's run that repeats an earlier one's strategy, learning rate and
-seeds is left out and named (`read_tables`). `--versus other/results.csv` adds the paper's Finding 2:
+seeds is left out and named (`read_tables`); `--seeds 0 1` keeps the runs of the seeds every stage ran, so
+that each point averages the same held-out rows (`keep_seeds`). `--versus other/results.csv` adds the paper's Finding 2:
 each strategy's cost of its larger learning rate here and there, and the difference of the two.
 """
 
@@ -558,6 +559,21 @@ def read_tables(paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
     return results.drop(index=repeated).reset_index(drop=True), notes
 
 
+def keep_seeds(results: pd.DataFrame, seeds: list[str]) -> pd.DataFrame:
+    """The runs whose every seed value (`data.seed`, `seed_everything`, ...) is one of `seeds`: a study whose
+    stages ran different seeds compared on the seeds they share, so that no strategy's point is a mean over
+    held-out rows the others never saw."""
+    columns = replicate_columns(results)
+    if not columns:
+        raise ValueError("--seeds: the results have no seed column (data.seed, seed_everything, seed)")
+    wanted = {str(seed) for seed in seeds}
+    kept = results[results.apply(lambda row: set(seed_values(row, columns)) <= wanted, axis=1)]
+    if kept.empty:
+        present = sorted({value for _, row in results.iterrows() for value in seed_values(row, columns)})
+        raise ValueError(f"--seeds {' '.join(seeds)}: no run has these seeds; the results have {', '.join(present)}")
+    return kept.reset_index(drop=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="talr report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="results.csv written by `talr sweep`; several (stages of one study) "
@@ -572,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--versus", metavar="OTHER_RESULTS_CSV",
                         help="another sweep's results.csv: add how each strategy's larger learning rate costs on the general "
                              "side there against here (the paper's Finding 2; both scored on the same documents and prompts)")
+    parser.add_argument("--seeds", nargs="+", metavar="SEED",
+                        help="only the runs of these seed values (data.seed and the like): stages that ran different "
+                             "seeds compared on the seeds they share")
     args = parser.parse_args(argv)
     from talr.results import write_atomic  # here, not at the top: talr.results imports lightning, `--help` need not wait
 
@@ -581,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     results, dropped = read_tables(paths)
     for note in dropped:
         print(f"[report] {note}")
+    raw = pd.concat([pd.read_csv(p) for p in paths])
+    if args.seeds:
+        results, raw = keep_seeds(results, args.seeds), keep_seeds(raw, args.seeds)
     path = paths[0]
     table = trade_off_table(results, args.x, args.y, args.x_lower_better, args.y_lower_better)
     initial = initial_point(results, args.x.replace("_best", "_initial"), args.y.replace("_best", "_initial"))
@@ -594,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(part for part in (markdown(table, initial, args.x, args.y), wiseft_markdown(curves, args.x, args.y),
                                         merge_markdown(merge_table(results, args.x, args.y), args.x, args.y),
                                         significance_markdown(results, args.alpha),
-                                        points_markdown(results, pd.concat([pd.read_csv(p) for p in paths]), args.alpha))
+                                        points_markdown(results, raw, args.alpha))
                     if part)
     if args.versus:
         other = Path(args.versus)
