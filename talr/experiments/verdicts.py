@@ -5,7 +5,8 @@ null differences comes out significant. A study's verdicts rest on a few compari
 last numbers are in (docs/study_plan.md, "The verdicts' family"); this command computes just those,
 as the report pairs them (seeds combined by talr.stats.combine_replicates), and applies
 Benjamini-Hochberg at `alpha` within each family (talr.stats.false_discovery_threshold): a test whose
-p is at most its family's threshold is a discovery. The family file:
+p is at most its family's threshold is a discovery. A named test not yet in the tables counts as p = 1:
+the family keeps the size it was named with. The family file:
 
     alpha: 0.05
     families:
@@ -204,7 +205,10 @@ def verdicts_markdown(families: list[Family], alpha: float = ALPHA, pairs: Pairs
     for family in families:
         outcomes = [(test, *pairs.outcome(test)) for test in family.tests]
         tested = [o.p for _, o, _ in outcomes if isinstance(o, PairedComparison) and not math.isnan(o.p)]
-        threshold = false_discovery_threshold(tested, alpha)
+        untested = len(outcomes) - len(tested)
+        # the family is the one named in advance: a test not yet in the tables (or without a p) counts as p = 1,
+        # so a reading while runs are pending finds no discovery that a smaller family would have made easier
+        threshold = false_discovery_threshold(tested + [1.0] * untested, alpha)
         lines += [f"## {family.name}", "", "| claim | comparison | metric | seeds | b - a [95% CI] | p | discovery |",
                   "|---|---|---|---|---|---|---|"]
         notes = []
@@ -220,7 +224,8 @@ def verdicts_markdown(families: list[Family], alpha: float = ALPHA, pairs: Pairs
                          f"{outcome.p:.3g} | {'yes' if found else 'no'} |")
         found_count = sum(p <= threshold for p in tested)
         lines += ["", f"{found_count} of {len(tested)} tests are discoveries"
-                  + (f" (p at most {threshold:.3g})." if found_count else ".")]
+                  + (f" (p at most {threshold:.3g})" if found_count else "")
+                  + (f"; {untested} of the family's {len(outcomes)} not tested, each counted as p = 1." if untested else ".")]
         if any(seeds == 1 and isinstance(o, PairedComparison) for _, o, seeds in outcomes):
             lines += ["", "A test of one seed holds the noise of the held-out rows, benchmark documents and general prompts, "
                       "not that of another training run: its discovery is one run's, not yet the strategy's."]
