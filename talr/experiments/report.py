@@ -273,6 +273,7 @@ def place_labels(ax: Any, labels: list[tuple[float, float, str, str, int]],
     placed = []
     for x, y, text, color, size in labels:
         own = to_pixels((x, y))
+        others = [centre for centre in centres if math.dist(centre, own) > 1e-6]
         best = None
         for dx, dy, ha, va, far in spots:
             note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=size,
@@ -283,8 +284,7 @@ def place_labels(ax: Any, labels: list[tuple[float, float, str, str, int]],
             inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
             middle = ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)
             margin = 1.0 if far else NEAR_LABEL_MARGIN
-            others = (math.dist(middle, c) for c in centres if math.dist(c, own) > 1e-6)
-            mine = margin * math.dist(middle, own) <= min(others, default=math.inf) + 1e-6
+            mine = margin * math.dist(middle, own) <= min((math.dist(middle, c) for c in others), default=math.inf) + 1e-6
             covered = sum(_overlap(box, other) for other in taken) + (0.0 if inside else area) + (0.0 if mine else area)
             if best is None or covered < best[0]:
                 if best is not None:
@@ -535,17 +535,25 @@ def versus_markdown(results: pd.DataFrame, other: pd.DataFrame, name: str, other
 
 def read_tables(paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
     """One table from one or more sweeps' results.csv (the stages of one study, say), and a note per run
-    left out: a finished run of a later table with the same strategy, learning rate and seed values as a
-    finished run of an earlier one (a WiSE-FT run's own CE row beside the CE cell it repeats) would
-    count one seed twice, so the earlier table's run is kept. WiSE-FT alphas and merge points stay."""
-    frames = []
+    left out (`drop_repeated_runs`)."""
+    return drop_repeated_runs(read_results(paths), len(paths))
+
+
+def read_results(paths: list[Path]) -> pd.DataFrame:
+    """The sweeps' results.csv tables one after another, every run as written."""
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"results table not found: {path}")
-        frames.append(pd.read_csv(path))
-    if len(frames) == 1:
-        return frames[0], []
-    results = pd.concat(frames, ignore_index=True)
+    return pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+
+
+def drop_repeated_runs(results: pd.DataFrame, tables: int) -> tuple[pd.DataFrame, list[str]]:
+    """The runs of `tables` tables read one after another, less a finished run of a later table with the
+    same strategy, learning rate and seed values as a finished run of an earlier one (a WiSE-FT run's own
+    CE row beside the CE cell it repeats would count one seed twice, so the earlier table's run is kept),
+    with a note for each. WiSE-FT alphas and merge points stay."""
+    if tables == 1:
+        return results, []
     seeds = replicate_columns(results)
     own = fine_tuned_runs(results)
     done = own[own["status"] == "done"]
@@ -597,10 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in args.results]
     if len(paths) > 1 and not args.out:
         raise ValueError("several results tables make one report: give --out <directory>")
-    results, dropped = read_tables(paths)
+    raw = read_results(paths)  # every run as written: a WiSE-FT alpha's own fine-tuned model among them
+    results, dropped = drop_repeated_runs(raw, len(paths))
     for note in dropped:
         print(f"[report] {note}")
-    raw = pd.concat([pd.read_csv(p) for p in paths])
     if args.seeds:
         results, raw = keep_seeds(results, args.seeds), keep_seeds(raw, args.seeds)
     path = paths[0]
