@@ -321,6 +321,13 @@ def compare_replicates(deltas: Sequence[float], confidence: float = CONFIDENCE, 
                             test=f"t-test across {len(values)} seeds", confidence=confidence)
 
 
+def two_seed_spread_for(p: float) -> float:
+    """The largest |d1 - d2| / |mean| of two seeds' differences at which a t-test across them reaches the
+    two-sided `p`: with one degree of freedom t = |d1 + d2| / |d1 - d2|, so the ratio is 2 / t(p). At
+    0.05 it is 0.157: two seeds decide a difference only where they nearly repeat each other."""
+    return float(2 / stats.t.ppf(1 - p / 2, df=1))
+
+
 def combine_replicates(comparisons: Sequence[PairedComparison], confidence: float = CONFIDENCE,
                        before: float = math.nan) -> PairedComparison:
     """Replicates (seeds) of one paired comparison, each with its own interval over the items: the

@@ -778,6 +778,24 @@ def test_verdicts_compute_the_named_tests_and_control_the_false_discovery_rate(s
     assert row("pending")[4].startswith("- (1)") and any("not in the tables" in line for line in lines)
 
 
+def test_verdicts_say_how_close_two_seeds_must_be_to_decide(synthetic_sweep, tmp_path):
+    out, _, _ = synthetic_sweep
+    table = str(out / "results.csv")
+    tests = [{"claim": f"two seeds {metric}", "results": [table], "between": "strategies", "learning_rate": 1e-5,
+              "a": "ce", "b": "talr", "metric": metric} for metric in ("domain", "general", "general", "domain")]
+    path = tmp_path / "family.yaml"
+    path.write_text(yaml.safe_dump({"alpha": 0.05, "families": [{"name": "claims", "tests": tests}]}))
+    assert verdicts_main([str(path), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "verdicts.md").read_text()
+    assert "| two seeds domain | ce -> talr at 1e-5 | domain | 2 |" in text
+    # t(1) is Cauchy: the two-sided p of t is 1 - 2 atan(t) / pi, so t(p) = 1 / tan(pi p / 2); and with seeds
+    # d1, d2, t = |d1 + d2| / |d1 - d2| = 2 |mean| / |d1 - d2|, so they may lie apart by 2 / t(p) of the mean
+    apart = {p: 2 * math.tan(math.pi * p / 2) for p in (0.05, 0.05 / 4)}
+    assert (f"its p reaches 0.05 only where the two seeds' differences lie apart by at most {apart[0.05]:.1%} of their "
+            f"mean, and 0.0125 (this family's threshold for a single discovery) only by at most {apart[0.0125]:.1%}.") in text
+    assert f"{apart[0.05]:.1%}" == "15.7%"
+
+
 def test_verdicts_name_the_wrong_test_in_a_family_file(tmp_path):
     path = tmp_path / "family.yaml"
     path.write_text(yaml.safe_dump({"families": [{"name": "claims", "tests": [

@@ -37,7 +37,7 @@ the family keeps the size it was named with. The family file:
 
 Each test's difference is b minus a. Writes `verdicts.md` beside the family file (or into --out) and
 prints it; a test that cannot be paired (a table not there yet, no seed in common, files missing) is
-listed with the reason and left out of its family's count.
+listed with the reason and counted as p = 1.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import pandas as pd
 from talr.experiments.report import fine_tuned_runs, rate_label, read_tables
 from talr.experiments.significance import (CLASSIFICATION, DRIFT, SIDES, TEACHER_FORCED, Outcome, between_learning_rates,
                                           between_strategies, between_tables)
-from talr.stats import ALPHA, PairedComparison, false_discovery_threshold
+from talr.stats import ALPHA, PairedComparison, false_discovery_threshold, two_seed_spread_for
 
 PAIR_METRICS = (*SIDES, *TEACHER_FORCED, *DRIFT, *CLASSIFICATION)  # the columns of a report's pair of cells
 METRICS = {"strategies": PAIR_METRICS, "learning_rates": PAIR_METRICS, "tables": ("general", *DRIFT)}
@@ -229,8 +229,14 @@ def verdicts_markdown(families: list[Family], alpha: float = ALPHA, pairs: Pairs
         if any(seeds == 1 and isinstance(o, PairedComparison) for _, o, seeds in outcomes):
             lines += ["", "A test of one seed holds the noise of the held-out rows, benchmark documents and general prompts, "
                       "not that of another training run: its discovery is one run's, not yet the strategy's."]
+        if any(seeds == 2 and isinstance(o, PairedComparison) for _, o, seeds in outcomes):
+            smallest = alpha / len(outcomes)  # Benjamini-Hochberg's threshold when one test is a discovery
+            lines += ["", "A test of two seeds is at most as strong as a t-test with one degree of freedom: its p "
+                      f"reaches {alpha:g} only where the two seeds' differences lie apart by at most "
+                      f"{two_seed_spread_for(alpha):.1%} of their mean, and {smallest:.3g} (this family's threshold for "
+                      f"a single discovery) only by at most {two_seed_spread_for(smallest):.1%}."]
         if notes:
-            lines += ["", "Not tested, and not counted:"] + [f"({i}) {note}" for i, note in enumerate(notes, 1)]
+            lines += ["", "Not tested (each counted as p = 1):"] + [f"({i}) {note}" for i, note in enumerate(notes, 1)]
         lines.append("")
     return "\n".join(lines)
 
