@@ -164,18 +164,22 @@ MERGE_TERMS = GridTerms(
 
 
 def choose_candidate(results: list[dict[str, Any]], select: str, margin: float,
-                     terms: GridTerms) -> tuple[dict[str, Any], str]:
+                     terms: GridTerms, domain_metric: str = "accuracy") -> tuple[dict[str, Any], str]:
     """The chosen result among `results` (each {<coordinates>, "metrics", "general"?}) and why, in one line.
 
-    - `accuracy`: the highest domain accuracy; `loss`: the lowest target NLL.
-    - `general_within_margin`: among the points whose domain accuracy is within `margin` of the
+    - `accuracy`: the highest domain score; `loss`: the lowest target NLL.
+    - `general_within_margin`: among the points whose domain score is within `margin` of the
       best one, the highest general score; where none of them has a general score, `accuracy`.
 
+    The domain score is the validation metric `domain_metric` (higher is better): the greedy answers'
+    accuracy by default; on a task with unbalanced classes whose greedy answers stay near one class
+    (ESCI at 135M), a ranking metric such as `label_auc`, which raw accuracy would not reward.
     Ties go to the point nearest theta_0 (`terms.closeness`); a NaN ranks last.
     """
     if select not in SELECT_RULES:
         raise ValueError(f"select must be one of {', '.join(SELECT_RULES)}, got {select!r}")
-    key = "loss" if select == "loss" else "accuracy"
+    key = "loss" if select == "loss" else domain_metric
+    score_name = "accuracy" if domain_metric == "accuracy" else domain_metric
     name = terms.label
 
     def domain_badness(result: dict[str, Any]) -> tuple[float, tuple]:
@@ -188,23 +192,24 @@ def choose_candidate(results: list[dict[str, Any]], select: str, margin: float,
     if select == "loss":
         return best, f"chose {name(best)}: lowest target NLL {top:.4f} (ties: {terms.tie})"
     if select == "accuracy":
-        return best, f"chose {name(best)}: best domain accuracy {top:.3f} (ties: {terms.tie})"
-    within = [r for r in results if top - r["metrics"].get("accuracy", math.nan) <= margin + MARGIN_TOLERANCE]
+        return best, f"chose {name(best)}: best domain {score_name} {top:.3f} (ties: {terms.tie})"
+    within = [r for r in results if top - r["metrics"].get(key, math.nan) <= margin + MARGIN_TOLERANCE]
     scored = [r for r in within if not math.isnan(general_score_of(r))]
     if not scored:
         why = (f"no {terms.point} has a general score (no GeneralBenchmarks callback, or every task left out)"
                if all(math.isnan(general_score_of(r)) for r in results)
                else f"no {terms.point} within {margin:g} of it has a general score ({terms.general_option})")
-        return best, f"chose {name(best)}: best domain accuracy {top:.3f}; {why}, so domain accuracy decides"
+        return best, f"chose {name(best)}: best domain {score_name} {top:.3f}; {why}, so domain {score_name} decides"
     chosen = min(scored, key=lambda r: (-general_score_of(r), terms.closeness(r)))
     return chosen, (f"chose {name(chosen)}: best general score {general_score_of(chosen):.3f} among {terms.points} "
-                    f"within {margin:g} of the best domain accuracy {top:.3f} ({name(best)})")
+                    f"within {margin:g} of the best domain {score_name} {top:.3f} ({name(best)})")
 
 
-def choose_alpha(results: list[dict[str, Any]], select: str, margin: float = 0.01) -> tuple[dict[str, Any], str]:
+def choose_alpha(results: list[dict[str, Any]], select: str, margin: float = 0.01,
+                 domain_metric: str = "accuracy") -> tuple[dict[str, Any], str]:
     """WiSE-FT's choice among `results` (each {"alpha", "metrics", "general"?}): `choose_candidate`,
     ties to the smaller alpha."""
-    return choose_candidate(results, select, margin, WISEFT_TERMS)
+    return choose_candidate(results, select, margin, WISEFT_TERMS, domain_metric)
 
 
 class WeightSpaceSearch(GuardsResults):
@@ -239,7 +244,7 @@ class WeightSpaceSearch(GuardsResults):
     card_tags: tuple[str, ...] = ()
 
     def __init__(self, source: str, select: str, margin: float, export: bool, dirpath: str | None,
-                 overwrite: bool) -> None:
+                 overwrite: bool, domain_metric: str = "accuracy") -> None:
         owner = type(self).__name__
         if source not in ("best", "last"):
             raise ValueError(f"{owner}.source must be 'best' or 'last', got {source!r}")
@@ -247,9 +252,14 @@ class WeightSpaceSearch(GuardsResults):
             raise ValueError(f"{owner}.select must be one of {', '.join(SELECT_RULES)}, got {select!r}")
         if not margin >= 0.0 or math.isinf(margin):  # also rejects NaN
             raise ValueError(f"{owner}.margin must be a finite number >= 0, got {margin}")
+        if not domain_metric or domain_metric.startswith("val/") or domain_metric == "loss":
+            raise ValueError(f"{owner}.domain_metric: a validation metric that grows with the domain score, named "
+                             f"without val/ (accuracy, balanced_accuracy, label_auc, ...), got {domain_metric!r}; "
+                             "for the target NLL use select: loss")
         self.source = source
         self.select = select
         self.margin = float(margin)
+        self.domain_metric = domain_metric
         self.export = export
         self.dirpath = dirpath
         self.overwrite = overwrite
@@ -310,10 +320,19 @@ class WeightSpaceSearch(GuardsResults):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _require_full_weights(pl_module, type(self).__name__)  # fail before training, not after it
-        if self.select != "loss" and not pl_module.hparams.generate:
+        if self.select != "loss" and self.domain_metric == "accuracy" and not pl_module.hparams.generate:
             raise ValueError(f"{type(self).__name__}(select={self.select!r}) needs the domain accuracy, so "
                              "model.generate: true; or use select: loss")
         super().on_fit_start(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the first validation names the task's metrics: a domain_metric it lacks stops the run here, not at fit end
+        if self.select == "loss" or trainer.sanity_checking:
+            return
+        logged = sorted(k.removeprefix("val/") for k in trainer.callback_metrics if k.startswith("val/"))
+        if logged and self.domain_metric not in logged:
+            raise ValueError(f"{type(self).__name__}.domain_metric {self.domain_metric!r} is not a metric of this "
+                             f"task's validation; it logs {', '.join(logged)}")
 
     def output_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
@@ -352,11 +371,13 @@ class WeightSpaceSearch(GuardsResults):
                 lm.load_state_dict(self.build(theta0, theta, point))
                 self.results.append(self._score(trainer, pl_module, point, origin, benchmarks, monitors))
                 rank_zero_info(f"[{self.name}] {self.tag(point)}: {describe_metrics(self.results[-1]['metrics'])}")
-            chosen, self.choice = choose_candidate(self.results, self.select, self.margin, self.terms)
+            chosen, self.choice = choose_candidate(self.results, self.select, self.margin, self.terms,
+                                                   self.domain_metric)
             self.chosen = self.point_of(chosen)
             if trainer.is_global_zero:  # every rank has the numbers (evaluate gathers, the others broadcast)
                 out.mkdir(parents=True, exist_ok=True)
-                report = {"theta": origin, "select": self.select, "margin": self.margin, **self.report_fields(),
+                report = {"theta": origin, "select": self.select, "margin": self.margin,
+                          "domain_metric": self.domain_metric, **self.report_fields(),
                           "choice": self.choice, "chosen": chosen, "results": self.results}
                 write_atomic(out / f"{self.name}.json", json.dumps(report, indent=2))
                 write_atomic(out / f"{self.name}.png", self._plot())
@@ -557,10 +578,13 @@ class WiSEFT(WeightSpaceSearch):
         source: fine-tuned weights to mix: `best` (ModelCheckpoint's best; the paper's selection)
             or `last` (the weights at the end of training).
         select: how to choose alpha. `general_within_margin`: the best general score among the
-            alphas whose domain accuracy is within `margin` of the best one (domain accuracy
-            decides where none of them has a general score); `accuracy`: max domain accuracy;
-            `loss`: min target NLL. Ties go to the smaller alpha, which forgets less.
-        margin: the domain accuracy `general_within_margin` may give up (absolute, e.g. 0.01).
+            alphas whose domain score (`domain_metric`) is within `margin` of the best one (the
+            domain score decides where none of them has a general score); `accuracy`: max domain
+            score; `loss`: min target NLL. Ties go to the smaller alpha, which forgets less.
+        margin: the domain score `general_within_margin` may give up (absolute, e.g. 0.01).
+        domain_metric: the validation metric that is the domain score (higher is better), named without
+            `val/`: `accuracy` (the greedy answers'), or e.g. `label_auc` where the classes are
+            unbalanced and greedy answers stay near one class (`choose_candidate`).
         general_alphas: the alphas GeneralBenchmarks scores (each costs one benchmark event, as
             long as the fit-start one); None: all. The others get domain and forgetting numbers only.
         export: write the chosen alpha's model with `save_pretrained`.
@@ -585,13 +609,14 @@ class WiSEFT(WeightSpaceSearch):
         export: bool = True,
         dirpath: str | None = None,
         overwrite: bool = False,
+        domain_metric: str = "accuracy",
     ) -> None:
         if not alphas:
             raise ValueError("WiSEFT.alphas needs at least one value")
         for alpha in alphas:
             if not 0.0 <= alpha <= 1.0:  # also rejects NaN
                 raise ValueError(f"WiSEFT.alphas must lie in [0, 1], got {alpha}")
-        super().__init__(source, select, margin, export, dirpath, overwrite)
+        super().__init__(source, select, margin, export, dirpath, overwrite, domain_metric)
         self.alphas = sorted({float(a) for a in alphas})  # the curve reads left to right
         if general_alphas is not None:
             outside = sorted({float(a) for a in general_alphas} - set(self.alphas))
@@ -680,7 +705,8 @@ class TaskVectorMerge(WeightSpaceSearch):
         source: the fine-tuned weights: `best` (ModelCheckpoint's best) or `last`.
         select: how to choose the point, as WiSEFT's; ties go to the smaller weight, then the
             smaller density (nearer theta_0).
-        margin: the domain accuracy `general_within_margin` may give up (absolute).
+        margin: the domain score `general_within_margin` may give up (absolute).
+        domain_metric: the validation metric that is the domain score, as WiSEFT's.
         general_weights: the weights whose points GeneralBenchmarks scores (each point costs one
             benchmark event); None: all.
         export: write the chosen point's model with `save_pretrained`.
@@ -707,6 +733,7 @@ class TaskVectorMerge(WeightSpaceSearch):
         export: bool = True,
         dirpath: str | None = None,
         overwrite: bool = False,
+        domain_metric: str = "accuracy",
     ) -> None:
         if not methods or not densities or not weights:
             raise ValueError("TaskVectorMerge.methods, densities and weights each need at least one value")
@@ -720,7 +747,7 @@ class TaskVectorMerge(WeightSpaceSearch):
             if not 0.0 < weight < math.inf:
                 raise ValueError(f"TaskVectorMerge.weights must be finite and > 0, got {weight} (weight 0 is "
                                  "the initial model for every method: the validation before fine-tuning scores it)")
-        super().__init__(source, select, margin, export, dirpath, overwrite)
+        super().__init__(source, select, margin, export, dirpath, overwrite, domain_metric)
         self.methods = list(dict.fromkeys(methods))
         self.densities = sorted({float(d) for d in densities})
         self.weights = sorted({float(w) for w in weights})

@@ -98,6 +98,10 @@ def test_constructor_validates_the_selection_options():
     assert WiSEFT(alphas=[0.0, 0.5, 1.0]).general_alphas == [0.0, 0.5, 1.0]  # default: every alpha
     assert WiSEFT(alphas=[0.0, 1.0], general_alphas=[1.0, 1.0]).general_alphas == [1.0]
     assert WiSEFT().select == "general_within_margin" and WiSEFT().margin == 0.01
+    for wrong in ("val/label_auc", "loss", ""):
+        with pytest.raises(ValueError, match="domain_metric: a validation metric that grows with the domain score"):
+            WiSEFT(domain_metric=wrong)
+    assert WiSEFT().domain_metric == "accuracy" and WiSEFT(domain_metric="label_auc").domain_metric == "label_auc"
 
 
 # -- the selection rule on synthetic per-alpha results ---------------------------------------------
@@ -156,6 +160,26 @@ def test_the_domain_rules():
     assert chosen["alpha"] == 0.75 and why == "chose alpha 0.75: best domain accuracy 0.334 (ties: the smaller alpha)"
     chosen, why = choose_alpha(synthetic(CURVE), "loss")
     assert chosen["alpha"] == 0.75 and why == "chose alpha 0.75: lowest target NLL 1.4000 (ties: the smaller alpha)"
+
+
+def test_a_ranking_metric_can_be_the_domain_score():
+    """ESCI at 135M: greedy answers stay near one class, so raw accuracy can favour a mix whose class
+    ranking is worse than the fine-tuned model's (data seed 1 of the study chose alpha 0.25 that way)."""
+    rows = [(0.0, 0.10, 0.469, 0.60), (0.25, 0.324, 0.454, None), (0.5, 0.30, 0.514, 0.55),
+            (0.75, 0.29, 0.541, None), (1.0, 0.28, 0.544, None)]  # (alpha, accuracy, label AUC, general)
+    results = [{"alpha": a, "metrics": {"accuracy": acc, "label_auc": auc, "loss": 1.0},
+                **({"general": [{"general_best": g}]} if g is not None else {})} for a, acc, auc, g in rows]
+    # by accuracy: alpha 0.25 (0.324); nothing else within 0.01, and it has no general score
+    assert choose_alpha(results, "general_within_margin", 0.01)[0]["alpha"] == 0.25
+    # by label AUC: the best is 0.544 (alpha 1); within 0.01 are 0.544 and 0.541 (alpha 0.75), neither benchmarked
+    chosen, why = choose_alpha(results, "general_within_margin", 0.01, domain_metric="label_auc")
+    assert chosen["alpha"] == 1.0
+    assert why == ("chose alpha 1.00: best domain label_auc 0.544; no alpha within 0.01 of it has a general score "
+                   "(WiSEFT.general_alphas), so domain label_auc decides")
+    # a margin of 0.05 reaches alpha 0.5 (0.514, 0.030 below), the one benchmarked there
+    chosen, why = choose_alpha(results, "general_within_margin", 0.05, domain_metric="label_auc")
+    assert chosen["alpha"] == 0.5 and why.endswith("within 0.05 of the best domain label_auc 0.544 (alpha 1.00)")
+    assert choose_alpha(results, "accuracy", domain_metric="label_auc")[0]["alpha"] == 1.0
 
 
 def test_state_dict_round_trip():
@@ -426,6 +450,17 @@ def test_every_alpha_is_a_row_of_the_run_summary(fitted):
     # alpha 1 is the run's best checkpoint, on the domain and the general side
     assert rows[1.0]["val_accuracy_best"] == summary["domain_best"] and rows[1.0]["general_best"] == summary["general_best"]
     assert rows[0.0]["val_accuracy_best"] == summary["domain_initial"]
+
+
+def test_a_domain_metric_the_task_does_not_log_stops_at_the_first_validation(fitted):
+    cli, _, _ = fitted
+    logged = sorted(k.removeprefix("val/") for k in cli.trainer.callback_metrics if k.startswith("val/"))
+    assert "accuracy" in logged and "label_auc" not in logged  # the MedCalc-style task of the quickstart
+    WiSEFT().on_validation_end(cli.trainer, cli.model)  # accuracy: there
+    with pytest.raises(ValueError, match=re.escape("WiSEFT.domain_metric 'label_auc' is not a metric of this task's "
+                                                   f"validation; it logs {', '.join(logged)}")):
+        WiSEFT(domain_metric="label_auc").on_validation_end(cli.trainer, cli.model)
+    WiSEFT(select="loss", domain_metric="label_auc").on_validation_end(cli.trainer, cli.model)  # loss needs none
 
 
 def test_a_middle_alpha_selected_on_loss_is_exported_as_the_mix(fitted, tiny_model_dir, tmp_path):
