@@ -179,7 +179,6 @@ def choose_candidate(results: list[dict[str, Any]], select: str, margin: float,
     if select not in SELECT_RULES:
         raise ValueError(f"select must be one of {', '.join(SELECT_RULES)}, got {select!r}")
     key = "loss" if select == "loss" else domain_metric
-    score_name = "accuracy" if domain_metric == "accuracy" else domain_metric
     name = terms.label
 
     def domain_badness(result: dict[str, Any]) -> tuple[float, tuple]:
@@ -192,17 +191,17 @@ def choose_candidate(results: list[dict[str, Any]], select: str, margin: float,
     if select == "loss":
         return best, f"chose {name(best)}: lowest target NLL {top:.4f} (ties: {terms.tie})"
     if select == "accuracy":
-        return best, f"chose {name(best)}: best domain {score_name} {top:.3f} (ties: {terms.tie})"
+        return best, f"chose {name(best)}: best domain {domain_metric} {top:.3f} (ties: {terms.tie})"
     within = [r for r in results if top - r["metrics"].get(key, math.nan) <= margin + MARGIN_TOLERANCE]
     scored = [r for r in within if not math.isnan(general_score_of(r))]
     if not scored:
         why = (f"no {terms.point} has a general score (no GeneralBenchmarks callback, or every task left out)"
                if all(math.isnan(general_score_of(r)) for r in results)
                else f"no {terms.point} within {margin:g} of it has a general score ({terms.general_option})")
-        return best, f"chose {name(best)}: best domain {score_name} {top:.3f}; {why}, so domain {score_name} decides"
+        return best, f"chose {name(best)}: best domain {domain_metric} {top:.3f}; {why}, so domain {domain_metric} decides"
     chosen = min(scored, key=lambda r: (-general_score_of(r), terms.closeness(r)))
     return chosen, (f"chose {name(chosen)}: best general score {general_score_of(chosen):.3f} among {terms.points} "
-                    f"within {margin:g} of the best domain {score_name} {top:.3f} ({name(best)})")
+                    f"within {margin:g} of the best domain {domain_metric} {top:.3f} ({name(best)})")
 
 
 def choose_alpha(results: list[dict[str, Any]], select: str, margin: float = 0.01,
