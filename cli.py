@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 import talr
+from talr.allocator import use_tcmalloc
 from talr.errors import DEBUG_ENV, EXIT_STATUS, user_errors_in_one_line
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         commands = ", ".join([*LIGHTNING_COMMANDS, *EXTRA_COMMANDS])
         print(f"{USAGE}\ntalr: error: {problem}; the commands are {commands} (talr --help)", file=sys.stderr)
         sys.exit(EXIT_STATUS)
+    if argv is None and args[0] == "fit":
+        use_tcmalloc()  # a training step's allocations (talr/allocator.py); runs this command again, once
     with user_errors_in_one_line():
         if args[0] in EXTRA_COMMANDS:
             module, function = EXTRA_COMMANDS[args[0]].split(":")

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.contracts import ContributesScores
+from talr.allocator import current_allocator
 from talr.results import write_atomic
 
 
@@ -140,6 +141,7 @@ class RunSummary(Callback):
             "model": hparams.get("model"),
             "seed": _seed(),
             "steps": trainer.global_step,
+            "allocator": current_allocator(),  # what the step times were measured under (talr/allocator.py)
             "log_dir": str(log_dir) if log_dir else None,
             "config_file": str(Path(log_dir) / "config.yaml") if log_dir and (Path(log_dir) / "config.yaml").is_file() else None,
             "history": self.history,

@@ -5,10 +5,11 @@ Who decides what. The data module owns the micro-batch size and the module owns 
 known, and the model sits on its device, in `SFTModule.on_fit_start` (after FLOW's pre-pass, before
 Lightning builds the training loader). There the module calls `choose_memory_settings` with a trial
 function that runs its own training path on one micro-batch (forward, loss, backward; no optimizer
-step), and applies the answer: `datamodule.micro_batch_size` and the model's gradient checkpointing.
+step), and applies the answer: `datamodule.micro_batch_size`, the model's gradient checkpointing and
+the loss's chunk size.
 The choice cannot change results: the module divides each step's loss by the step's target-token
-count before any backward (exact accumulation at any micro-batch size), and checkpointing recomputes
-activations, it does not approximate them.
+count before any backward (exact accumulation at any micro-batch size), checkpointing recomputes
+activations, it does not approximate them, and the chunked loss sums the same terms chunk by chunk.
 
 What is measured. `PeakMemory` reads the peak of the process since a reset: on a CPU the resident
 set (Linux: VmHWM after resetting it through /proc/self/clear_refs, exact; elsewhere psutil sampled
@@ -28,7 +29,15 @@ kept, the rest recomputed: about a fifth more step time); then full (about a thi
 when even micro-batch 1 does not fit at the level before (talr.models.set_gradient_checkpointing). A
 strategy that pays a forward anyway when a step is split (TALR) goes from the one-row trial straight
 to the whole step checkpointed, selective before full (where a one-row selective trial predicts that
-it fits), when the one-row trial already shows that the whole step cannot fit without.
+it fits), when the one-row trial already shows that the whole step cannot fit without. A checkpointed
+setting also chunks the loss's projection onto the vocabulary (`BUDGET_LOSS_CHUNK`), its trials included.
+
+How memory is allocated on a CPU (talr/allocator.py). Every trial and training step starts by giving
+the memory freed before it back to the system, so its peak is measured from what is live. Under
+tcmalloc, which `talr fit` preloads where it is installed, the step then reuses its own freed blocks.
+Under glibc, blocks above 128 KiB are mapped on their own in training steps
+(`return_large_blocks_at_once`): its heap would keep freed pages between live blocks and peak above
+the trial.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from talr.allocator import current_allocator, release_free_memory
 from talr.models import CHECKPOINTING_LEVELS, checkpointing_level, set_gradient_checkpointing
 from talr.schedule import adamw_foreach
 
@@ -108,20 +118,14 @@ def _vm_kib(field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _release_freed_heap() -> None:
-    """Give freed heap pages back to the system (glibc), so one trial's leftovers do not count in the next."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 HEAP_THRESHOLD = 128 * 2**10
 REUSE_THRESHOLD = 32 * 2**20  # the highest glibc raises its own threshold to (64-bit)
 
 
 def _set_glibc_thresholds(mmap_threshold: int, trim_threshold: int) -> None:
+    if current_allocator() != "system":  # tcmalloc reuses blocks by size and gives them back on request
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
@@ -147,10 +151,12 @@ def return_large_blocks_at_once() -> None:
 
 
 def allocate_for_training() -> None:
-    """Before a training step on a CPU under a budget: large blocks mapped on their own (above), and the
-    heap pages that generation and validation left freed given back, so the step's peak is the trial's."""
+    """Before a training step on a CPU under a budget: large blocks mapped on their own (above, glibc only),
+    and the memory that generation, validation and the last step freed given back, so the step's peak
+    is the trial's. Under tcmalloc (talr/allocator.py) only the second: the step then reuses its own
+    freed blocks by size, where glibc's fixed threshold has every block mapped and zeroed afresh."""
     return_large_blocks_at_once()
-    _release_freed_heap()
+    release_free_memory()
 
 
 def allocate_for_inference() -> None:
@@ -212,7 +218,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        _release_freed_heap()
+        release_free_memory()
         try:
             _PROC_CLEAR_REFS.write_text("5")  # Linux: resets VmHWM to the current resident set
             if _vm_kib("VmHWM") is not None:
@@ -252,6 +258,20 @@ def process_peak_memory(device: torch.device | str) -> int:
 # selective only where asked for, since on a CPU its trials cost more than it saves in short runs (the
 # quickstart: 4 trial steps and 311 s against 2 and 296 s, benchmarks/RESULTS.md)
 SEARCHED_LEVELS = {"off": ("off", "full"), "selective": ("off", "selective", "full"), "full": ("full",)}
+
+# A checkpointed step under the budget also projects its target tokens onto the vocabulary this many at a
+# time (talr.token_loss.ChunkedLinearNLL), unless model.loss_chunk_size is set or the loss needs all the
+# logits: the quickstart's step then needs 0.34 GiB less (its [target tokens x vocabulary] logits, their
+# softmax and gradient), with no measurable change in step time (benchmarks/RESULTS.md)
+BUDGET_LOSS_CHUNK = 256
+
+
+def loss_chunk_for(module: Any, checkpointing: str) -> int | None:
+    """The loss chunk size that a step at `checkpointing` runs with under the budget."""
+    chosen = module.hparams.loss_chunk_size
+    if chosen or checkpointing == "off" or module.loss_fn.needs.logits:
+        return chosen
+    return BUDGET_LOSS_CHUNK
 
 
 # -- choosing -------------------------------------------------------------------------------------------
@@ -400,6 +420,7 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
 
     def need(size: int, level: str) -> int:
         set_gradient_checkpointing(module.lm, level)
+        module.net.chunk_size = loss_chunk_for(module, level)
         micro = {k: v.to(device) for k, v in datamodule.longest_micro_batch(size).items()}
         meter.reset()
         module.trial_step(micro, in_a_larger_step=size < batch_size)
@@ -415,11 +436,14 @@ def apply_memory_budget(module: Any, datamodule: Any) -> MemoryChoice | None:
     choice = choose_memory_settings(batch_size, budget, need, options,
                                     split_costs_a_forward=module.loss_fn.needs.step_losses, fixed_bytes=fixed)
     set_gradient_checkpointing(module.lm, choice.checkpointing)
+    module.net.chunk_size = loss_chunk_for(module, choice.checkpointing)
     datamodule.micro_batch_size = choice.micro_batch_size
     meter.reset()  # the trials' leftovers are not the training's
     if device.type == "cpu":
         allocate_for_inference()  # until the first training step (SFTModule.on_train_batch_start)
-    rank_zero_info(f"[talr] {choice.describe()}")
+    chunk = f"; loss projected {module.net.chunk_size} target tokens at a time" if module.net.chunk_size else ""
+    allocator = f"; allocator {current_allocator()}" if device.type == "cpu" else ""
+    rank_zero_info(f"[talr] {choice.describe()}{chunk}{allocator}")
     return choice
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from talr.allocator import release_free_memory
 from talr.checkpoint_io import check_checkpoint_fits
 from talr.evaluation import DomainEvaluation, describe_metrics, publish_records
 from talr.flow_prepass import flow_sequence_weights
@@ -218,6 +219,10 @@ class SFTModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.allocator_phases:
             allocate_for_inference()
+
+    def on_train_end(self) -> None:
+        if self.allocator_phases:  # what the last validation freed is not kept beside the export (tcmalloc keeps it)
+            release_free_memory()
 
     def flow_sequence_weights(self) -> torch.Tensor:
         """FLOW's static weight of every training row, from one pass of the initial model (cached)."""

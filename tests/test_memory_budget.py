@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from cli import build_cli
 from conftest import tiny_fit_config
 from talr.data import SFTDataModule
 from talr.memory_budget import (GIB, MemoryBudgetError, PeakMemory, budget_bytes, choose_memory_settings,
-                                largest_fitting, parse_budget)
+                                largest_fitting, loss_chunk_for, parse_budget)
 from talr.module import SFTModule
 from talr.tasks import MedCalc
 
@@ -215,11 +216,22 @@ def test_selective_checkpointing_recomputes_all_but_the_widening_matmuls_and_kee
 
 
 # -- on a real fit ------------------------------------------------------------------------------------------
-def fit(tiny_model_dir: Path, out: Path, version: str, data: dict):
+def fit(tiny_model_dir: Path, out: Path, version: str, data: dict, *options: str):
     config = tiny_fit_config(tiny_model_dir, out, version, [], validate_before_fit=False,
                              trainer={"max_steps": 2, "limit_val_batches": 0},
                              model={"loss": "TALR", "learning_rate": 1e-3})
-    return build_cli(["fit", "--config", str(config), *[f"--data.{k}={v}" for k, v in data.items()]])
+    return build_cli(["fit", "--config", str(config), *[f"--data.{k}={v}" for k, v in data.items()], *options])
+
+
+def test_a_checkpointed_setting_chunks_the_loss_unless_the_config_or_the_loss_says_otherwise():
+    def module(chosen: int | None, needs_logits: bool) -> SimpleNamespace:
+        return SimpleNamespace(hparams=SimpleNamespace(loss_chunk_size=chosen),
+                               loss_fn=SimpleNamespace(needs=SimpleNamespace(logits=needs_logits)))
+
+    assert loss_chunk_for(module(None, False), "full") == loss_chunk_for(module(None, False), "selective") == 256
+    assert loss_chunk_for(module(None, False), "off") is None
+    assert loss_chunk_for(module(512, False), "full") == 512  # model.loss_chunk_size is the user's
+    assert loss_chunk_for(module(None, True), "full") is None  # KL to the initial model needs every logit
 
 
 def test_auto_measures_trials_on_the_real_model(tiny_model_dir, tmp_path, monkeypatch):
@@ -240,6 +252,7 @@ def test_auto_measures_trials_on_the_real_model(tiny_model_dir, tmp_path, monkey
     longest = sorted(data.datasets["train"].examples, key=lambda e: len(e.input_ids), reverse=True)
     vocabulary = cli.model.lm.config.vocab_size
     assert set(needs) == {1, 2, 4} and data.micro_batch_size == 4  # 90% of the free memory holds the whole step
+    assert cli.model.net.chunk_size is None  # no checkpointing, so the loss is not chunked either
     # (the first trial also pays one-time costs, so the comparison starts at 2 rows)
     extra_targets = sum(e.num_targets for e in longest[2:4])
     assert needs[4] - needs[2] >= extra_targets * vocabulary * 4
@@ -265,10 +278,12 @@ def test_auto_under_a_small_budget_trains_to_the_same_weights_as_one_micro_batch
     assert small.datamodule.micro_batch_size == 1
     assert any(getattr(m, "gradient_checkpointing", False) for m in small.model.lm.modules())
     assert trials[0] == (1, False) and trials[-1][1]
+    assert small.model.net.chunk_size == memory_budget.BUDGET_LOSS_CHUNK  # checkpointed: the loss chunked too
     monkeypatch.undo()
 
-    whole = fit(tiny_model_dir, tmp_path, "whole", {"micro_batch_size": 4})
+    # the same loss chunks (the chunked loss against the plain one: tests/test_chunked_loss.py)
+    whole = fit(tiny_model_dir, tmp_path, "whole", {"micro_batch_size": 4}, f"--model.loss_chunk_size={memory_budget.BUDGET_LOSS_CHUNK}")
     assert whole.trainer.global_step == small.trainer.global_step == 2
     for (name, a), (_, b) in zip(small.model.net.named_parameters(), whole.model.net.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda detail: f"{name}: {detail}")
     assert not math.isclose(float(next(whole.model.net.parameters()).abs().sum()), 0.0)
