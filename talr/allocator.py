@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def find_tcmalloc() -> str | None:
     return found or None
 
 
+@functools.cache  # the allocator is chosen at process start; it never changes after
 def _tcmalloc_release():
     """tcmalloc's C entry point that returns its free memory to the system, if tcmalloc serves this process."""
     try:
